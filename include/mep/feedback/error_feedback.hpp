@@ -1,0 +1,46 @@
+#pragma once
+/// \file error_feedback.hpp
+/// Error feedback (SPEC §6; Seide et al. 2014, Karimireddy et al. 2019): what the update
+/// policy dropped is carried into the next step.
+///   g_aug = g + β_ef·e;   u = update(g_aug);   e ← clamp(β_ef·e + (g_aug − u), ±2·max_grad_norm)
+/// Off unless `error_feedback(true)`: with Newton-Schulz it collapses EP classification
+/// (seed report), so presets keep it available but disabled.
+
+#include <mep/options.hpp>
+#include <mep/state.hpp>
+
+namespace mep {
+
+struct ErrorFeedback {
+  template <class Derived>
+  struct Options {
+    MEP_ARG(bool, error_feedback, false)
+    MEP_ARG(double, error_beta, 0.9)
+    MEP_ARG(double, max_grad_norm, 10.0)
+    void validate() const {
+      MEP_CHECK_OPTION(error_beta_ >= 0 && error_beta_ < 1, "error_beta", error_beta_, "a value in [0, 1)");
+      MEP_CHECK_OPTION(max_grad_norm_ > 0, "max_grad_norm", max_grad_norm_, "a value > 0");
+    }
+  };
+
+  bool enabled = false;
+  double beta = 0.9;
+  double max_grad_norm = 10.0;
+
+  ErrorFeedback() = default;
+  template <class O>
+  explicit ErrorFeedback(const O& o)
+      : enabled(o.error_feedback()), beta(o.error_beta()), max_grad_norm(o.max_grad_norm()) {}
+
+  torch::Tensor accumulate(const torch::Tensor& g, ParamState& st) const {
+    if (!enabled || !st.has("error_feedback")) return g;
+    return g + beta * st.buffers["error_feedback"];
+  }
+  void remember(const torch::Tensor& g_aug, const torch::Tensor& u, ParamState& st) const {
+    if (!enabled) return;
+    auto& e = st.zeros_like("error_feedback", g_aug);
+    e.mul_(beta).add_(g_aug).sub_(u).clamp_(-2 * max_grad_norm, 2 * max_grad_norm);
+  }
+};
+
+}  // namespace mep

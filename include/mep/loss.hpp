@@ -1,0 +1,88 @@
+#pragma once
+/// \file loss.hpp
+/// The losses EP approximates and backprop minimises, and the validation of targets.
+///
+///   MSE:           L = mean_b Σ_k (ŷ_bk − y_bk)²   (y one-hot for class targets; no ½,
+///                  the reference's convention, so ∂L/∂ŷ = 2(ŷ − y)/B)
+///   CrossEntropy:  L = mean_b CE(ŷ_b, y_b) with label smoothing (0.1 in EP nudging)
+
+#include <torch/torch.h>
+
+#include <sstream>
+#include <stdexcept>
+
+namespace mep {
+
+enum class Loss { MSE, CrossEntropy };
+
+inline const char* to_string(Loss loss) { return loss == Loss::MSE ? "mse" : "ce"; }
+
+/// Thrown for a target that does not fit the model's output.
+class TargetError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+/// Checks `target` against an output of shape [B, K] (or [B, ...]): int64 class indices of
+/// shape [B] within [0, K), or a floating tensor of the output's shape; finite values.
+/// Throws TargetError saying what was expected otherwise. One device sync (range/NaN check).
+inline void check_target(const torch::Tensor& target, at::IntArrayRef output_shape) {
+  std::ostringstream os;
+  if (!target.defined()) throw TargetError("mep: target is undefined");
+  const int64_t batch = output_shape.empty() ? 0 : output_shape[0];
+  if (target.scalar_type() == torch::kLong) {
+    if (target.dim() != 1 || target.size(0) != batch) {
+      os << "mep: class-index target must have shape [" << batch << "] (the batch size), got "
+         << target.sizes();
+      throw TargetError(os.str());
+    }
+    if (output_shape.size() != 2) {
+      os << "mep: class-index targets need a 2-D output [B, classes], the model gives " << output_shape;
+      throw TargetError(os.str());
+    }
+    if (batch == 0) return;
+    const int64_t classes = output_shape[1];
+    auto range = torch::stack({target.min(), target.max()}).cpu();
+    const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
+    if (lo < 0 || hi >= classes) {
+      os << "mep: class index out of range: targets span [" << lo << ", " << hi << "] but the model has "
+         << classes << " outputs (expected indices in [0, " << classes - 1 << "])";
+      throw TargetError(os.str());
+    }
+    return;
+  }
+  if (!torch::isFloatingType(target.scalar_type())) {
+    os << "mep: target must be int64 class indices or a floating tensor, got dtype " << target.scalar_type();
+    throw TargetError(os.str());
+  }
+  if (target.sizes() != output_shape) {
+    os << "mep: float target must have the output's shape " << output_shape << ", got " << target.sizes();
+    throw TargetError(os.str());
+  }
+  if (!torch::isfinite(target).all().item<bool>()) throw TargetError("mep: target contains NaN or infinite values");
+}
+
+/// One-hot encoding of class indices, or the float target itself, in `like`'s dtype/device.
+inline torch::Tensor dense_target(const torch::Tensor& target, const torch::Tensor& like) {
+  if (target.scalar_type() == torch::kLong)
+    return torch::one_hot(target, like.size(1)).to(like.options());
+  return target.to(like.options());
+}
+
+/// Mean over the batch of the per-sample loss of `output` against `target`.
+inline torch::Tensor loss_value(Loss loss, const torch::Tensor& output, const torch::Tensor& target,
+                                double label_smoothing = 0.0) {
+  if (loss == Loss::MSE) {
+    auto diff = output - dense_target(target, output);
+    return diff.pow(2).sum() / output.size(0);
+  }
+  namespace F = torch::nn::functional;
+  if (target.scalar_type() == torch::kLong)
+    return F::cross_entropy(output, target, F::CrossEntropyFuncOptions().label_smoothing(label_smoothing));
+  // Soft targets: smoothed distribution against log-softmax.
+  auto y = target.to(output.options());
+  if (label_smoothing > 0) y = y * (1 - label_smoothing) + label_smoothing / output.size(1);
+  return -(y * torch::log_softmax(output, 1)).sum() / output.size(0);
+}
+
+}  // namespace mep

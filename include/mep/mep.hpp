@@ -1,0 +1,10 @@
+#pragma once
+/// \file mep.hpp
+/// mep — Equilibrium Propagation and backprop optimizers for LibTorch. The umbrella header.
+
+#include <mep/device.hpp>
+#include <mep/loss.hpp>
+#include <mep/models.hpp>
+#include <mep/optimizer.hpp>
+#include <mep/presets.hpp>
+#include <mep/data/idx.hpp>

@@ -1,0 +1,241 @@
+#pragma once
+/// \file optimizer.hpp
+/// `mep::Optimizer<Gradient, Update, Constraint, Feedback>`: one optimizer assembled from
+/// four policies. For each parameter W with gradient g (SPEC §7):
+///
+///   g     ← g + λ·W                      (coupled weight decay, when Update asks for it)
+///   g_aug = feedback.accumulate(g)
+///   u     = update.direction(g_aug)
+///   feedback.remember(g_aug, u)
+///   m     ← μ·m + (1 − dampening)·u       (skipped when Update owns its moments: Adam, Dion)
+///   W     ← W·(1 − lr·λ) − lr·m           (decoupled weight decay otherwise)
+///   constraint.enforce(W)
+///
+/// Policies (see each header for its rule and source):
+///  - Gradient: `compute(model, x, target)` writes `.grad()` and returns the loss/energy.
+///  - Update: `direction(g, state)`, with `coupled_weight_decay` and `owns_momentum`.
+///  - Constraint: `enforce(W, state)`.   - Feedback: `accumulate(g, state)`, `remember(g_aug, u, state)`.
+/// Each contributes an options mixin `Policy::Options<Derived>` to OptimizerOptions.
+///
+/// The class derives from `torch::optim::Optimizer`: parameter groups (lr, momentum,
+/// dampening, nesterov and weight_decay may differ per group), zero_grad, and
+/// `torch::save(opt, path)` / `torch::load(opt, path)` of the full state.
+/// A step either updates every parameter or none: non-finite gradients are rejected
+/// before anything is written.
+
+#include <mep/options.hpp>
+#include <mep/state.hpp>
+
+#include <sstream>
+#include <stdexcept>
+#include <unordered_map>
+#include <vector>
+
+namespace mep {
+
+template <class Gradient, class Update, class Constraint, class Feedback>
+class Optimizer : public torch::optim::Optimizer {
+ public:
+  using Options = OptimizerOptions<Gradient, Update, Constraint, Feedback>;
+  using GradientPolicy = Gradient;
+  using UpdatePolicy = Update;
+  using ConstraintPolicy = Constraint;
+  using FeedbackPolicy = Feedback;
+
+  /// Backprop-style use: optimizes `params`, gradients come from the user's `backward()`.
+  Optimizer(std::vector<torch::Tensor> params, const Options& options = Options())
+      : Optimizer(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
+                  options) {}
+
+  /// Parameter groups, each with optional options of this optimizer's Options type.
+  Optimizer(std::vector<torch::optim::OptimizerParamGroup> groups, const Options& options)
+      : torch::optim::Optimizer(std::move(groups), std::make_unique<Options>(validated(options))),
+        gradient_(options),
+        update_(options),
+        constraint_(options),
+        feedback_(options) {
+    for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
+      const auto* o = dynamic_cast<const Options*>(&param_groups_[gi].options());
+      if (o == nullptr)
+        throw std::invalid_argument("mep: parameter group " + std::to_string(gi) +
+                                    " has options of another optimizer type");
+      o->validate();
+    }
+  }
+
+  /// Model-owning use (required by the EP family): optimizes `model->parameters()`, and
+  /// `step(input, target)` computes the gradient with the Gradient policy.
+  Optimizer(torch::nn::Sequential model, const Options& options = Options())
+      : Optimizer(checked_parameters(model), options) {
+    model_ = std::move(model);
+  }
+
+  /// torch::optim-style step: uses the `.grad()` already in place (after `backward()`).
+  torch::Tensor step(LossClosure closure = nullptr) override {
+    torch::Tensor loss;
+    if (closure) {
+      torch::AutoGradMode enable(true);
+      loss = closure();
+    }
+    apply_update();
+    return loss;
+  }
+
+  /// One training step on a batch: gradient policy (settling and EP gradients for the EP
+  /// family, backprop otherwise), then the update. Returns the batch loss/energy.
+  torch::Tensor step(const torch::Tensor& input, const torch::Tensor& target) {
+    if (model_.is_empty())
+      throw std::logic_error("mep: step(input, target) needs the optimizer to be constructed from the model "
+                             "(a torch::nn::Sequential); this one was given a parameter list");
+    auto loss = gradient_.compute(model_, input, target);
+    apply_update();
+    return loss;
+  }
+
+  const Options& options() const { return static_cast<const Options&>(defaults()); }
+  Gradient& gradient() noexcept { return gradient_; }
+  const Update& update() const noexcept { return update_; }
+  const Constraint& constraint() const noexcept { return constraint_; }
+  const Feedback& feedback() const noexcept { return feedback_; }
+  const torch::nn::Sequential& model() const noexcept { return model_; }
+
+  /// The state of parameter `p` (created empty on first use).
+  ParamState& state_of(const torch::Tensor& p) { return states_[p.unsafeGetTensorImpl()]; }
+  bool has_state(const torch::Tensor& p) const { return states_.count(p.unsafeGetTensorImpl()) > 0; }
+
+  void save(torch::serialize::OutputArchive& archive) const override {
+    archive.write("mep.groups", c10::IValue(static_cast<int64_t>(param_groups_.size())));
+    for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
+      const auto& group = param_groups_[gi];
+      torch::serialize::OutputArchive ga;
+      group.options().serialize(ga);
+      ga.write("size", c10::IValue(static_cast<int64_t>(group.params().size())));
+      for (size_t pi = 0; pi < group.params().size(); ++pi) {
+        auto it = states_.find(group.params()[pi].unsafeGetTensorImpl());
+        if (it == states_.end()) continue;
+        torch::serialize::OutputArchive sa;
+        it->second.serialize(sa);
+        ga.write("state." + std::to_string(pi), sa);
+      }
+      archive.write("group." + std::to_string(gi), ga);
+    }
+  }
+
+  void load(torch::serialize::InputArchive& archive) override {
+    c10::IValue v;
+    if (!archive.try_read("mep.groups", v))
+      throw std::runtime_error("mep: the archive holds no mep optimizer state");
+    if (v.toInt() != static_cast<int64_t>(param_groups_.size())) {
+      std::ostringstream os;
+      os << "mep: the archive has " << v.toInt() << " parameter groups, this optimizer " << param_groups_.size();
+      throw std::runtime_error(os.str());
+    }
+    // Read everything first, then commit: a failed load leaves the optimizer as it was.
+    std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;
+    std::unordered_map<c10::TensorImpl*, ParamState> states;
+    for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
+      auto& group = param_groups_[gi];
+      torch::serialize::InputArchive ga;
+      archive.read("group." + std::to_string(gi), ga);
+      ga.read("size", v);
+      if (v.toInt() != static_cast<int64_t>(group.params().size())) {
+        std::ostringstream os;
+        os << "mep: parameter group " << gi << " has " << v.toInt() << " parameters in the archive, "
+           << group.params().size() << " here";
+        throw std::runtime_error(os.str());
+      }
+      auto opts = group.options().clone();
+      opts->serialize(ga);
+      options.push_back(std::move(opts));
+      for (size_t pi = 0; pi < group.params().size(); ++pi) {
+        torch::serialize::InputArchive sa;
+        if (!ga.try_read("state." + std::to_string(pi), sa)) continue;
+        const auto& p = group.params()[pi];
+        ParamState st;
+        st.serialize(sa);
+        for (auto& kv : st.buffers) kv.second = kv.second.to(p.device());
+        states[p.unsafeGetTensorImpl()] = std::move(st);
+      }
+    }
+    for (size_t gi = 0; gi < param_groups_.size(); ++gi) param_groups_[gi].set_options(std::move(options[gi]));
+    states_ = std::move(states);
+  }
+
+ protected:
+  static const Options& validated(const Options& o) {
+    o.validate();
+    return o;
+  }
+
+  static std::vector<torch::Tensor> checked_parameters(const torch::nn::Sequential& model) {
+    if (model.is_empty()) throw std::invalid_argument("mep: the model is null");
+    auto params = model->parameters();
+    if (params.empty()) throw std::invalid_argument("mep: the model has no parameters to optimize");
+    return params;
+  }
+
+  /// Rejects non-finite gradients before any parameter changes, then updates all.
+  void apply_update() {
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> finite;
+    for (const auto& group : param_groups_)
+      for (const auto& p : group.params())
+        if (p.grad().defined()) finite.push_back(torch::isfinite(p.grad()).all());
+    if (finite.empty()) return;
+    if (!torch::stack(finite).all().item<bool>()) throw_non_finite();
+
+    for (auto& group : param_groups_) {
+      const auto& o = static_cast<const Options&>(group.options());
+      for (auto& p : group.params()) {
+        if (!p.grad().defined()) continue;
+        update_parameter(p, o);
+      }
+    }
+  }
+
+  void update_parameter(torch::Tensor& p, const Options& o) {
+    ParamState& st = state_of(p);
+    ++st.step;
+    torch::Tensor g = p.grad();
+    if (Update::coupled_weight_decay && o.weight_decay() != 0) g = g.add(p, o.weight_decay());
+    torch::Tensor g_aug = feedback_.accumulate(g, st);
+    torch::Tensor u = update_.direction(g_aug, st);
+    feedback_.remember(g_aug, u, st);
+    if (!Update::owns_momentum && o.momentum() != 0) {
+      torch::Tensor& m = st.buffers["momentum"];
+      if (!m.defined()) {
+        m = u.clone(torch::MemoryFormat::Contiguous);
+      } else {
+        m.mul_(o.momentum()).add_(u, 1 - o.dampening());
+      }
+      u = o.nesterov() ? u.add(m, o.momentum()) : m;
+    }
+    if (!Update::coupled_weight_decay && o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
+    p.add_(u, -o.lr());
+    constraint_.enforce(p, st);
+  }
+
+  [[noreturn]] void throw_non_finite() const {
+    size_t index = 0;
+    for (size_t gi = 0; gi < param_groups_.size(); ++gi)
+      for (const auto& p : param_groups_[gi].params()) {
+        if (p.grad().defined() && !torch::isfinite(p.grad()).all().item<bool>()) {
+          std::ostringstream os;
+          os << "mep: non-finite gradient (NaN or inf) in parameter " << index << " (group " << gi << ", shape "
+             << p.sizes() << "); no parameter was updated";
+          throw std::runtime_error(os.str());
+        }
+        ++index;
+      }
+    throw std::runtime_error("mep: non-finite gradient; no parameter was updated");
+  }
+
+  Gradient gradient_;
+  Update update_;
+  Constraint constraint_;
+  Feedback feedback_;
+  torch::nn::Sequential model_{nullptr};
+  std::unordered_map<c10::TensorImpl*, ParamState> states_;
+};
+
+}  // namespace mep

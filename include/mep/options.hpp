@@ -1,0 +1,135 @@
+#pragma once
+/// \file options.hpp
+/// Options in the style of `torch::optim::SGDOptions`: chained setters, one getter per
+/// option. Every policy contributes a mixin `Policy::Options<Derived>`; the optimizer's
+/// options type inherits all four mixins plus `CommonOptions`, so that
+/// `mep::SMEPOptions(0.01).beta(0.5).ns_steps(5)` chains across policies.
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+/// Declares option `name` of type `T` with default `...` in a mixin whose most derived
+/// options type is `Derived`: `opts.name(v)` sets and returns `Derived&`, `opts.name()`
+/// reads.
+#define MEP_ARG(T, name, ...)                                   \
+ public:                                                        \
+  Derived& name(const T& value) {                               \
+    name##_ = value;                                            \
+    return static_cast<Derived&>(*this);                        \
+  }                                                             \
+  const T& name() const noexcept { return name##_; }            \
+                                                                \
+ protected:                                                     \
+  T name##_ = __VA_ARGS__;                                      \
+                                                                \
+ public:
+
+namespace mep {
+
+/// Thrown for an invalid option value; the message names the option and the value.
+class OptionError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+namespace detail {
+template <class T>
+[[noreturn]] void option_error(const char* name, const T& value, const char* expected) {
+  std::ostringstream os;
+  os << "mep: invalid option " << name << " = " << value << " (expected " << expected << ")";
+  throw OptionError(os.str());
+}
+}  // namespace detail
+
+/// `name` must satisfy `cond`, otherwise an OptionError names it, its value and `expected`.
+#define MEP_CHECK_OPTION(cond, name, value, expected) \
+  do {                                                \
+    if (!(cond)) ::mep::detail::option_error(name, value, expected); \
+  } while (0)
+
+/// Options every optimizer has: learning rate, heavy-ball momentum and weight decay.
+/// These three (and dampening/nesterov) may differ per parameter group, as in torch::optim.
+template <class Derived>
+struct CommonOptions {
+  MEP_ARG(double, lr, 0.01)
+  MEP_ARG(double, momentum, 0.9)
+  MEP_ARG(double, dampening, 0.0)
+  MEP_ARG(bool, nesterov, false)
+  MEP_ARG(double, weight_decay, 5e-4)
+
+  void validate() const {
+    MEP_CHECK_OPTION(lr_ > 0 && std::isfinite(lr_), "lr", lr_, "a finite value > 0");
+    MEP_CHECK_OPTION(momentum_ >= 0 && momentum_ < 1, "momentum", momentum_, "a value in [0, 1)");
+    MEP_CHECK_OPTION(dampening_ >= 0 && dampening_ <= 1, "dampening", dampening_, "a value in [0, 1]");
+    MEP_CHECK_OPTION(weight_decay_ >= 0 && std::isfinite(weight_decay_), "weight_decay", weight_decay_,
+                     "a finite value >= 0");
+    MEP_CHECK_OPTION(!nesterov_ || (momentum_ > 0 && dampening_ == 0), "nesterov", nesterov_,
+                     "momentum > 0 and dampening = 0 when nesterov is on");
+  }
+
+  void save_common(torch::serialize::OutputArchive& a) const {
+    a.write("lr", c10::IValue(lr_));
+    a.write("momentum", c10::IValue(momentum_));
+    a.write("dampening", c10::IValue(dampening_));
+    a.write("nesterov", c10::IValue(nesterov_));
+    a.write("weight_decay", c10::IValue(weight_decay_));
+  }
+  void load_common(torch::serialize::InputArchive& a) {
+    c10::IValue v;
+    a.read("lr", v), lr_ = v.toDouble();
+    a.read("momentum", v), momentum_ = v.toDouble();
+    a.read("dampening", v), dampening_ = v.toDouble();
+    a.read("nesterov", v), nesterov_ = v.toBool();
+    a.read("weight_decay", v), weight_decay_ = v.toDouble();
+  }
+};
+
+/// The default learning rate of an optimizer composition; presets.hpp specialises it
+/// with the reference's values (SPEC §8).
+template <class Gradient, class Update, class Constraint, class Feedback>
+struct DefaultLr {
+  static constexpr double value = 0.01;
+};
+
+/// The options type of `Optimizer<Gradient, Update, Constraint, Feedback>`: the common
+/// options plus every policy's own. Constructed from the learning rate.
+template <class Gradient, class Update, class Constraint, class Feedback>
+class OptimizerOptions
+    : public torch::optim::OptimizerCloneableOptions<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
+      public CommonOptions<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
+      public Gradient::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
+      public Update::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
+      public Constraint::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
+      public Feedback::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback>> {
+  using Self = OptimizerOptions;
+
+ public:
+  explicit OptimizerOptions(double lr = DefaultLr<Gradient, Update, Constraint, Feedback>::value) { this->lr(lr); }
+
+  /// Throws OptionError naming the first invalid option.
+  void validate() const {
+    CommonOptions<Self>::validate();
+    Gradient::template Options<Self>::validate();
+    Update::template Options<Self>::validate();
+    Constraint::template Options<Self>::validate();
+    Feedback::template Options<Self>::validate();
+  }
+
+  double get_lr() const override { return this->lr(); }
+  void set_lr(const double lr) override { this->lr(lr); }
+
+  void serialize(torch::serialize::OutputArchive& a) const override { this->save_common(a); }
+  void serialize(torch::serialize::InputArchive& a) override { this->load_common(a); }
+};
+
+/// A mixin with no options, for policies that take none (`Tag` keeps the bases distinct).
+template <class Derived, class Tag>
+struct NoOptions {
+  void validate() const {}
+};
+
+}  // namespace mep

@@ -1,0 +1,57 @@
+#pragma once
+/// \file adam.hpp
+/// Adam (Kingma & Ba 2015, arXiv:1412.6980), written to match `torch::optim::Adam`:
+///   g ← g + λW (coupled weight decay);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²
+///   u = (m / (1−β₁ᵗ)) / (√v / √(1−β₂ᵗ) + ε)   (v ← max(v_max, v) with amsgrad)
+/// Adam carries its own moments: the optimizer's momentum option is not used.
+
+#include <mep/options.hpp>
+#include <mep/state.hpp>
+
+#include <cmath>
+
+namespace mep {
+
+struct AdamUpdate {
+  template <class Derived>
+  struct Options {
+    MEP_ARG(double, beta1, 0.9)
+    MEP_ARG(double, beta2, 0.999)
+    MEP_ARG(double, eps, 1e-8)
+    MEP_ARG(bool, amsgrad, false)
+    void validate() const {
+      MEP_CHECK_OPTION(beta1_ >= 0 && beta1_ < 1, "beta1", beta1_, "a value in [0, 1)");
+      MEP_CHECK_OPTION(beta2_ >= 0 && beta2_ < 1, "beta2", beta2_, "a value in [0, 1)");
+      MEP_CHECK_OPTION(eps_ >= 0, "eps", eps_, "a value >= 0");
+    }
+  };
+
+  static constexpr bool coupled_weight_decay = true;
+  static constexpr bool owns_momentum = true;
+
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  bool amsgrad = false;
+
+  AdamUpdate() = default;
+  template <class O>
+  explicit AdamUpdate(const O& o) : beta1(o.beta1()), beta2(o.beta2()), eps(o.eps()), amsgrad(o.amsgrad()) {}
+
+  torch::Tensor direction(const torch::Tensor& g, ParamState& st) const {
+    auto& m = st.zeros_like("exp_avg", g);
+    auto& v = st.zeros_like("exp_avg_sq", g);
+    m.mul_(beta1).add_(g, 1 - beta1);
+    v.mul_(beta2).addcmul_(g, g, 1 - beta2);
+    const double bc1 = 1 - std::pow(beta1, static_cast<double>(st.step));
+    const double bc2 = 1 - std::pow(beta2, static_cast<double>(st.step));
+    torch::Tensor second = v;
+    if (amsgrad) {
+      auto& vmax = st.zeros_like("max_exp_avg_sq", g);
+      torch::max_out(vmax, vmax, v);
+      second = vmax;
+    }
+    auto denom = (second.sqrt() / std::sqrt(bc2)).add_(eps);
+    return (m / denom).div_(bc1);
+  }
+};
+
+}  // namespace mep

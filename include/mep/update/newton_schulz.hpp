@@ -1,0 +1,134 @@
+#pragma once
+/// \file newton_schulz.hpp
+/// Newton-Schulz orthogonalisation (Muon). For a matrix gradient G (m × n), normalise
+/// X₀ = G / ‖G‖_F and iterate towards the orthogonal polar factor U·Vᵀ of G = U·Σ·Vᵀ,
+/// working on the orientation whose Gram matrix A = X·Xᵀ is the smaller one:
+///   cubic (the reference):   X ← ½·X·(3I − XᵀX) = 1.5·X − 0.5·(X·Xᵀ)·X,
+///                            X₀ = G / clamp(‖G‖_F, 1e-4, 1e4)
+///   quintic (Jordan et al. 2024, Muon / modded-nanogpt):
+///                            X ← a·X + (b·A + c·A²)·X,  (a,b,c) = (3.4445, −4.7750, 2.0315),
+///                            X₀ = G / (‖G‖_F + 1e-7)
+///   polar_express (Amsel et al. 2025, arXiv:2505.16932): the same quintic form with a
+///                            per-iteration (a,b,c) schedule, X₀ = G / (1.01·‖G‖_F + 1e-7)
+/// ns_steps = 0 returns X₀, the Frobenius-normalised gradient. Output scale: none (the
+/// reference), √max(1, m/n) (Muon), or 0.2·√max(m, n) (update RMS matched to AdamW).
+/// Tensors below 2-D pass through unchanged; conv kernels are viewed as (out, in·kh·kw).
+
+#include <mep/options.hpp>
+#include <mep/state.hpp>
+#include <mep/update/matrix.hpp>
+
+#include <array>
+#include <cmath>
+#include <string>
+
+namespace mep {
+
+enum class NSCoefficients { Cubic, Quintic, PolarExpress };
+enum class NSScale { None, Muon, AdamW };
+
+inline std::ostream& operator<<(std::ostream& os, NSCoefficients c) {
+  return os << (c == NSCoefficients::Cubic ? "cubic" : c == NSCoefficients::Quintic ? "quintic" : "polar_express");
+}
+inline std::ostream& operator<<(std::ostream& os, NSScale s) {
+  return os << (s == NSScale::None ? "none" : s == NSScale::Muon ? "muon" : "adamw");
+}
+
+namespace detail {
+// Polar Express schedule (Amsel et al. 2025), with the paper's safety factor 1.01 applied
+// to every polynomial but the last: (a/1.01, b/1.01³, c/1.01⁵).
+inline const std::array<std::array<double, 3>, 8>& polar_express_coefficients() {
+  static const auto table = [] {
+    std::array<std::array<double, 3>, 8> t = {{
+        {8.28721201814563, -23.595886519098837, 17.300387312530933},
+        {4.107059111542203, -2.9478499167379106, 0.5448431082926601},
+        {3.9486908534822946, -2.908902115962949, 0.5518191394370137},
+        {3.3184196573706015, -2.488488024314874, 0.51004894012372},
+        {2.300652019954817, -1.6689039845747493, 0.4188073119525673},
+        {1.891301407787398, -1.2679958271945868, 0.37680408948524835},
+        {1.8750014808534479, -1.2500016453999487, 0.3750001645474248},
+        {1.875, -1.25, 0.375},
+    }};
+    for (size_t i = 0; i + 1 < t.size(); ++i) {
+      t[i][0] /= 1.01;
+      t[i][1] /= std::pow(1.01, 3);
+      t[i][2] /= std::pow(1.01, 5);
+    }
+    return t;
+  }();
+  return table;
+}
+}  // namespace detail
+
+/// Orthogonalises a 2-D tensor `g` with `steps` Newton-Schulz iterations (no output scale).
+inline torch::Tensor newton_schulz(const torch::Tensor& g, int64_t steps,
+                                   NSCoefficients coefficients = NSCoefficients::Cubic) {
+  TORCH_CHECK(g.dim() == 2, "mep::newton_schulz expects a 2-D tensor, got ", g.sizes());
+  const bool transposed = g.size(0) > g.size(1);
+  torch::Tensor x = transposed ? g.t() : g;  // x is (small × large): A = x·xᵀ is small
+  const auto norm = x.norm();
+  switch (coefficients) {
+    case NSCoefficients::Cubic: x = x / norm.clamp(1e-4, 1e4); break;
+    case NSCoefficients::Quintic: x = x / (norm + 1e-7); break;
+    case NSCoefficients::PolarExpress: x = x / (norm * 1.01 + 1e-7); break;
+  }
+  for (int64_t k = 0; k < steps; ++k) {
+    auto a = torch::mm(x, x.t());
+    if (coefficients == NSCoefficients::Cubic) {
+      x = torch::addmm(x, a, x, /*beta=*/1.5, /*alpha=*/-0.5);
+      continue;
+    }
+    double ca = 3.4445, cb = -4.7750, cc = 2.0315;
+    if (coefficients == NSCoefficients::PolarExpress) {
+      const auto& table = detail::polar_express_coefficients();
+      const auto& row = table[std::min<size_t>(static_cast<size_t>(k), table.size() - 1)];
+      ca = row[0], cb = row[1], cc = row[2];
+    }
+    auto b = torch::addmm(a, a, a, /*beta=*/cb, /*alpha=*/cc);  // b·A + c·A²
+    x = torch::addmm(x, b, x, /*beta=*/ca, /*alpha=*/1.0);      // a·X + B·X
+  }
+  return transposed ? x.t() : x;
+}
+
+/// Output scale for an m × n update.
+inline double ns_output_scale(NSScale scale, int64_t rows, int64_t cols) {
+  switch (scale) {
+    case NSScale::Muon: return std::sqrt(std::max(1.0, static_cast<double>(rows) / static_cast<double>(cols)));
+    case NSScale::AdamW: return 0.2 * std::sqrt(static_cast<double>(std::max(rows, cols)));
+    case NSScale::None: break;
+  }
+  return 1.0;
+}
+
+/// The Muon update policy: u = scale · NS(g) for matrices, u = g otherwise.
+struct NewtonSchulz {
+  template <class Derived>
+  struct Options {
+    MEP_ARG(int64_t, ns_steps, 5)
+    MEP_ARG(NSCoefficients, ns_coefficients, NSCoefficients::Cubic)
+    MEP_ARG(NSScale, ns_scale, NSScale::None)
+    void validate() const { MEP_CHECK_OPTION(ns_steps_ >= 0, "ns_steps", ns_steps_, "a value >= 0"); }
+  };
+
+  static constexpr bool coupled_weight_decay = false;  // decoupled: W ← W(1 − lr·λ) − lr·m
+  static constexpr bool owns_momentum = false;
+
+  int64_t steps = 5;
+  NSCoefficients coefficients = NSCoefficients::Cubic;
+  NSScale scale = NSScale::None;
+
+  NewtonSchulz() = default;
+  template <class O>
+  explicit NewtonSchulz(const O& o) : steps(o.ns_steps()), coefficients(o.ns_coefficients()), scale(o.ns_scale()) {}
+
+  torch::Tensor direction(const torch::Tensor& g, ParamState&) const {
+    if (!is_matrix(g)) return g;
+    auto m = as_matrix(g);
+    auto u = newton_schulz(m, steps, coefficients);
+    const double s = ns_output_scale(scale, m.size(0), m.size(1));
+    if (s != 1.0) u = u * s;
+    return u.reshape(g.sizes());
+  }
+};
+
+}  // namespace mep
