@@ -7,6 +7,4 @@
 #include <mep/models.hpp>
 #include <mep/optimizer.hpp>
 #include <mep/presets.hpp>
-#include <mep/gradient/ep.hpp>
-#include <mep/gradient/local_ep.hpp>
 #include <mep/data/idx.hpp>

@@ -27,11 +27,24 @@
 #include <mep/state.hpp>
 
 #include <sstream>
+#include <type_traits>
 #include <stdexcept>
 #include <unordered_map>
 #include <vector>
 
 namespace mep {
+
+namespace detail {
+/// Gradient policies that hand per-parameter data to the update policy (NaturalGradient).
+template <class G, class = void>
+struct exports_state : std::false_type {};
+template <class G>
+struct exports_state<G, std::void_t<decltype(&G::export_state)>> : std::true_type {};
+template <class U, class = void>
+struct has_owns_momentum_for : std::false_type {};
+template <class U>
+struct has_owns_momentum_for<U, std::void_t<decltype(&U::owns_momentum_for)>> : std::true_type {};
+}  // namespace detail
 
 template <class Gradient, class Update, class Constraint, class Feedback>
 class Optimizer : public torch::optim::Optimizer {
@@ -88,6 +101,8 @@ class Optimizer : public torch::optim::Optimizer {
       throw std::logic_error("mep: step(input, target) needs the optimizer to be constructed from the model "
                              "(a torch::nn::Sequential); this one was given a parameter list");
     auto loss = gradient_.compute(model_, input, target);
+    if constexpr (detail::exports_state<Gradient>::value)
+      gradient_.export_state([this](const torch::Tensor& p) -> ParamState& { return state_of(p); });
     apply_update();
     return loss;
   }
@@ -201,7 +216,7 @@ class Optimizer : public torch::optim::Optimizer {
     torch::Tensor g_aug = feedback_.accumulate(g, st);
     torch::Tensor u = update_.direction(g_aug, st);
     feedback_.remember(g_aug, u, st);
-    if (!Update::owns_momentum && o.momentum() != 0) {
+    if (!owns_momentum(g_aug) && o.momentum() != 0) {
       torch::Tensor& m = st.buffers["momentum"];
       if (!m.defined()) {
         m = u.clone(torch::MemoryFormat::Contiguous);
@@ -213,6 +228,12 @@ class Optimizer : public torch::optim::Optimizer {
     if (!Update::coupled_weight_decay && o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
     p.add_(u, -o.lr());
     constraint_.enforce(p, st);
+  }
+
+  // Whether the update policy carries its own moments for this tensor.
+  bool owns_momentum(const torch::Tensor& g) const {
+    if constexpr (detail::has_owns_momentum_for<Update>::value) return update_.owns_momentum_for(g);
+    return Update::owns_momentum;
   }
 
   [[noreturn]] void throw_non_finite() const {

@@ -8,14 +8,28 @@
 /// | SGD  | backprop | Plain (coupled wd, torch SGD) | none | none | 0.1  |
 /// | Adam | backprop | Adam (torch Adam)             | none | none | 1e-3 |
 /// | Muon | backprop | Newton-Schulz (cubic, 5 steps)| spectral γ=0.95 | none | 0.02 |
+/// | EqProp | EP | Plain (vanilla EP) | none | none | 0.01 |
+/// | SMEP | EP (or backprop: `mode`) | Newton-Schulz | spectral | error feedback (off by default) | 0.01 |
+/// | SDMEP | EP | Dion (Newton-Schulz below dion_thresh) | spectral | error feedback (off) | 0.01 |
+/// | LocalEPMuon | layer-local EP | Newton-Schulz | spectral | none | 0.01 |
+/// | NaturalEPMuon | EP + Fisher proxy | Fisher whitening + Newton-Schulz | spectral | none | 0.01 |
+///
+/// EP defaults: β = 0.5, 10 settling steps of settle_lr 0.05, MSE nudging, adaptive step,
+/// tol 1e-5 with patience 3 (LocalEPMuon: β = 0.1, tol 1e-4, patience 5, not adaptive).
+/// The EP family is constructed from the model and trained with `step(input, target)`.
 
 #include <mep/constraint/none.hpp>
 #include <mep/constraint/spectral.hpp>
 #include <mep/feedback/error_feedback.hpp>
 #include <mep/feedback/none.hpp>
 #include <mep/gradient/backprop.hpp>
+#include <mep/gradient/ep.hpp>
+#include <mep/gradient/local_ep.hpp>
+#include <mep/gradient/natural.hpp>
 #include <mep/optimizer.hpp>
 #include <mep/update/adam.hpp>
+#include <mep/update/dion.hpp>
+#include <mep/update/fisher.hpp>
 #include <mep/update/newton_schulz.hpp>
 #include <mep/update/plain.hpp>
 
@@ -43,5 +57,20 @@ using AdamOptions = Adam::Options;
 
 using Muon = Optimizer<BackpropGradient, NewtonSchulz, SpectralConstraint, NoFeedback>;
 using MuonOptions = Muon::Options;
+
+using EqProp = Optimizer<EPGradient, Plain, NoConstraint, NoFeedback>;
+using EqPropOptions = EqProp::Options;
+
+using SMEP = Optimizer<EPGradient, NewtonSchulz, SpectralConstraint, ErrorFeedback>;
+using SMEPOptions = SMEP::Options;
+
+using SDMEP = Optimizer<EPGradient, Dion, SpectralConstraint, ErrorFeedback>;
+using SDMEPOptions = SDMEP::Options;
+
+using LocalEPMuon = Optimizer<LocalEPGradient, NewtonSchulz, SpectralConstraint, NoFeedback>;
+using LocalEPMuonOptions = LocalEPMuon::Options;
+
+using NaturalEPMuon = Optimizer<NaturalGradient<EPGradient>, FisherNewtonSchulz, SpectralConstraint, NoFeedback>;
+using NaturalEPMuonOptions = NaturalEPMuon::Options;
 
 }  // namespace mep

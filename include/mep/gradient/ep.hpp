@@ -27,6 +27,10 @@
 
 namespace mep {
 
+/// How an EP-family optimizer gets its gradient: EP (default), or autograd backprop of
+/// the same loss, for comparisons on the same optimizer (the reference's SMEP `mode`).
+enum class Mode { EP, Backprop };
+
 namespace detail {
 
 /// Options shared by the EP gradient policies (defaults: SPEC §8 and the README).
@@ -44,6 +48,7 @@ struct EPOptionsBase {
   MEP_ARG(Loss, loss, Loss::MSE)
   MEP_ARG(double, label_smoothing, 0.1)
   MEP_ARG(double, temperature, 1.0)
+  MEP_ARG(Mode, mode, Mode::EP)
 
   void validate() const {
     MEP_CHECK_OPTION(beta_ > 0 && beta_ <= 1, "beta", beta_, "a value in (0, 1]");
@@ -82,6 +87,7 @@ struct EPConfig {
   double beta = 0.5;
   SettleConfig settle;
   bool symmetric = false, free_phase = false;
+  Mode mode = Mode::EP;
   Nudging nudging;
 
   template <class O>
@@ -90,7 +96,7 @@ struct EPConfig {
     c.beta = o.beta();
     c.settle.steps = o.settle_steps(), c.settle.lr = o.settle_lr(), c.settle.tol = o.tol();
     c.settle.patience = o.patience(), c.settle.adaptive = o.adaptive(), c.settle.analytic = o.analytic();
-    c.symmetric = o.symmetric(), c.free_phase = o.free_phase();
+    c.symmetric = o.symmetric(), c.free_phase = o.free_phase(), c.mode = o.mode();
     c.nudging.loss = o.loss(), c.nudging.label_smoothing = o.label_smoothing(), c.nudging.temperature = o.temperature();
     return c;
   }
@@ -144,6 +150,24 @@ class EPEngine {
     return out;
   }
 
+  /// Mode::Backprop: autograd gradient of the same loss through the chain (dropout off,
+  /// as in EP), written to `.grad()`; returns the loss.
+  torch::Tensor backprop(Chain& chain, const torch::Tensor& x, const torch::Tensor& target) {
+    detail::check_input(x, chain);
+    torch::AutoGradMode grad_mode(true);
+    torch::Tensor h = x;
+    for (auto& layer : chain.layers) h = layer.forward(Chain::apply(layer.pre, h));
+    auto out = Chain::apply(chain.post, h);
+    check_target(target, out.sizes());
+    const auto& n = config.nudging;
+    auto value = loss_value(n.loss, out, target, n.loss == Loss::CrossEntropy ? n.label_smoothing : 0.0);
+    auto params = chain.parameters();
+    auto grads = torch::autograd::grad({value}, params, {}, false, false, /*allow_unused=*/true);
+    for (size_t i = 0; i < params.size(); ++i)
+      params[i].mutable_grad() = grads[i].defined() ? grads[i].detach() : torch::zeros_like(params[i]);
+    return value.detach();
+  }
+
   /// The loss the EP estimate approximates, at the feedforward prediction.
   torch::Tensor loss(const EPPhases& ph, const torch::Tensor& target) const {
     return loss_value(config.nudging.loss, ph.output, target,
@@ -182,6 +206,7 @@ class EPGradient {
   /// returns L at the feedforward prediction.
   torch::Tensor compute(const torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& target) {
     Chain& chain = engine_.chain_for(model);
+    if (engine_.config.mode == Mode::Backprop) return engine_.backprop(chain, x, target);
     auto ph = engine_.run(chain, x, target);
     auto grads = parameter_gradients(chain, ph, x, target);
     write_grads(chain.parameters(), grads);

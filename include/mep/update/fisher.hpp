@@ -1,0 +1,125 @@
+#pragma once
+/// \file fisher.hpp
+/// Natural-gradient whitening followed by Newton-Schulz (NaturalEPMuon, SPEC §4), in the
+/// spirit of K-FAC/Shampoo-style right preconditioning (Amari 1998, natural gradient;
+/// Martens & Grosse 2015, K-FAC) with a gradient-outer-product Fisher proxy.
+///
+/// For a matrix gradient g (out × in; conv kernels viewed as out × in·kh·kw):
+///   F_new = gᵀ·g                       (in × in)  — or, with fisher_diagonal,
+///   F_new = Σ_rows g²                  ([in], the diagonal of gᵀ·g)
+/// taken from the state buffer "fisher_new" that the gradient policy stores before the
+/// update (computed from the incoming g itself when absent), then consumed (erased).
+///   F ← ρ·F + (1 − ρ)·F_new,  ρ = fisher_ema (0.95), F = 0 before the first step
+///   w = g·(F + λI)⁻¹                   (Cholesky: F + λI is symmetric positive definite)
+///   w = g / (diag F + λ)               (fisher_diagonal; broadcast over the rows)
+///   u = s · NS(w)                      (mep::newton_schulz with ns_steps, ns_coefficients,
+///                                       s = the ns_scale output scale)
+/// with λ = fisher_damping (1e-3). F starts from zeros with no bias correction, exactly as
+/// the EMA is written: after one step F = (1 − ρ)·F_new, so the damping dominates for the
+/// first few steps (the update starts near Muon's NS(g)) and the whitening grows in as F
+/// accumulates. Whenever F is a multiple c·I of the identity (c ≥ 0), w is a positive
+/// multiple of g and the update equals NS(g) exactly: NS's normalisation removes it.
+/// Before NS, w is divided by max(‖w‖_F, 1): this changes nothing where NS is scale
+/// invariant, but keeps a whitened gradient larger than cubic NS's normalisation clamp
+/// (1e4) from diverging (with small F, (F + λI)⁻¹ multiplies g by up to 1/λ).
+/// Tensors below 2-D pass through (u = g). State: "fisher" (in × in, or [in]) in the
+/// parameter's dtype (arithmetic in float32 for half/bfloat16). A failed Cholesky
+/// factorisation throws std::runtime_error naming the shape; raise fisher_damping.
+
+#include <mep/options.hpp>
+#include <mep/state.hpp>
+#include <mep/update/matrix.hpp>
+#include <mep/update/newton_schulz.hpp>
+
+#include <sstream>
+#include <stdexcept>
+#include <tuple>
+#include <vector>
+
+namespace mep {
+
+struct FisherNewtonSchulz {
+  template <class Derived>
+  struct Options : NewtonSchulz::Options<Derived> {
+    MEP_ARG(double, fisher_damping, 1e-3)
+    MEP_ARG(double, fisher_ema, 0.95)
+    MEP_ARG(bool, fisher_diagonal, false)
+    void validate() const {
+      NewtonSchulz::Options<Derived>::validate();
+      MEP_CHECK_OPTION(fisher_damping_ > 0 && std::isfinite(fisher_damping_), "fisher_damping", fisher_damping_,
+                       "a finite value > 0");
+      MEP_CHECK_OPTION(fisher_ema_ >= 0 && fisher_ema_ < 1, "fisher_ema", fisher_ema_, "a value in [0, 1)");
+    }
+  };
+
+  static constexpr bool coupled_weight_decay = false;  // decoupled: W ← W(1 − lr·λ) − lr·m
+  static constexpr bool owns_momentum = false;         // the optimizer applies momentum
+
+  NewtonSchulz ns;
+  double damping = 1e-3;
+  double ema = 0.95;
+  bool diagonal = false;
+
+  FisherNewtonSchulz() = default;
+  template <class O>
+  explicit FisherNewtonSchulz(const O& o)
+      : ns(o), damping(o.fisher_damping()), ema(o.fisher_ema()), diagonal(o.fisher_diagonal()) {}
+
+  torch::Tensor direction(const torch::Tensor& g, ParamState& st) const {
+    torch::Tensor fresh = st.get("fisher_new");
+    st.buffers.erase("fisher_new");
+    if (!is_matrix(g)) return g;
+
+    const auto gm = as_matrix(g);
+    const int64_t in = gm.size(1);
+    const auto reduced = g.scalar_type() == torch::kHalf || g.scalar_type() == torch::kBFloat16;
+    const auto x = gm.to(reduced ? torch::kFloat32 : gm.scalar_type());
+
+    fresh = fresh.defined() ? conform(fresh.to(x.options()), in, g) : proxy(x);
+
+    torch::Tensor& f = st.buffers["fisher"];
+    const std::vector<int64_t> fshape = diagonal ? std::vector<int64_t>{in} : std::vector<int64_t>{in, in};
+    if (!f.defined() || f.sizes() != c10::IntArrayRef(fshape)) f = torch::zeros(fshape, gm.options());
+    f.mul_(ema).add_(fresh.to(f.scalar_type()), 1.0 - ema);
+
+    torch::Tensor w;
+    if (diagonal) {
+      w = x / (f.to(x.scalar_type()) + damping);
+    } else {
+      auto a = f.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+      a.diagonal().add_(damping);
+      torch::Tensor l, info;
+      std::tie(l, info) = torch::linalg_cholesky_ex(a);
+      if (info.item<int64_t>() != 0) {
+        std::ostringstream os;
+        os << "mep: FisherNewtonSchulz: F + fisher_damping·I is not positive definite for the parameter of shape "
+           << g.sizes() << " (Fisher " << in << " × " << in << ", fisher_damping = " << damping
+           << "); use a larger fisher_damping";
+        throw std::runtime_error(os.str());
+      }
+      w = torch::cholesky_solve(x.t(), l).t();  // g·(F + λI)⁻¹ = ((F + λI)⁻¹·gᵀ)ᵀ
+    }
+    w = w / w.norm().clamp_min(1.0);
+    auto u = newton_schulz(w, ns.steps, ns.coefficients);
+    const double s = ns_output_scale(ns.scale, gm.size(0), gm.size(1));
+    if (s != 1.0) u = u * s;
+    return u.to(g.scalar_type()).reshape(g.sizes());
+  }
+
+ private:
+  /// The Fisher proxy of `x` (out × in): xᵀ·x, or its diagonal.
+  torch::Tensor proxy(const torch::Tensor& x) const { return diagonal ? x.square().sum(0) : torch::mm(x.t(), x); }
+
+  /// A stored "fisher_new" in the shape this policy keeps: the diagonal of a full proxy
+  /// for the diagonal option, a diagonal matrix from a diagonal proxy otherwise.
+  torch::Tensor conform(const torch::Tensor& fresh, int64_t in, const torch::Tensor& g) const {
+    if (fresh.dim() == 1 && fresh.size(0) == in) return diagonal ? fresh : torch::diag(fresh);
+    if (fresh.dim() == 2 && fresh.size(0) == in && fresh.size(1) == in) return diagonal ? fresh.diagonal() : fresh;
+    std::ostringstream os;
+    os << "mep: FisherNewtonSchulz: state buffer fisher_new has shape " << fresh.sizes() << ", expected [" << in
+       << ", " << in << "] or [" << in << "] for the parameter of shape " << g.sizes();
+    throw std::runtime_error(os.str());
+  }
+};
+
+}  // namespace mep

@@ -1,0 +1,160 @@
+// The EP optimizer family (issue [3]): every preset learns MNIST, resumes bit-identically
+// from a checkpoint, validates its options, and NaturalEPMuon's Fisher reaches its update.
+#include <gtest/gtest.h>
+#include <mep/mep.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+
+namespace {
+
+std::string mnist_dir() {
+  const char* root = std::getenv("MEP_SOURCE_DIR");
+  return root ? std::string(root) + "/data/mnist" : std::string();
+}
+
+template <class Opt>
+double learn_mnist(typename Opt::Options options) {
+  const auto dir = mnist_dir();
+  if (dir.empty() || !std::filesystem::exists(dir + "/train-images-idx3-ubyte")) return -1;
+  auto train = mep::data::load_split(dir, true, 1000);
+  auto test = mep::data::load_split(dir, false, 500);
+  torch::manual_seed(0);
+  auto model = mep::models::mlp_small();
+  Opt opt(model, options);
+  for (int epoch = 0; epoch < 3; ++epoch) {
+    auto perm = torch::randperm(1000, torch::kLong);
+    for (int64_t i = 0; i < 1000; i += 64) {
+      auto idx = perm.slice(0, i, std::min<int64_t>(i + 64, 1000));
+      opt.step(train.images.index_select(0, idx), train.labels.index_select(0, idx));
+    }
+  }
+  torch::NoGradGuard no_grad;
+  model->eval();
+  return model->forward(test.images).argmax(1).eq(test.labels).to(torch::kFloat64).mean().item<double>();
+}
+
+#define EXPECT_LEARNS(Opt, options)                                      \
+  do {                                                                   \
+    const double acc = learn_mnist<Opt>(options);                        \
+    if (acc < 0) GTEST_SKIP() << "data/mnist missing (data/make_datasets.sh)"; \
+    std::cout << "[ measured ] " #Opt " test accuracy " << acc << "\n"; \
+    EXPECT_GE(acc, 0.80);                                                \
+  } while (0)
+
+TEST(EPOptim, EqPropLearns) { EXPECT_LEARNS(mep::EqProp, mep::EqPropOptions()); }
+TEST(EPOptim, SMEPLearns) { EXPECT_LEARNS(mep::SMEP, mep::SMEPOptions()); }
+TEST(EPOptim, SMEPWithCrossEntropyLearns) { EXPECT_LEARNS(mep::SMEP, mep::SMEPOptions().loss(mep::Loss::CrossEntropy)); }
+TEST(EPOptim, SDMEPLearns) { EXPECT_LEARNS(mep::SDMEP, mep::SDMEPOptions()); }
+TEST(EPOptim, LocalEPMuonLearns) { EXPECT_LEARNS(mep::LocalEPMuon, mep::LocalEPMuonOptions()); }
+TEST(EPOptim, NaturalEPMuonLearns) { EXPECT_LEARNS(mep::NaturalEPMuon, mep::NaturalEPMuonOptions()); }
+
+torch::nn::Sequential tiny() {
+  return torch::nn::Sequential(torch::nn::Linear(20, 32), torch::nn::ReLU(), torch::nn::Dropout(0.1),
+                               torch::nn::Linear(32, 10));
+}
+
+void copy_parameters(const torch::nn::Sequential& from, torch::nn::Sequential& to) {
+  torch::NoGradGuard no_grad;
+  auto src = from->parameters();
+  auto dst = to->parameters();
+  for (size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
+}
+
+template <class Opt>
+void expect_bit_identical_resume(typename Opt::Options options, const char* name) {
+  torch::manual_seed(9);
+  auto x = torch::randn({32, 20});
+  auto y = torch::randint(0, 10, {32}, torch::kLong);
+  auto a = tiny(), b = tiny();
+  copy_parameters(a, b);
+  Opt straight(a, options), first(b, options);
+  // Same dropout masks for both runs (the backprop presets apply dropout in train mode).
+  auto paired_step = [&](Opt& one, Opt& other, int s) {
+    torch::manual_seed(100 + s);
+    one.step(x, y);
+    torch::manual_seed(100 + s);
+    other.step(x, y);
+  };
+  for (int s = 0; s < 4; ++s) paired_step(straight, first, s);
+  const auto path = (std::filesystem::temp_directory_path() / "mep_test_ep_state.pt").string();
+  torch::save(first, path);
+  Opt resumed(b, options);
+  torch::load(resumed, path);
+  std::remove(path.c_str());
+  for (int s = 4; s < 8; ++s) paired_step(straight, resumed, s);
+  auto pa = a->parameters(), pb = b->parameters();
+  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i], pb[i])) << name << " parameter " << i;
+}
+
+TEST(EPOptim, SaveLoadResumesBitIdenticallyForAllEight) {
+  expect_bit_identical_resume<mep::SGD>(mep::SGDOptions(), "SGD");
+  expect_bit_identical_resume<mep::Adam>(mep::AdamOptions(), "Adam");
+  expect_bit_identical_resume<mep::Muon>(mep::MuonOptions(), "Muon");
+  expect_bit_identical_resume<mep::EqProp>(mep::EqPropOptions(), "EqProp");
+  expect_bit_identical_resume<mep::SMEP>(mep::SMEPOptions().error_feedback(true), "SMEP");
+  expect_bit_identical_resume<mep::SDMEP>(mep::SDMEPOptions().dion_thresh(100).error_feedback(true), "SDMEP");
+  expect_bit_identical_resume<mep::LocalEPMuon>(mep::LocalEPMuonOptions(), "LocalEPMuon");
+  expect_bit_identical_resume<mep::NaturalEPMuon>(mep::NaturalEPMuonOptions(), "NaturalEPMuon");
+}
+
+TEST(EPOptim, NaturalEPMuonUpdatesDifferFromSMEPs) {
+  torch::manual_seed(11);
+  auto x = torch::randn({32, 20});
+  auto y = torch::randint(0, 10, {32}, torch::kLong);
+  auto a = tiny(), b = tiny();
+  copy_parameters(a, b);
+  mep::SMEP smep(a, mep::SMEPOptions());
+  mep::NaturalEPMuon natural(b, mep::NaturalEPMuonOptions());
+  smep.step(x, y);
+  natural.step(x, y);
+  auto pa = a->parameters(), pb = b->parameters();
+  EXPECT_GT((pa[0] - pb[0]).abs().max().item<double>(), 1e-6);  // weight matrices differ
+  EXPECT_TRUE(torch::equal(pa[1], pb[1]));                       // biases: same EP gradient, same rule
+  EXPECT_TRUE(natural.has_state(pb[0]) && natural.state_of(pb[0]).has("fisher"));
+}
+
+TEST(EPOptim, BackpropModeOfSMEPUsesAutogradGradients) {
+  torch::manual_seed(12);
+  auto model = tiny();
+  mep::SMEP opt(model, mep::SMEPOptions().mode(mep::Mode::Backprop));
+  auto x = torch::randn({16, 20});
+  auto y = torch::randint(0, 10, {16}, torch::kLong);
+  auto first = opt.step(x, y).item<double>();
+  for (int s = 0; s < 30; ++s) opt.step(x, y);
+  EXPECT_LT(opt.step(x, y).item<double>(), first);
+}
+
+TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
+  auto model = tiny();
+  auto expect_named = [](auto&& make, const std::string& name) {
+    try {
+      make();
+      ADD_FAILURE() << "no exception for " << name;
+    } catch (const mep::OptionError& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+  };
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().beta(0)); }, "beta");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().beta(1.5)); }, "beta");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().settle_steps(0)); }, "settle_steps");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().settle_lr(0)); }, "settle_lr");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().gamma(0)); }, "gamma");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().error_beta(1.0)); }, "error_beta");
+  expect_named([&] { mep::SDMEP(model, mep::SDMEPOptions().rank_frac(0)); }, "rank_frac");
+  expect_named([&] { mep::NaturalEPMuon(model, mep::NaturalEPMuonOptions().fisher_damping(0)); }, "fisher_damping");
+  expect_named([&] { mep::EqProp(model, mep::EqPropOptions(-1)); }, "lr");
+  expect_named([&] { mep::LocalEPMuon(model, mep::LocalEPMuonOptions().patience(0)); }, "patience");
+}
+
+TEST(EPOptim, DivergedSettlingLeavesParametersUntouched) {
+  auto model = tiny();
+  mep::SMEP opt(model, mep::SMEPOptions().settle_lr(1e30).adaptive(false));
+  std::vector<torch::Tensor> before;
+  for (auto& p : model->parameters()) before.push_back(p.detach().clone());
+  EXPECT_THROW(opt.step(torch::randn({8, 20}), torch::randint(0, 10, {8}, torch::kLong)), mep::SettleError);
+  auto after = model->parameters();
+  for (size_t i = 0; i < after.size(); ++i) EXPECT_TRUE(torch::equal(before[i], after[i]));
+}
+
+}  // namespace

@@ -1,0 +1,358 @@
+// Update policies: Dion (low-rank orthonormal, error feedback) and Fisher + Newton-Schulz.
+#include <gtest/gtest.h>
+#include <mep/update/dion.hpp>
+#include <mep/update/fisher.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+namespace {
+
+struct DionOpts : mep::Dion::Options<DionOpts> {};
+struct FisherOpts : mep::FisherNewtonSchulz::Options<FisherOpts> {};
+
+const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+
+double max_abs(const torch::Tensor& t) { return t.abs().max().item<double>(); }
+
+// Orthonormal basis (m × k) of a random k-dimensional subspace.
+torch::Tensor random_orthonormal(int64_t m, int64_t k) { return std::get<0>(torch::linalg_qr(torch::randn({m, k}, f64))); }
+
+template <class Opts>
+std::string validation_message(const Opts& o) {
+  try {
+    o.validate();
+  } catch (const mep::OptionError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// ------------------------------------------------------------------ Dion
+
+// Rank k = 3 < r = 20: QR's 17 surplus columns of P are round-off directions with
+// ‖R_j‖ ≈ ‖G‖·1e-16; the ε = 1e-8 of the column normalisation keeps their Q_j (and their
+// share of the update) at ≈ ‖G‖·1e-8 instead of normalising them to 1. The leakage
+// therefore grows linearly with ‖G‖ (ε is absolute): ≈ 5e-8 at ‖G‖_F = 1, ≈ 3e-5 at 447.
+TEST(Dion, LowRankGradientUpdateStaysInColumnSpace) {
+  torch::manual_seed(1);
+  const int64_t m = 300, n = 200, k = 3;
+  const auto raw = torch::mm(torch::randn({m, k}, f64), torch::randn({k, n}, f64));
+  auto uk = std::get<0>(torch::linalg_svd(raw, /*full_matrices=*/false)).narrow(1, 0, k);
+  mep::Dion dion(DionOpts().rank_frac(0.1).dion_thresh(0));
+  ASSERT_EQ(dion.rank_for(m, n), 20);
+  auto leakage = [&](const torch::Tensor& g) {
+    mep::ParamState st;
+    st.step = 1;
+    auto u = dion.direction(g, st);
+    EXPECT_EQ(u.sizes(), g.sizes());
+    EXPECT_NEAR(u.norm().item<double>(), std::sqrt(1.5 * k), 1e-6);  // √(m/n)·‖Q‖_F, 3 unit columns
+    auto leak = u - torch::mm(uk, torch::mm(uk.t(), u));
+    return (leak.norm() / u.norm()).item<double>();
+  };
+  const double unit = leakage(raw / raw.norm());
+  const double large = leakage(raw);
+  std::printf("[ measured ] Dion column-space leakage ||(I - U_k U_k^T) u|| / ||u||: %.3e at ||G||_F = 1, "
+              "%.3e at ||G||_F = %.0f\n",
+              unit, large, raw.norm().item<double>());
+  EXPECT_LE(unit, 1e-5);
+  EXPECT_LE(large, 1e-4);
+}
+
+// With r = min(m, n) and a fixed G, B stays a positive multiple of G (so μ has no effect)
+// and P ← orth(G·G^T·P) is orthogonal iteration: the update converges to U·V^T at the
+// rate (σ_{k+1}/σ_k)² per step of the closest singular-value pair — for linspace(1, 3, 40)
+// (2.949/3)² ≈ 0.966, so after 50 steps ≈ 3e-3 max abs remains (measured 2.7e-3 to 4.7e-3
+// over five seeds) and after 200 steps ≈ 3e-5.
+TEST(Dion, FullRankConvergesToPolarFactor) {
+  torch::manual_seed(2);
+  const int64_t m = 60, n = 40;
+  auto uo = random_orthonormal(m, n);
+  auto vo = random_orthonormal(n, n);
+  auto g = torch::mm(uo * torch::linspace(1, 3, n, f64), vo.t());
+  auto polar = torch::mm(uo, vo.t());
+  mep::Dion dion(DionOpts().rank_frac(1.0).dion_thresh(0).dion_mu(0.9));
+  ASSERT_EQ(dion.rank_for(m, n), n);
+  mep::ParamState st;
+  for (int s = 1; s <= 200; ++s) {
+    ++st.step;
+    auto normalised = dion.direction(g, st) / std::sqrt(static_cast<double>(m) / static_cast<double>(n));
+    if (s != 50 && s != 100 && s != 200) continue;
+    const double abs_err = max_abs(normalised - polar);
+    const double rel_err = ((normalised - polar).norm() / polar.norm()).item<double>();
+    std::printf("[ measured ] Dion distance to U V^T after %d steps: max abs %.3e, relative Frobenius %.3e\n", s,
+                abs_err, rel_err);
+    if (s == 50) EXPECT_LE(abs_err, 1e-2);
+    if (s == 200) {
+      EXPECT_LE(abs_err, 2e-4);
+      EXPECT_LE(rel_err, 2e-4);
+    }
+  }
+}
+
+TEST(Dion, ErrorFeedbackKeepsWhatTheLowRankDropped) {
+  torch::manual_seed(3);
+  const int64_t m = 80, n = 60;
+  const double mu = 0.95;
+  auto g = torch::randn({m, n}, f64);
+  mep::Dion dion(DionOpts().rank_frac(0.1).dion_thresh(0).dion_mu(mu));
+  const int64_t r = dion.rank_for(m, n);
+  ASSERT_EQ(r, 6);
+  mep::ParamState st;
+  st.step = 1;
+  auto u = dion.direction(g, st);
+
+  // The same step by hand, from the same first basis (M = 0, so B = G).
+  auto q0 = mep::Dion::initial_basis(n, r, g.options());
+  auto p = std::get<0>(torch::linalg_qr(torch::mm(g, q0), "reduced"));
+  auto rr = torch::mm(g.t(), p);
+  auto m_expected = g - (1 - mu) * torch::mm(p, rr.t());
+  auto m_state = st.get("dion_M");
+  auto q_state = st.get("dion_Q");
+  ASSERT_TRUE(m_state.defined());
+  ASSERT_TRUE(q_state.defined());
+  EXPECT_EQ(m_state.sizes(), g.sizes());
+  EXPECT_EQ(q_state.sizes(), (std::vector<int64_t>{n, r}));
+  EXPECT_LE(max_abs(m_state - m_expected), 1e-12);
+
+  // Orthogonal to P, M is exactly G (nothing of it was applied); along P it keeps μ·Rᵀ.
+  auto proj = torch::eye(m, f64) - torch::mm(p, p.t());
+  EXPECT_LE(max_abs(torch::mm(proj, m_state) - torch::mm(proj, g)), 1e-12);
+  EXPECT_LE(max_abs(torch::mm(p.t(), m_state) - mu * rr.t()), 1e-12);
+  EXPECT_GT(torch::mm(proj, g).norm().item<double>(), 10.0);  // the dropped part is substantial
+
+  // Q ← column-normalise(R) and u = √(m/n)·P·Qᵀ.
+  auto q_expected = rr / (rr.norm(2, {0}, true) + 1e-8);
+  EXPECT_LE(max_abs(q_state - q_expected), 1e-12);
+  EXPECT_LE(max_abs(u - std::sqrt(double(m) / double(n)) * torch::mm(p, q_expected.t())), 1e-12);
+}
+
+TEST(Dion, SmallMatricesGetNewtonSchulzAndVectorsPassThrough) {
+  torch::manual_seed(4);
+  auto opts = DionOpts().ns_steps(7).ns_coefficients(mep::NSCoefficients::Quintic).ns_scale(mep::NSScale::Muon);
+  mep::Dion dion(opts);
+  mep::NewtonSchulz ns(opts);
+  mep::ParamState st, st_ns;
+  st.step = st_ns.step = 1;
+  auto small = torch::randn({30, 20});  // 600 elements ≤ dion_thresh = 50000
+  auto u = dion.direction(small, st);
+  EXPECT_TRUE(torch::equal(u, ns.direction(small, st_ns)));
+  EXPECT_FALSE(st.has("dion_M"));
+  EXPECT_FALSE(st.has("dion_Q"));
+
+  auto kernel = torch::randn({8, 4, 3, 3});  // conv kernel, 288 elements
+  EXPECT_TRUE(torch::equal(dion.direction(kernel, st), ns.direction(kernel, st_ns)));
+
+  auto bias = torch::randn({50});
+  EXPECT_TRUE(torch::equal(dion.direction(bias, st), bias));
+  auto scalar = torch::randn({});
+  EXPECT_TRUE(torch::equal(dion.direction(scalar, st), scalar));
+}
+
+TEST(Dion, ConvKernelAndThresholdBoundary) {
+  torch::manual_seed(5);
+  mep::Dion dion(DionOpts().dion_thresh(288));
+  mep::ParamState st;
+  st.step = 1;
+  auto at_thresh = torch::randn({8, 4, 3, 3});  // 288 elements: not more than dion_thresh
+  dion.direction(at_thresh, st);
+  EXPECT_FALSE(st.has("dion_Q"));
+
+  auto kernel = torch::randn({16, 4, 3, 3});  // 576 elements > 288: Dion on the 16 × 36 view
+  auto u = dion.direction(kernel, st);
+  EXPECT_EQ(u.sizes(), kernel.sizes());
+  EXPECT_EQ(u.scalar_type(), torch::kFloat32);
+  EXPECT_EQ(st.get("dion_M").sizes(), (std::vector<int64_t>{16, 36}));
+  EXPECT_EQ(st.get("dion_Q").sizes(), (std::vector<int64_t>{36, 4}));  // ⌊16·0.3⌋ = 4
+  EXPECT_EQ(st.get("dion_M").scalar_type(), torch::kFloat32);
+  EXPECT_EQ(st.get("dion_Q").scalar_type(), torch::kFloat32);
+  EXPECT_TRUE(torch::isfinite(u).all().item<bool>());
+  // u = P·Qᵀ: rank 4, ‖u‖_F = ‖Q‖_F = 2 (four unit columns; Q's columns are not
+  // orthogonal after one step, so u is not yet a partial isometry).
+  auto sv = torch::linalg_svdvals(u.reshape({16, 36}).to(torch::kFloat64));
+  EXPECT_GT(sv[3].item<double>(), 0.1);
+  EXPECT_LT(sv[4].item<double>(), 1e-5);
+  EXPECT_NEAR(u.norm().item<double>(), 2.0, 1e-5);
+}
+
+TEST(Dion, DeterministicAndLeavesGlobalRngAlone) {
+  mep::Dion dion(DionOpts().dion_thresh(0));
+  torch::manual_seed(6);
+  auto g = torch::randn({40, 30}, f64);
+  torch::manual_seed(123);
+  auto expected_next = torch::randn({5});
+  torch::manual_seed(123);
+  mep::ParamState a, b;
+  a.step = b.step = 1;
+  auto ua = dion.direction(g, a);
+  auto next = torch::randn({5});
+  EXPECT_TRUE(torch::equal(next, expected_next));
+  auto ub = dion.direction(g, b);
+  EXPECT_TRUE(torch::equal(ua, ub));
+  EXPECT_TRUE(torch::equal(a.get("dion_Q"), b.get("dion_Q")));
+}
+
+TEST(Dion, OptionsValidate) {
+  EXPECT_EQ(validation_message(DionOpts()), "");
+  DionOpts o;
+  EXPECT_DOUBLE_EQ(o.rank_frac(), 0.3);
+  EXPECT_EQ(o.dion_thresh(), 50000);
+  EXPECT_DOUBLE_EQ(o.dion_mu(), 0.95);
+  EXPECT_EQ(o.ns_steps(), 5);
+  for (double bad : {0.0, -0.1, 1.5}) {
+    EXPECT_THROW(DionOpts().rank_frac(bad).validate(), mep::OptionError);
+    EXPECT_NE(validation_message(DionOpts().rank_frac(bad)).find("rank_frac"), std::string::npos);
+  }
+  EXPECT_EQ(validation_message(DionOpts().rank_frac(1.0)), "");
+  EXPECT_NE(validation_message(DionOpts().dion_mu(1.0)).find("dion_mu"), std::string::npos);
+  EXPECT_NE(validation_message(DionOpts().dion_mu(-0.5)).find("dion_mu"), std::string::npos);
+  EXPECT_NE(validation_message(DionOpts().dion_thresh(-1)).find("dion_thresh"), std::string::npos);
+  EXPECT_NE(validation_message(DionOpts().ns_steps(-1)).find("ns_steps"), std::string::npos);
+}
+
+// ------------------------------------------------------------------ Fisher
+
+TEST(Fisher, IdentityFisherGivesNewtonSchulz) {
+  torch::manual_seed(10);
+  const double c = 2.0;
+  auto g = torch::randn({30, 50}, f64);
+  mep::FisherNewtonSchulz fisher(FisherOpts{});
+  mep::ParamState st;
+  st.step = 1;
+  st.set("fisher_new", c * torch::eye(50, f64));
+  auto u = fisher.direction(g, st);
+  EXPECT_FALSE(st.has("fisher_new"));  // consumed
+  EXPECT_LE(max_abs(st.get("fisher") - 0.05 * c * torch::eye(50, f64)), 1e-15);
+  EXPECT_LE(max_abs(u - mep::newton_schulz(g, 5)), 1e-6);
+  // A second step: F = (0.95·0.05 + 0.05)·c·I, still a multiple of I.
+  st.set("fisher_new", c * torch::eye(50, f64));
+  EXPECT_LE(max_abs(fisher.direction(g, st) - mep::newton_schulz(g, 5)), 1e-6);
+  EXPECT_LE(max_abs(st.get("fisher") - (0.95 * 0.05 + 0.05) * c * torch::eye(50, f64)), 1e-15);
+}
+
+TEST(Fisher, DiagonalIdentityGivesNewtonSchulz) {
+  torch::manual_seed(11);
+  const double c = 3.0;
+  auto g = torch::randn({40, 25}, f64);  // tall: NS works on the transpose
+  mep::FisherNewtonSchulz fisher(FisherOpts().fisher_diagonal(true).ns_scale(mep::NSScale::Muon));
+  mep::ParamState st;
+  st.step = 1;
+  st.set("fisher_new", torch::full({25}, c, f64));
+  auto u = fisher.direction(g, st);
+  EXPECT_FALSE(st.has("fisher_new"));
+  EXPECT_EQ(st.get("fisher").sizes(), (std::vector<int64_t>{25}));
+  EXPECT_LE(max_abs(u - std::sqrt(40.0 / 25.0) * mep::newton_schulz(g, 5)), 1e-6);
+  // A full proxy handed to the diagonal option: its diagonal is used.
+  st.set("fisher_new", c * torch::eye(25, f64));
+  EXPECT_LE(max_abs(fisher.direction(g, st) - std::sqrt(40.0 / 25.0) * mep::newton_schulz(g, 5)), 1e-6);
+}
+
+TEST(Fisher, NonIdentityFisherChangesTheUpdate) {
+  torch::manual_seed(12);
+  auto g = torch::randn({30, 20}, f64);
+  auto a = torch::randn({20, 20}, f64);
+  auto f_new = torch::mm(a, a.t()) + 0.1 * torch::eye(20, f64);  // SPD, far from c·I
+  mep::FisherNewtonSchulz fisher(FisherOpts{});
+  mep::ParamState st;
+  st.step = 1;
+  st.set("fisher_new", f_new);
+  auto u = fisher.direction(g, st);
+  auto ns = mep::newton_schulz(g, 5);
+  const double diff = max_abs(u - ns);
+  std::printf("[ measured ] Fisher: non-identity F moves the update by max abs %.3e from NS(g)\n", diff);
+  EXPECT_GT(diff, 1e-2);
+  // And it is NS of the whitened gradient g·(0.05·F_new + λI)⁻¹.
+  auto whitened = torch::mm(g, torch::linalg_inv(0.05 * f_new + 1e-3 * torch::eye(20, f64)));
+  EXPECT_LE(max_abs(u - mep::newton_schulz(whitened, 5)), 1e-8);
+
+  // Diagonal option with a non-constant diagonal changes it too.
+  mep::FisherNewtonSchulz diag(FisherOpts().fisher_diagonal(true));
+  mep::ParamState sd;
+  sd.set("fisher_new", torch::linspace(0.1, 10.0, 20, f64));
+  auto ud = diag.direction(g, sd);
+  EXPECT_GT(max_abs(ud - ns), 1e-2);
+  auto wd = g / (0.05 * torch::linspace(0.1, 10.0, 20, f64) + 1e-3);
+  EXPECT_LE(max_abs(ud - mep::newton_schulz(wd, 5)), 1e-8);
+}
+
+TEST(Fisher, WorksWithoutAFisherFromTheGradientPolicy) {
+  torch::manual_seed(13);
+  auto g = torch::randn({16, 12}, f64);
+  mep::FisherNewtonSchulz fisher(FisherOpts{});
+  mep::ParamState st;
+  st.step = 1;
+  auto u = fisher.direction(g, st);
+  EXPECT_LE(max_abs(st.get("fisher") - 0.05 * torch::mm(g.t(), g)), 1e-12);
+  auto whitened = torch::mm(g, torch::linalg_inv(0.05 * torch::mm(g.t(), g) + 1e-3 * torch::eye(12, f64)));
+  EXPECT_LE(max_abs(u - mep::newton_schulz(whitened, 5)), 1e-8);
+
+  mep::FisherNewtonSchulz diag(FisherOpts().fisher_diagonal(true));
+  mep::ParamState sd;
+  diag.direction(g, sd);
+  EXPECT_LE(max_abs(sd.get("fisher") - 0.05 * g.square().sum(0)), 1e-12);
+}
+
+TEST(Fisher, ConvKernelsVectorsAndFloat32) {
+  torch::manual_seed(14);
+  mep::FisherNewtonSchulz fisher(FisherOpts{});
+  mep::ParamState st;
+  auto kernel = torch::randn({8, 3, 3, 3});
+  st.set("fisher_new", torch::eye(27));
+  auto u = fisher.direction(kernel, st);
+  EXPECT_EQ(u.sizes(), kernel.sizes());
+  EXPECT_EQ(u.scalar_type(), torch::kFloat32);
+  EXPECT_EQ(st.get("fisher").scalar_type(), torch::kFloat32);
+  EXPECT_LE(max_abs(u - mep::newton_schulz(kernel.reshape({8, 27}), 5).reshape(kernel.sizes())), 1e-5);
+
+  auto bias = torch::randn({8});
+  mep::ParamState sb;
+  sb.set("fisher_new", torch::ones({1}));
+  EXPECT_TRUE(torch::equal(fisher.direction(bias, sb), bias));
+  EXPECT_FALSE(sb.has("fisher_new"));
+
+  // A huge gradient (whitened far beyond cubic NS's normalisation clamp) stays finite.
+  // With F = 0 the whitening multiplies g by 1/λ = 1000: ‖w‖ ≈ 1.4e7 > 1e4.
+  auto big = 1e3 * torch::randn({20, 10});
+  mep::ParamState sg;
+  sg.set("fisher_new", torch::zeros({10, 10}));
+  auto ub = fisher.direction(big, sg);
+  EXPECT_TRUE(torch::isfinite(ub).all().item<bool>());
+  EXPECT_LE(max_abs(ub - mep::newton_schulz(big / big.norm(), 5)), 1e-5);
+}
+
+TEST(Fisher, NonPositiveDefiniteThrowsNamingTheShape) {
+  mep::FisherNewtonSchulz fisher(FisherOpts{});
+  mep::ParamState st;
+  auto g = torch::randn({6, 5}, f64);
+  st.set("fisher_new", -10 * torch::eye(5, f64));
+  try {
+    fisher.direction(g, st);
+    FAIL() << "expected std::runtime_error";
+  } catch (const std::runtime_error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("fisher_damping"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("[6, 5]"), std::string::npos) << msg;
+  }
+  st.set("fisher_new", torch::eye(7, f64));  // wrong shape for a 6 × 5 parameter
+  EXPECT_THROW(fisher.direction(g, st), std::runtime_error);
+}
+
+TEST(Fisher, OptionsValidate) {
+  EXPECT_EQ(validation_message(FisherOpts()), "");
+  FisherOpts o;
+  EXPECT_DOUBLE_EQ(o.fisher_damping(), 1e-3);
+  EXPECT_DOUBLE_EQ(o.fisher_ema(), 0.95);
+  EXPECT_FALSE(o.fisher_diagonal());
+  EXPECT_EQ(o.ns_steps(), 5);
+  for (double bad : {0.0, -1e-3}) {
+    EXPECT_THROW(FisherOpts().fisher_damping(bad).validate(), mep::OptionError);
+    EXPECT_NE(validation_message(FisherOpts().fisher_damping(bad)).find("fisher_damping"), std::string::npos);
+  }
+  EXPECT_NE(validation_message(FisherOpts().fisher_ema(1.0)).find("fisher_ema"), std::string::npos);
+  EXPECT_NE(validation_message(FisherOpts().fisher_ema(-0.1)).find("fisher_ema"), std::string::npos);
+  EXPECT_NE(validation_message(FisherOpts().ns_steps(-2)).find("ns_steps"), std::string::npos);
+}
+
+}  // namespace
