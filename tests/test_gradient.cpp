@@ -1,7 +1,11 @@
 // EP gradients against autograd backprop, and the settling engine's invariants.
 // Registered with the prefix "gradient." so that `ctest -R gradient` selects the suite.
+#include <c10/core/CPUAllocator.h>
 #include <gtest/gtest.h>
 #include <mep/mep.hpp>
+#include <torch/version.h>
+
+#include <atomic>
 
 namespace {
 
@@ -173,6 +177,84 @@ TEST(Gradient, AnalyticAndAutogradSettlingGradientsAgree) {
         EXPECT_LE((ga[l] - gb[l]).abs().max().item<double>(), 1e-10) << name << " conv=" << conv << " state " << l;
     }
   }
+}
+
+// The allocation-free path for MLPs computes exactly what the general path computes.
+TEST(Gradient, FastPathEqualsGeneralPath) {
+  for (int variant = 0; variant < 3; ++variant) {
+    torch::manual_seed(50 + variant);
+    nn::Sequential m;
+    if (variant == 0) m = nn::Sequential(nn::Flatten(), nn::Linear(12, 9), nn::ReLU(), nn::Dropout(0.2), nn::Linear(9, 4));
+    if (variant == 1) m = nn::Sequential(nn::Linear(12, 9), nn::Tanh(), nn::Linear(9, 7), nn::Sigmoid(), nn::Linear(7, 4));
+    if (variant == 2) m = nn::Sequential(nn::Linear(12, 9), nn::Linear(nn::LinearOptions(9, 4).bias(false)));
+    m->to(torch::kFloat64);
+    auto x = torch::randn({6, 12}, torch::kFloat64);
+    auto y = torch::randint(0, 4, {6}, torch::kLong);
+    auto chain = mep::Chain::from(m);
+    mep::Settler settler(chain, mep::Nudging{}, x, y);
+    ASSERT_TRUE(settler.fast_path()) << variant;
+    auto states = chain.feedforward(x);
+    for (auto& s : states) s = s + 0.3 * torch::randn_like(s);
+    std::vector<torch::Tensor> ga, gb;
+    mep::Phase pa, pb;
+    const double ea = settler.evaluate_fast(states, 0.4, ga, pa);
+    gb.resize(states.size());
+    const double eb = settler.evaluate_general(states, 0.4, gb, true, pb);
+    EXPECT_NEAR(ea, eb, 1e-12);
+    for (size_t l = 0; l < ga.size(); ++l) {
+      EXPECT_LE((ga[l] - gb[l]).abs().max().item<double>(), 1e-12) << variant << " state " << l;
+      EXPECT_LE((pa.eps[l] - pb.eps[l]).abs().max().item<double>(), 1e-12);
+    }
+  }
+}
+
+// Counts CPU allocations while installed (LibTorch's default allocator underneath).
+class CountingAllocator : public c10::Allocator {
+ public:
+  explicit CountingAllocator(c10::Allocator* base) : base_(base) {}
+  c10::DataPtr allocate(size_t n) const override {
+    ++count;
+    return base_->allocate(n);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return base_->raw_deleter(); }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+#endif
+  mutable std::atomic<int64_t> count{0};
+
+ private:
+  c10::Allocator* base_;
+};
+
+TEST(Gradient, SettlingStepsAllocateNothingOnTheFastPath) {
+  torch::manual_seed(55);
+  auto m = mep::models::mlp();
+  auto x = torch::randn({32, 1, 28, 28});
+  auto y = torch::randint(0, 10, {32}, torch::kLong);
+  auto chain = mep::Chain::from(m);
+  mep::Settler settler(chain, mep::Nudging{}, x, y);
+  ASSERT_TRUE(settler.fast_path());
+  auto init = chain.feedforward(x);
+  mep::SettleConfig cfg;
+  cfg.tol = 0;
+  cfg.adaptive = true;
+  auto* base = c10::GetCPUAllocator();
+  CountingAllocator counting(base);
+  auto allocations = [&](int64_t steps) {
+    cfg.steps = steps;
+    settler.settle(init, 0.5, cfg);  // warm-up: the workspace exists afterwards
+    c10::SetCPUAllocator(&counting, /*priority=*/255);
+    counting.count = 0;
+    auto ph = settler.settle(init, 0.5, cfg);
+    c10::SetCPUAllocator(base, /*priority=*/255);
+    EXPECT_EQ(ph.steps, steps);
+    return counting.count.load();
+  };
+  const auto few = allocations(5), many = allocations(50);
+  std::cout << "[ measured ] allocations per settle call: " << few << " (5 steps), " << many << " (50 steps)\n";
+  EXPECT_EQ(few, many);  // per-call setup only, nothing per step
 }
 
 TEST(Gradient, SkippingTheFreePhaseGivesTheSameGradients) {

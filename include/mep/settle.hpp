@@ -58,6 +58,7 @@ class Settler {
     pred0_ = chain.layers[0].forward(in0_);
     x_ = x;
     target_ = target;
+    fast_ = fast_eligible(chain, nudging);
   }
 
   const torch::Tensor& first_input() const { return in0_; }
@@ -68,39 +69,44 @@ class Settler {
     const size_t L = chain_.layers.size();
     Phase ph;
     ph.beta = beta;
-    std::vector<torch::Tensor> s(L), v(L), g(L), s_old, v_old, g_old;
+    std::vector<torch::Tensor> s(L), v(L), g(L), s_old(L), v_old(L), g_old(L);
     for (size_t l = 0; l < L; ++l) {
       s[l] = init[l].clone();
       v[l] = torch::zeros_like(s[l]);
+      if (cfg.adaptive) s_old[l] = torch::empty_like(s[l]), v_old[l] = torch::empty_like(s[l]);
     }
     double lr = cfg.lr, energy = evaluate(s, beta, g, cfg.analytic, ph);
     check_finite(energy, 0, beta);
+    if (cfg.adaptive)
+      for (size_t l = 0; l < L; ++l) g_old[l] = torch::empty_like(g[l]);
     int64_t calm = 0, k = 0;
+    bool rejected = false;
     for (k = 1; k <= cfg.steps; ++k) {
-      if (cfg.adaptive) {
-        s_old = clone_all(s), v_old = clone_all(v), g_old = clone_all(g);
-      }
+      if (cfg.adaptive)
+        for (size_t l = 0; l < L; ++l) s_old[l].copy_(s[l]), v_old[l].copy_(v[l]), g_old[l].copy_(g[l]);
       for (size_t l = 0; l < L; ++l) {
-        v[l].mul_(0.5).add_(g[l]);
+        at::add_out(v[l], g[l], v[l], 0.5);  // v ← 0.5·v + g (no scalar tensor: allocation-free)
         s[l].sub_(v[l], lr);
       }
       const double next = evaluate(s, beta, g, cfg.analytic, ph);
       check_finite(next, k, beta);
-      if (cfg.adaptive) {
-        if (next > energy) {
-          s = std::move(s_old), v = std::move(v_old), g = std::move(g_old);
-          lr *= 0.5;
-          calm = 0;
-          continue;
-        }
-        lr = std::min(lr * 1.1, 10 * cfg.lr);
+      rejected = cfg.adaptive && next > energy;
+      if (rejected) {
+        for (size_t l = 0; l < L; ++l) s[l].copy_(s_old[l]), v[l].copy_(v_old[l]), g[l].copy_(g_old[l]);
+        lr *= 0.5;
+        calm = 0;
+        continue;
       }
+      if (cfg.adaptive) lr = std::min(lr * 1.1, 10 * cfg.lr);
       const bool small = cfg.tol > 0 && std::abs(next - energy) < cfg.tol * std::max(1.0, std::abs(energy));
       energy = next;
       calm = small ? calm + 1 : 0;
       if (calm >= std::max<int64_t>(cfg.patience, 1)) break;
     }
-    if (cfg.adaptive) evaluate(s, beta, g, cfg.analytic, ph);  // ph describes the accepted states
+    if (rejected) evaluate(s, beta, g, cfg.analytic, ph);  // describe the accepted states
+    // The evaluation buffers are reused by the next phase: keep copies.
+    for (auto& t : ph.inputs) t = t.clone();
+    for (auto& t : ph.eps) t = t.clone();
     ph.states = std::move(s);
     ph.steps = std::min(k, cfg.steps);
     ph.energy = energy;
@@ -111,6 +117,16 @@ class Settler {
   /// Batch-mean energy at `s`; writes ∂E_b/∂s into `grad` and the inputs/errors into `ph`.
   double evaluate(const std::vector<torch::Tensor>& s, double beta, std::vector<torch::Tensor>& grad, bool analytic,
                   Phase& ph) {
+    if (analytic && fast_) return evaluate_fast(s, beta, grad, ph);
+    return evaluate_general(s, beta, grad, analytic, ph);
+  }
+
+  /// Whether the allocation-free path applies (see evaluate_fast).
+  bool fast_path() const { return fast_; }
+
+  /// The general path: analytic VJPs where the segment allows, autograd elsewhere.
+  double evaluate_general(const std::vector<torch::Tensor>& s, double beta, std::vector<torch::Tensor>& grad,
+                          bool analytic, Phase& ph) {
     const size_t L = chain_.layers.size();
     ph.inputs.assign(L, {});
     ph.eps.assign(L, {});
@@ -179,7 +195,128 @@ class Settler {
     return energy.mean().item<double>();
   }
 
+  /// The fast path, for chains of Linear layers with ReLU/Tanh/Sigmoid (or no activation),
+  /// Dropout or 2-D Flatten between them, no trailing ops and MSE nudging — the MLPs of the
+  /// benchmark. Every tensor it writes is a workspace buffer allocated at the first step
+  /// (or when the batch shape changes): no allocation, no autograd, per settling step.
+  ///   in_l = a(s_{l−1}), a'_l;  f_l = b_l + in_l·W_lᵀ;  ε_l = s_l − f_l
+  ///   ∂E/∂s_l = ε_l − a'_{l+1} ⊙ (ε_{l+1}·W_{l+1})  (+ 2β(s_L − y) for the last layer)
+  double evaluate_fast(const std::vector<torch::Tensor>& s, double beta, std::vector<torch::Tensor>& grad, Phase& ph) {
+    torch::NoGradGuard no_grad;
+    const size_t L = chain_.layers.size();
+    Workspace& w = workspace(s);
+    ph.inputs.resize(L);
+    ph.eps.resize(L);
+    if (grad.size() != L) grad.resize(L);
+    for (size_t l = 0; l < L; ++l)
+      if (!grad[l].defined() || grad[l].sizes() != s[l].sizes()) grad[l] = torch::empty_like(s[l]);
+    w.energy.zero_();
+    for (size_t l = 0; l < L; ++l) {
+      const Layer& layer = chain_.layers[l];
+      if (l > 0) {
+        const Op* act = activation_of(layer);
+        const auto& prev = s[l - 1];
+        if (act == nullptr) {
+          w.in[l] = prev;
+        } else if (act->act == Activation::ReLU) {
+          at::clamp_min_out(w.in[l], prev, 0);
+          at::sign_out(w.deriv[l], prev);
+          w.deriv[l].clamp_min_(0);  // 1 where s > 0, else 0
+        } else if (act->act == Activation::Tanh) {
+          at::tanh_out(w.in[l], prev);
+          at::addcmul_out(w.deriv[l], w.ones[l], w.in[l], w.in[l], -1);  // 1 − tanh²
+        } else {
+          at::sigmoid_out(w.in[l], prev);
+          at::addcmul_out(w.deriv[l], w.in[l], w.in[l], w.in[l], -1);  // σ − σ²
+        }
+        if (layer.bias.defined()) at::addmm_out(w.pred[l], layer.bias, w.in[l], layer.weight.t());
+        else at::mm_out(w.pred[l], w.in[l], layer.weight.t());
+      }
+      at::sub_out(w.eps[l], s[l], l == 0 ? pred0_ : w.pred[l]);
+      at::mul_out(w.sq[l], w.eps[l], w.eps[l]);
+      at::sum_out(w.row, w.sq[l], {1});
+      w.energy.add_(w.row, 0.5);
+      ph.inputs[l] = l == 0 ? in0_ : w.in[l];
+      ph.eps[l] = w.eps[l];
+    }
+    if (beta != 0) {
+      if (!y_.defined()) y_ = nudging_.dense(target_, s[L - 1]);
+      at::sub_out(w.diff, s[L - 1], y_);
+      at::mul_out(w.sq[L - 1], w.diff, w.diff);
+      at::sum_out(w.row, w.sq[L - 1], {1});
+      w.energy.add_(w.row, beta);
+    }
+    for (size_t l = 0; l + 1 < L; ++l) {
+      const Layer& next = chain_.layers[l + 1];
+      at::mm_out(w.back[l + 1], w.eps[l + 1], next.weight);
+      if (activation_of(next) != nullptr) w.back[l + 1].mul_(w.deriv[l + 1]);
+      at::sub_out(grad[l], w.eps[l], w.back[l + 1]);
+    }
+    if (beta != 0) at::add_out(grad[L - 1], w.eps[L - 1], w.diff, 2 * beta);
+    else grad[L - 1].copy_(w.eps[L - 1]);
+    at::sum_out(w.total, w.energy, {0});
+    return w.total.item<double>() / static_cast<double>(s[0].size(0));
+  }
+
  private:
+  struct Workspace {
+    std::vector<int64_t> batch_shape;
+    std::vector<torch::Tensor> in, deriv, pred, eps, sq, back, ones;
+    torch::Tensor row, energy, total, diff;
+  };
+
+  static bool fast_eligible(const Chain& chain, const Nudging& nudging) {
+    if (nudging.loss != Loss::MSE || !chain.post.empty()) return false;
+    for (size_t l = 0; l < chain.layers.size(); ++l) {
+      const Layer& layer = chain.layers[l];
+      if (layer.kind != LayerKind::Linear) return false;
+      if (l == 0) continue;  // f_1(a_0(x)) is computed once, whatever a_0 is
+      int activations = 0;
+      for (const auto& op : layer.pre) {
+        if (op.kind == OpKind::Dropout) continue;
+        if (op.kind == OpKind::Flatten && op.start_dim == 1) continue;  // identity on [B, n] states
+        if (op.kind != OpKind::Activation) return false;
+        if (op.act != Activation::ReLU && op.act != Activation::Tanh && op.act != Activation::Sigmoid) return false;
+        ++activations;
+      }
+      if (activations > 1) return false;
+    }
+    return true;
+  }
+
+  static const Op* activation_of(const Layer& layer) {
+    for (const auto& op : layer.pre)
+      if (op.kind == OpKind::Activation) return &op;
+    return nullptr;
+  }
+
+  Workspace& workspace(const std::vector<torch::Tensor>& s) {
+    auto shape = s[0].sizes().vec();
+    if (ws_.batch_shape == shape) return ws_;
+    const size_t L = s.size();
+    Workspace w;
+    w.batch_shape = shape;
+    w.in.resize(L), w.deriv.resize(L), w.pred.resize(L), w.eps.resize(L), w.sq.resize(L), w.back.resize(L);
+    w.ones.resize(L);
+    for (size_t l = 0; l < L; ++l) {
+      w.eps[l] = torch::empty_like(s[l]);
+      w.sq[l] = torch::empty_like(s[l]);
+      w.pred[l] = torch::empty_like(s[l]);
+      if (l > 0) {
+        w.in[l] = torch::empty_like(s[l - 1]);
+        w.deriv[l] = torch::empty_like(s[l - 1]);
+        w.back[l] = torch::empty_like(s[l - 1]);
+        w.ones[l] = torch::ones_like(s[l - 1]);
+      }
+    }
+    w.row = torch::empty({s[0].size(0)}, s[0].options());
+    w.energy = torch::empty({s[0].size(0)}, s[0].options());
+    w.total = torch::empty({}, s[0].options());
+    w.diff = torch::empty_like(s[L - 1]);
+    ws_ = std::move(w);
+    return ws_;
+  }
+
   // J_lᵀ·e for the segment s_{l−1} → f_l.
   torch::Tensor backproject(size_t l, const torch::Tensor& e, const torch::Tensor& in, const torch::Tensor& pred,
                             const torch::Tensor& leaf, const std::vector<torch::Tensor>& derivs,
@@ -200,13 +337,6 @@ class Settler {
     return back;
   }
 
-  static std::vector<torch::Tensor> clone_all(const std::vector<torch::Tensor>& t) {
-    std::vector<torch::Tensor> out;
-    out.reserve(t.size());
-    for (const auto& x : t) out.push_back(x.clone());
-    return out;
-  }
-
   static void check_finite(double energy, int64_t step, double beta) {
     if (std::isfinite(energy)) return;
     std::ostringstream os;
@@ -218,6 +348,8 @@ class Settler {
   Chain& chain_;
   Nudging nudging_;
   torch::Tensor x_, target_, y_, in0_, pred0_;
+  bool fast_ = false;
+  Workspace ws_;
 };
 
 }  // namespace mep
