@@ -51,17 +51,17 @@ struct Phase {
 /// Settles one batch on one chain. Holds the buffers reused across steps.
 class Settler {
  public:
-  Settler(Chain& chain, const Nudging& nudging, const torch::Tensor& x, const torch::Tensor& target)
+  /// `first_state`, when given, is the feedforward s_1 = f_1(a_0(x)) already computed by
+  /// the caller (it saves the most expensive product of the step).
+  Settler(Chain& chain, const Nudging& nudging, const torch::Tensor& x, const torch::Tensor& target,
+          const torch::Tensor& first_state = {})
       : chain_(chain), nudging_(nudging) {
     torch::NoGradGuard no_grad;
     in0_ = Chain::apply(chain.layers[0].pre, x);
-    pred0_ = chain.layers[0].forward(in0_);
-    x_ = x;
+    pred0_ = first_state.defined() ? first_state : chain.layers[0].forward(in0_);
     target_ = target;
     fast_ = fast_eligible(chain, nudging);
   }
-
-  const torch::Tensor& first_input() const { return in0_; }
 
   /// Settles from `init` (usually the feedforward states) at nudging strength `beta`.
   Phase settle(const std::vector<torch::Tensor>& init, double beta, const SettleConfig& cfg) {
@@ -104,9 +104,12 @@ class Settler {
       if (calm >= std::max<int64_t>(cfg.patience, 1)) break;
     }
     if (rejected) evaluate(s, beta, g, cfg.analytic, ph);  // describe the accepted states
-    // The evaluation buffers are reused by the next phase: keep copies.
-    for (auto& t : ph.inputs) t = t.clone();
-    for (auto& t : ph.eps) t = t.clone();
+    // The fast path's buffers are reused by the next phase: keep copies (the first input
+    // a_0(x) is not one of them).
+    if (cfg.analytic && fast_) {
+      for (size_t l = 1; l < L; ++l) ph.inputs[l] = ph.inputs[l].clone();
+      for (auto& t : ph.eps) t = t.clone();
+    }
     ph.states = std::move(s);
     ph.steps = std::min(k, cfg.steps);
     ph.energy = energy;
@@ -347,7 +350,7 @@ class Settler {
 
   Chain& chain_;
   Nudging nudging_;
-  torch::Tensor x_, target_, y_, in0_, pred0_;
+  torch::Tensor target_, y_, in0_, pred0_;
   bool fast_ = false;
   Workspace ws_;
 };

@@ -1,0 +1,508 @@
+// mep_bench — the MNIST tables of SPEC §9: trains one model per optimizer from identical
+// initial weights on the same shuffles and reports accuracy and time, as a Markdown table
+// and optionally as JSON.
+//
+//   mep_bench [--model mlp|mlp_small|cnn] [--optimizers sgd,adam,...] [--epochs 10]
+//             [--train 3000] [--test 500] [--batch 128] [--seed 0] [--threads N]
+//             [--device cpu|cuda] [--loss mse|ce] [--data data/mnist] [--json FILE]
+//
+// Every error is one line on stderr starting with "mep_bench: " and a non-zero exit.
+
+#include "trainers.hpp"
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+constexpr int64_t kEvalBatch = 1000;  // evaluation batch (no gradients, so larger than training's)
+
+std::string strf(const char* format, ...) __attribute__((format(printf, 1, 2)));
+std::string strf(const char* format, ...) {
+  va_list args;
+  va_start(args, format);
+  va_list copy;
+  va_copy(copy, args);
+  const int n = std::vsnprintf(nullptr, 0, format, copy);
+  va_end(copy);
+  std::string out(n > 0 ? static_cast<size_t>(n) : 0, '\0');
+  if (n > 0) std::vsnprintf(out.data(), out.size() + 1, format, args);
+  va_end(args);
+  return out;
+}
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::string join(const std::vector<std::string>& items, const char* sep) {
+  std::string out;
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
+  return out;
+}
+
+std::string one_line(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
+  for (auto& c : s)
+    if (c == '\n' || c == '\r') c = ' ';
+  return s;
+}
+
+/// The message of `e` on one line (c10::Error without its C++ backtrace).
+std::string message(const std::exception& e) {
+  if (const auto* c10e = dynamic_cast<const c10::Error*>(&e)) return one_line(c10e->what_without_backtrace());
+  return one_line(e.what());
+}
+
+struct Options {
+  std::string data = "data/mnist";
+  std::string model = "mlp";
+  std::string optimizers;  // empty: every optimizer of the registry
+  int64_t epochs = 10;
+  int64_t train = 3000;
+  int64_t test = 500;
+  int64_t batch = 128;
+  uint64_t seed = 0;
+  int threads = 0;
+  std::string device = "cpu";
+  std::string loss = "mse";
+  std::string json;
+};
+
+struct EpochRecord {
+  int64_t epoch = 0;
+  double train_loss = 0, train_acc = 0, val_loss = 0, val_acc = 0, epoch_s = 0;
+};
+
+struct Result {
+  const mep_bench::OptimizerEntry* entry = nullptr;
+  double lr = 0;
+  std::vector<EpochRecord> epochs;
+  double best_val_acc = 0, final_train_acc = 0, median_epoch_s = 0, step_ms = 0;
+};
+
+struct Split {
+  torch::Tensor x, y;
+  int64_t size() const { return x.size(0); }
+};
+
+// --- progress output --------------------------------------------------------------------
+
+/// The per-epoch progress line: rewritten in place with '\r' on a terminal, printed once
+/// per epoch otherwise.
+class Progress {
+ public:
+  explicit Progress(bool tty) : tty_(tty) {}
+
+  void batch(const std::string& prefix, int64_t i, int64_t n, double running_loss) {
+    if (!tty_) return;
+    std::cout << '\r' << prefix << strf("  batch %*lld/%lld  loss %.4f", digits(n), static_cast<long long>(i),
+                                        static_cast<long long>(n), running_loss)
+              << "\033[K" << std::flush;
+    open_ = true;
+  }
+
+  void epoch_done(const std::string& prefix, int64_t n, const EpochRecord& r) {
+    if (tty_) std::cout << '\r';
+    std::cout << prefix
+              << strf("  batch %lld/%lld  loss %.4f  | train %6.2f%%  val %6.2f%% (loss %.4f)  | %.2fs",
+                      static_cast<long long>(n), static_cast<long long>(n), r.train_loss, 100 * r.train_acc,
+                      100 * r.val_acc, r.val_loss, r.epoch_s);
+    if (tty_) std::cout << "\033[K";
+    std::cout << '\n' << std::flush;
+    open_ = false;
+  }
+
+  /// Ends a half-written line (before an error message).
+  void close() {
+    if (open_) std::cout << '\n' << std::flush;
+    open_ = false;
+  }
+
+ private:
+  static int digits(int64_t n) { return static_cast<int>(std::to_string(n).size()); }
+  bool tty_;
+  bool open_ = false;
+};
+
+Progress* g_progress = nullptr;
+
+// --- data and evaluation ----------------------------------------------------------------
+
+Split load(const std::string& dir, bool train, int64_t limit, const torch::Device& device) {
+  try {
+    auto ds = mep::data::load_split(dir, train, limit);
+    return {ds.images.to(device), ds.labels.to(device)};
+  } catch (const mep::data::IdxError& e) {
+    throw std::runtime_error(strf("cannot load the %s split (--%s %lld): %s", train ? "training" : "test",
+                                  train ? "train" : "test", static_cast<long long>(limit), e.what()));
+  }
+}
+
+struct Eval {
+  double loss = 0, acc = 0;
+};
+
+/// Cross-entropy and accuracy of `model` in eval mode on a whole split.
+Eval evaluate(torch::nn::Sequential& model, const Split& split) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  const int64_t n = split.size();
+  auto loss_sum = torch::zeros({}, split.x.options().dtype(torch::kDouble));
+  auto correct = torch::zeros({}, split.y.options());
+  for (int64_t start = 0; start < n; start += kEvalBatch) {
+    const int64_t len = std::min(kEvalBatch, n - start);
+    auto out = model->forward(split.x.narrow(0, start, len));
+    auto y = split.y.narrow(0, start, len);
+    namespace F = torch::nn::functional;
+    loss_sum += F::cross_entropy(out, y, F::CrossEntropyFuncOptions().reduction(torch::kSum)).to(torch::kDouble);
+    correct += out.argmax(1).eq(y).sum();
+  }
+  model->train();
+  return {loss_sum.item<double>() / n, static_cast<double>(correct.item<int64_t>()) / n};
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+// --- one optimizer ----------------------------------------------------------------------
+
+Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt, const Split& train,
+                     const Split& test, const torch::Device& device, Progress& progress) {
+  // Same seed before building: every optimizer starts from identical weights and then
+  // draws the same shuffles.
+  torch::manual_seed(opt.seed);
+  auto model = mep::models::by_name(opt.model);
+  model->to(device);
+  model->train();
+
+  mep_bench::TrainerConfig config;
+  config.lr = entry.lr;
+  config.loss = opt.loss == "ce" ? mep::Loss::CrossEntropy : mep::Loss::MSE;
+  auto trainer = entry.make(model, config);
+
+  Result result;
+  result.entry = &entry;
+  result.lr = config.lr;
+  const int64_t n = train.size();
+  const int64_t batches = (n + opt.batch - 1) / opt.batch;
+  const bool cuda = device.is_cuda();
+  double step_s_total = 0;
+  int64_t steps = 0;
+  std::vector<double> epoch_times;
+
+  for (int64_t epoch = 1; epoch <= opt.epochs; ++epoch) {
+    const std::string prefix = strf("[%-10s] epoch %*lld/%lld", entry.name.c_str(),
+                                    static_cast<int>(std::to_string(opt.epochs).size()),
+                                    static_cast<long long>(epoch), static_cast<long long>(opt.epochs));
+    auto perm = torch::randperm(n, torch::TensorOptions().dtype(torch::kLong));
+    if (cuda) perm = perm.to(device);
+    double loss_sum = 0;
+    const auto epoch_start = Clock::now();
+    for (int64_t b = 0; b < batches; ++b) {
+      const int64_t start = b * opt.batch;
+      const auto idx = perm.narrow(0, start, std::min(opt.batch, n - start));
+      const auto x = train.x.index_select(0, idx);
+      const auto y = train.y.index_select(0, idx);
+      double loss = 0;
+      try {
+        const auto step_start = Clock::now();
+        auto l = trainer->step(x, y);
+        if (cuda) torch::cuda::synchronize();
+        step_s_total += seconds_since(step_start);
+        loss = l.item<double>();
+      } catch (const std::exception& e) {
+        throw std::runtime_error(strf("%s, epoch %lld, batch %lld/%lld: %s", entry.name.c_str(),
+                                      static_cast<long long>(epoch), static_cast<long long>(b + 1),
+                                      static_cast<long long>(batches), message(e).c_str()));
+      }
+      ++steps;
+      if (!std::isfinite(loss))
+        throw std::runtime_error(strf("%s, epoch %lld, batch %lld/%lld: non-finite training loss (%g)",
+                                      entry.name.c_str(), static_cast<long long>(epoch),
+                                      static_cast<long long>(b + 1), static_cast<long long>(batches), loss));
+      loss_sum += loss;
+      progress.batch(prefix, b + 1, batches, loss_sum / static_cast<double>(b + 1));
+    }
+    EpochRecord r;
+    r.epoch = epoch;
+    r.epoch_s = seconds_since(epoch_start);
+    r.train_loss = loss_sum / static_cast<double>(batches);
+    const auto on_train = evaluate(model, train);
+    const auto on_test = evaluate(model, test);
+    r.train_acc = on_train.acc;
+    r.val_loss = on_test.loss;
+    r.val_acc = on_test.acc;
+    progress.epoch_done(prefix, batches, r);
+    epoch_times.push_back(r.epoch_s);
+    result.epochs.push_back(r);
+  }
+
+  for (const auto& r : result.epochs) result.best_val_acc = std::max(result.best_val_acc, r.val_acc);
+  result.final_train_acc = result.epochs.back().train_acc;
+  result.median_epoch_s = median(epoch_times);
+  result.step_ms = steps ? 1e3 * step_s_total / static_cast<double>(steps) : 0;
+  return result;
+}
+
+// --- reports ----------------------------------------------------------------------------
+
+void print_table(std::vector<Result> results) {
+  std::stable_sort(results.begin(), results.end(),
+                   [](const Result& a, const Result& b) { return a.best_val_acc > b.best_val_acc; });
+  std::cout << "\n| Rank | Optimizer | Best Test Acc | Final Train Acc | Time/Epoch | ms/step | Learning Rate |\n"
+            << "|------|-----------|---------------|-----------------|------------|---------|---------------|\n";
+  size_t rank = 0;
+  for (size_t i = 0; i < results.size(); ++i) {
+    const auto& r = results[i];
+    if (i == 0 || r.best_val_acc != results[i - 1].best_val_acc) rank = i + 1;  // ties share a rank
+    std::cout << strf("| %zu | %s | %.2f%% | %.2f%% | %.2fs | %.2f | %g |\n", rank, r.entry->label.c_str(),
+                      100 * r.best_val_acc, 100 * r.final_train_acc, r.median_epoch_s, r.step_ms, r.lr);
+  }
+  std::cout << std::flush;
+}
+
+nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vector<Result>& results) {
+  nlohmann::ordered_json j;
+  j["protocol"] = {{"model", opt.model}, {"epochs", opt.epochs}, {"train", opt.train},   {"test", opt.test},
+                   {"batch", opt.batch}, {"seed", opt.seed},     {"threads", threads}, {"device", opt.device}};
+  auto& rs = j["results"] = nlohmann::ordered_json::array();
+  for (const auto& r : results) {
+    nlohmann::ordered_json o;
+    o["optimizer"] = r.entry->name;
+    o["best_val_acc"] = r.best_val_acc;
+    o["final_train_acc"] = r.final_train_acc;
+    o["epoch_s"] = r.median_epoch_s;
+    o["step_ms"] = r.step_ms;
+    o["lr"] = r.lr;
+    auto& es = o["epochs"] = nlohmann::ordered_json::array();
+    for (const auto& e : r.epochs)
+      es.push_back(nlohmann::ordered_json{{"epoch", e.epoch},
+                    {"train_loss", e.train_loss},
+                    {"train_acc", e.train_acc},
+                    {"val_loss", e.val_loss},
+                    {"val_acc", e.val_acc},
+                    {"epoch_s", e.epoch_s}});
+    rs.push_back(std::move(o));
+  }
+  return j;
+}
+
+/// Creates the parent directories of `path` and checks that it can be written, so that a
+/// bad --json fails before the training rather than after it.
+void prepare_output(const std::string& path) {
+  const fs::path p(path);
+  std::error_code ec;
+  if (p.has_parent_path()) {
+    fs::create_directories(p.parent_path(), ec);
+    if (ec)
+      throw std::runtime_error(strf("--json %s: cannot create directory %s: %s", path.c_str(),
+                                    p.parent_path().string().c_str(), ec.message().c_str()));
+  }
+  if (fs::is_directory(p, ec)) throw std::runtime_error(strf("--json %s: is a directory", path.c_str()));
+  const bool existed = fs::exists(p, ec);
+  {
+    std::ofstream probe(path, std::ios::app);
+    if (!probe) throw std::runtime_error(strf("--json %s: cannot open for writing", path.c_str()));
+  }
+  if (!existed) fs::remove(p, ec);
+}
+
+void write_json(const std::string& path, const nlohmann::ordered_json& j) {
+  std::ofstream out(path, std::ios::trunc);
+  out << j.dump(2) << '\n';
+  out.close();
+  if (!out) throw std::runtime_error(strf("--json %s: write failed", path.c_str()));
+}
+
+// --- command line -----------------------------------------------------------------------
+
+/// A CLI11 check that the value is a decimal integer >= `min` that fits in int64.
+CLI::Validator integer_at_least(long long min) {
+  return CLI::Validator(
+      [min](std::string& s) -> std::string {
+        const std::string expected = min > 0 ? "a positive integer" : "an integer >= " + std::to_string(min);
+        long long v = 0;
+        const char* end = s.data() + s.size();
+        const auto r = std::from_chars(s.data(), end, v);
+        if (s.empty() || r.ec == std::errc::invalid_argument || r.ptr != end)
+          return "expected " + expected + ", got '" + s + "'";
+        if (r.ec == std::errc::result_out_of_range || v < min) return "expected " + expected + ", got " + s;
+        return {};
+      },
+      min > 0 ? "POSITIVE" : min == 0 ? "NONNEGATIVE" : ">=" + std::to_string(min));
+}
+
+/// The registry entries named in --optimizers (comma-separated), in that order.
+std::vector<const mep_bench::OptimizerEntry*> select_optimizers(const std::string& list) {
+  std::vector<std::string> available;
+  for (const auto& e : mep_bench::registry()) available.push_back(e.name);
+  std::vector<const mep_bench::OptimizerEntry*> out;
+  if (list.empty()) {
+    for (const auto& e : mep_bench::registry()) out.push_back(&e);
+    return out;
+  }
+  std::set<std::string> seen;
+  size_t pos = 0;
+  while (pos <= list.size()) {
+    const size_t comma = std::min(list.find(',', pos), list.size());
+    std::string name = list.substr(pos, comma - pos);
+    pos = comma + 1;
+    name.erase(0, name.find_first_not_of(" \t"));
+    name.erase(name.find_last_not_of(" \t") + 1);
+    if (name.empty()) throw std::runtime_error("--optimizers: empty name in '" + list + "'");
+    if (!seen.insert(name).second) throw std::runtime_error("--optimizers: '" + name + "' is listed twice");
+    if (const auto* e = mep_bench::find_entry(name)) {
+      out.push_back(e);
+      continue;
+    }
+    const auto& known = mep_bench::known_names();
+    if (std::find(known.begin(), known.end(), name) != known.end())
+      throw std::runtime_error("optimizer '" + name + "' is not available in this build (available: " +
+                               join(available, ", ") + ")");
+    throw std::runtime_error("unknown optimizer '" + name + "' (available: " + join(available, ", ") + ")");
+  }
+  return out;
+}
+
+int run(int argc, char** argv) {
+  Options opt;
+  const unsigned hw = std::thread::hardware_concurrency();
+  opt.threads = hw > 0 ? static_cast<int>(hw) : 1;
+  std::vector<std::string> available;
+  for (const auto& e : mep_bench::registry()) available.push_back(e.name);
+
+  CLI::App app{"mep_bench: MNIST benchmark of the mep optimizers (SPEC §9). Every optimizer trains the same "
+               "model from the same initial weights on the same shuffles; the results are printed as a "
+               "Markdown table sorted by best test accuracy."};
+  app.name("mep_bench");
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    return "mep_bench: " + one_line(e.what()) + " (see --help)\n";
+  });
+  app.add_option("--data", opt.data, "directory with the IDX files (train-*/t10k-*, optionally .gz)")
+      ->type_name("DIR")
+      ->capture_default_str();
+  app.add_option("--model", opt.model, "model to train")
+      ->check(CLI::IsMember({"mlp", "mlp_small", "cnn"}))
+      ->capture_default_str();
+  auto* optimizers_flag = app.add_option("--optimizers", opt.optimizers,
+                 "comma-separated optimizers to run (default: all of this build: " + join(available, ",") +
+                     "; planned: " + join(mep_bench::known_names(), ",") + ")");
+  app.add_option("--epochs", opt.epochs, "training epochs")->check(integer_at_least(1))->capture_default_str();
+  app.add_option("--train", opt.train, "training samples (the first N of the file)")
+      ->check(integer_at_least(1))
+      ->capture_default_str();
+  app.add_option("--test", opt.test, "test samples (the first N of the file)")
+      ->check(integer_at_least(1))
+      ->capture_default_str();
+  app.add_option("--batch", opt.batch, "training batch size")->check(integer_at_least(1))->capture_default_str();
+  app.add_option("--seed", opt.seed, "seed for initial weights, shuffles and dropout")
+      ->check(integer_at_least(0))
+      ->capture_default_str();
+  app.add_option("--threads", opt.threads, "intra-op threads (default: all cores)")
+      ->check(integer_at_least(1))
+      ->capture_default_str();
+  app.add_option("--device", opt.device, "device to train on")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  app.add_option("--loss", opt.loss,
+                 "loss/energy of the EP family (eqprop, smep, sdmep, local_ep, natural_ep); the backprop "
+                 "optimizers always use cross-entropy")
+      ->check(CLI::IsMember({"mse", "ce"}))
+      ->capture_default_str();
+  app.add_option("--json", opt.json, "also write the results as JSON to FILE (parent directories are created)")
+      ->type_name("FILE");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  if (optimizers_flag->count() > 0 && opt.optimizers.empty())
+    throw std::runtime_error("--optimizers: empty list (available: " + join(available, ", ") + ")");
+  const auto selected = select_optimizers(opt.optimizers);
+  if (opt.device == "cuda" && !torch::cuda::is_available())
+    throw std::runtime_error("--device cuda: CUDA is not available (this LibTorch has no CUDA support or sees no GPU)");
+  const torch::Device device(opt.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  {
+    std::error_code ec;
+    if (!fs::is_directory(opt.data, ec))
+      throw std::runtime_error("--data " + opt.data +
+                               ": no such directory (make the datasets with data/make_datasets.sh, or pass --data DIR)");
+  }
+  if (!opt.json.empty()) prepare_output(opt.json);
+
+  torch::set_num_threads(opt.threads);
+  const int threads = torch::get_num_threads();
+  torch::manual_seed(opt.seed);
+
+  std::vector<std::string> names;
+  for (const auto* e : selected) names.push_back(e->name);
+  std::cout << strf("mep_bench: model %s | data %s (train %lld, test %lld) | epochs %lld | batch %lld | seed %llu | "
+                    "threads %d | device %s | optimizers %s",
+                    opt.model.c_str(), opt.data.c_str(), static_cast<long long>(opt.train),
+                    static_cast<long long>(opt.test), static_cast<long long>(opt.epochs),
+                    static_cast<long long>(opt.batch), static_cast<unsigned long long>(opt.seed), threads,
+                    opt.device.c_str(), join(names, ",").c_str())
+            << std::endl;
+
+  const Split train = load(opt.data, true, opt.train, device);
+  const Split test = load(opt.data, false, opt.test, device);
+
+  Progress progress(isatty(STDOUT_FILENO) != 0);
+  g_progress = &progress;
+  std::vector<Result> results;
+  for (const auto* entry : selected) results.push_back(run_optimizer(*entry, opt, train, test, device, progress));
+  g_progress = nullptr;
+
+  print_table(results);
+  if (!opt.json.empty()) {
+    write_json(opt.json, to_json(opt, threads, results));
+    std::cout << "wrote " << opt.json << std::endl;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    if (g_progress) g_progress->close();
+    std::cerr << "mep_bench: " << message(e) << std::endl;
+  } catch (...) {
+    if (g_progress) g_progress->close();
+    std::cerr << "mep_bench: unknown error" << std::endl;
+  }
+  return 1;
+}

@@ -1,0 +1,145 @@
+#pragma once
+/// \file trainers.hpp
+/// The optimizers the benchmarks can run, behind one interface.
+///
+/// A `Trainer` owns a model and an optimizer and runs one training step on a batch.
+/// `registry()` lists every optimizer of this build as {name, label, lr, factory}: adding
+/// an optimizer is adding one entry there. Two trainer kinds cover the library:
+///  - backprop family (SGD, Adam, Muon): zero_grad, cross-entropy on the logits,
+///    backward, step();
+///  - model-owning family (the EP optimizers): the optimizer is built from the model and
+///    `step(x, y)` does everything (settling, gradients, update), with the loss/energy
+///    chosen by `TrainerConfig::loss` (--loss).
+
+#include <mep/mep.hpp>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace mep_bench {
+
+/// What a factory may take from the command line.
+struct TrainerConfig {
+  double lr = 0.01;                ///< the entry's learning rate
+  mep::Loss loss = mep::Loss::MSE;  ///< loss/energy of the EP family; backprop always uses cross-entropy
+};
+
+/// One optimizer bound to one model.
+class Trainer {
+ public:
+  virtual ~Trainer() = default;
+  /// One training step on a batch (the model is in train mode); returns the batch loss as
+  /// a scalar tensor.
+  virtual torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) = 0;
+};
+
+using TrainerFactory = std::function<std::unique_ptr<Trainer>(torch::nn::Sequential, const TrainerConfig&)>;
+
+/// One row of the registry.
+struct OptimizerEntry {
+  std::string name;     ///< as given to --optimizers
+  std::string label;    ///< as printed in the tables
+  double lr;            ///< the learning rate the benchmark uses (the reference's default)
+  TrainerFactory make;  ///< builds the trainer for a freshly initialised model
+};
+
+/// Backprop family: zero_grad, cross-entropy on the logits, backward, step().
+template <class Opt>
+class BackpropTrainer final : public Trainer {
+ public:
+  BackpropTrainer(torch::nn::Sequential model, const typename Opt::Options& options)
+      : model_(std::move(model)), opt_(model_->parameters(), options) {}
+
+  torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override {
+    opt_.zero_grad();
+    auto loss = torch::nn::functional::cross_entropy(model_->forward(x), y);
+    loss.backward();
+    opt_.step();
+    return loss.detach();
+  }
+
+ private:
+  torch::nn::Sequential model_;
+  Opt opt_;
+};
+
+/// Model-owning optimizers (the EP family): the whole `step(x, y)` call.
+template <class Opt>
+class ModelStepTrainer final : public Trainer {
+ public:
+  ModelStepTrainer(torch::nn::Sequential model, const typename Opt::Options& options)
+      : opt_(std::move(model), options) {}
+
+  torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override { return opt_.step(x, y); }
+
+ private:
+  Opt opt_;
+};
+
+namespace detail {
+template <class O, class = void>
+struct has_loss_option : std::false_type {};
+template <class O>
+struct has_loss_option<O, std::void_t<decltype(std::declval<O&>().loss(mep::Loss::MSE))>> : std::true_type {};
+}  // namespace detail
+
+/// A backprop-family trainer with the given options.
+template <class Opt>
+std::unique_ptr<Trainer> backprop(torch::nn::Sequential model, const typename Opt::Options& options) {
+  return std::make_unique<BackpropTrainer<Opt>>(std::move(model), options);
+}
+
+/// Factory for a model-owning optimizer with its library defaults, the entry's learning
+/// rate and, where its options have one, the --loss setting. Usable directly as a
+/// registry entry's factory: `{"smep", "SMEP", 0.01, mep_bench::model_step<mep::SMEP>}`.
+template <class Opt>
+std::unique_ptr<Trainer> model_step(torch::nn::Sequential model, const TrainerConfig& config) {
+  typename Opt::Options options(config.lr);
+  if constexpr (detail::has_loss_option<typename Opt::Options>::value) options.loss(config.loss);
+  return std::make_unique<ModelStepTrainer<Opt>>(std::move(model), options);
+}
+
+/// Every optimizer name the benchmark knows of, whether or not this build has it.
+inline const std::vector<std::string>& known_names() {
+  static const std::vector<std::string> names = {"sgd",   "adam",     "muon",      "eqprop",
+                                                 "smep",  "sdmep",    "local_ep",  "natural_ep"};
+  return names;
+}
+
+/// The optimizers of this build, in the order the benchmark runs them by default.
+inline const std::vector<OptimizerEntry>& registry() {
+  using Model = torch::nn::Sequential;
+  using Config = TrainerConfig;
+  static const std::vector<OptimizerEntry> entries = {
+      {"sgd", "SGD", 0.1,
+       [](Model m, const Config& c) {
+         return backprop<mep::SGD>(std::move(m), mep::SGDOptions(c.lr).momentum(0.9).weight_decay(5e-4));
+       }},
+      {"adam", "Adam", 1e-3,
+       [](Model m, const Config& c) {
+         return backprop<mep::Adam>(std::move(m), mep::AdamOptions(c.lr).weight_decay(5e-4));
+       }},
+      {"muon", "Muon", 0.02,
+       [](Model m, const Config& c) { return backprop<mep::Muon>(std::move(m), mep::MuonOptions(c.lr)); }},
+      // The EP family, one line each (learning rates: SPEC §8).
+      {"eqprop", "EqProp", 0.01, model_step<mep::EqProp>},
+      {"smep", "SMEP", 0.01, model_step<mep::SMEP>},
+      {"sdmep", "SDMEP", 0.01, model_step<mep::SDMEP>},
+      {"local_ep", "LocalEP", 0.01, model_step<mep::LocalEPMuon>},
+      {"natural_ep", "NaturalEP", 0.01, model_step<mep::NaturalEPMuon>},
+  };
+  return entries;
+}
+
+/// The registry entry named `name`, or nullptr.
+inline const OptimizerEntry* find_entry(const std::string& name) {
+  for (const auto& e : registry())
+    if (e.name == name) return &e;
+  return nullptr;
+}
+
+}  // namespace mep_bench
