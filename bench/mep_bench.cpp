@@ -4,7 +4,7 @@
 //
 //   mep_bench [--model mlp|mlp_small|cnn] [--optimizers sgd,adam,...] [--epochs 10]
 //             [--train 3000] [--test 500] [--batch 128] [--seed 0] [--threads N]
-//             [--device cpu|cuda] [--loss mse|ce] [--data data/mnist] [--json FILE]
+//             [--device cpu|cuda] [--loss mse|ce] [--error-feedback off|reference|projected] [--data data/mnist] [--json FILE]
 //
 // Every error is one line on stderr starting with "mep_bench: " and a non-zero exit.
 
@@ -90,6 +90,7 @@ struct Options {
   int threads = 0;
   std::string device = "cpu";
   std::string loss = "mse";
+  std::string error_feedback = "off";
   std::string json;
 };
 
@@ -207,6 +208,8 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
   mep_bench::TrainerConfig config;
   config.lr = entry.lr;
   config.loss = opt.loss == "ce" ? mep::Loss::CrossEntropy : mep::Loss::MSE;
+  config.error_feedback = opt.error_feedback != "off";
+  config.error_projected = opt.error_feedback == "projected";
   auto trainer = entry.make(model, config);
 
   Result result;
@@ -437,6 +440,11 @@ int run(int argc, char** argv) {
                  "loss/energy of the EP family (eqprop, smep, sdmep, local_ep, natural_ep); the backprop "
                  "optimizers always use cross-entropy")
       ->check(CLI::IsMember({"mse", "ce"}))
+      ->capture_default_str();
+  app.add_option("--error-feedback", opt.error_feedback,
+                 "error feedback (beta_ef 0.9) in the optimizers that have it (smep, sdmep): off, "
+                 "reference (r = g - u) or projected (r = g - <g,u>/|u|^2 u)")
+      ->check(CLI::IsMember({"off", "reference", "projected"}))
       ->capture_default_str();
   app.add_option("--json", opt.json, "also write the results as JSON to FILE (parent directories are created)")
       ->type_name("FILE");

@@ -26,6 +26,8 @@ namespace mep_bench {
 struct TrainerConfig {
   double lr = 0.01;                ///< the entry's learning rate
   mep::Loss loss = mep::Loss::MSE;  ///< loss/energy of the EP family; backprop always uses cross-entropy
+  bool error_feedback = false;      ///< error feedback where the optimizer has it (--error-feedback)
+  bool error_projected = false;     ///< its projected residual (--error-feedback projected)
 };
 
 /// One optimizer bound to one model.
@@ -85,6 +87,11 @@ template <class O, class = void>
 struct has_loss_option : std::false_type {};
 template <class O>
 struct has_loss_option<O, std::void_t<decltype(std::declval<O&>().loss(mep::Loss::MSE))>> : std::true_type {};
+template <class O, class = void>
+struct has_error_feedback_option : std::false_type {};
+template <class O>
+struct has_error_feedback_option<O, std::void_t<decltype(std::declval<O&>().error_feedback(true))>>
+    : std::true_type {};
 }  // namespace detail
 
 /// A backprop-family trainer with the given options.
@@ -100,6 +107,8 @@ template <class Opt>
 std::unique_ptr<Trainer> model_step(torch::nn::Sequential model, const TrainerConfig& config) {
   typename Opt::Options options(config.lr);
   if constexpr (detail::has_loss_option<typename Opt::Options>::value) options.loss(config.loss);
+  if constexpr (detail::has_error_feedback_option<typename Opt::Options>::value)
+    options.error_feedback(config.error_feedback).error_projected(config.error_projected);
   return std::make_unique<ModelStepTrainer<Opt>>(std::move(model), options);
 }
 
