@@ -9,13 +9,8 @@
 #              MEP_BUILD_DIR   build directory (default: build)
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-build_dir="${MEP_BUILD_DIR:-build}"
-read -r -a cmake_args <<<"${MEP_CMAKE_ARGS:-}"
-jobs="$(nproc)"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 trap 'echo "bench.sh: FAILED (exit $?)" >&2' ERR
-
-step() { echo "==> [$(date +%T)] $*"; }
 
 # The model (for the JSON name) and whether --json was given; both --opt v and --opt=v.
 model="mlp"
@@ -33,14 +28,7 @@ extra=()
 [[ $have_model -eq 1 ]] || extra+=(--model "$model")
 [[ $have_json -eq 1 ]] || extra+=(--json "results/mnist_${model}.json")
 
-step "setup: system packages"
-bash scripts/setup.sh
-step "data: MNIST and Fashion-MNIST"
-bash data/make_datasets.sh
-step "configure: $build_dir (Release)"
-# Same options as scripts/test.sh, so that both share one build directory.
-cmake -S . -B "$build_dir" --log-level=WARNING -DCMAKE_BUILD_TYPE=Release \
-  -DMEP_BUILD_TESTS=ON -DMEP_BUILD_BENCH=ON -DMEP_BUILD_EXAMPLES=ON "${cmake_args[@]+"${cmake_args[@]}"}"
+prepare
 step "build: mep_bench, $jobs jobs"
 cmake --build "$build_dir" -j "$jobs" --target mep_bench
 step "run: mep_bench ${extra[*]} $*"

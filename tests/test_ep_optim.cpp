@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <mep/mep.hpp>
 
+#include "support.hpp"
+
 #include <cstdlib>
 #include <filesystem>
 
@@ -54,12 +56,7 @@ torch::nn::Sequential tiny() {
                                torch::nn::Linear(32, 10));
 }
 
-void copy_parameters(const torch::nn::Sequential& from, torch::nn::Sequential& to) {
-  torch::NoGradGuard no_grad;
-  auto src = from->parameters();
-  auto dst = to->parameters();
-  for (size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
-}
+using mep_test::copy_parameters;
 
 template <class Opt>
 void expect_bit_identical_resume(typename Opt::Options options, const char* name) {
@@ -145,6 +142,25 @@ TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
   expect_named([&] { mep::NaturalEPMuon(model, mep::NaturalEPMuonOptions().fisher_damping(0)); }, "fisher_damping");
   expect_named([&] { mep::EqProp(model, mep::EqPropOptions(-1)); }, "lr");
   expect_named([&] { mep::LocalEPMuon(model, mep::LocalEPMuonOptions().patience(0)); }, "patience");
+}
+
+// Parameters on CUDA mean CUDA settling and updates, with the CPU's results.
+TEST(EPOptim, CudaStepsMatchCpuSteps) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(13);
+  auto x = torch::randn({32, 20});
+  auto y = torch::randint(0, 10, {32}, torch::kLong);
+  auto cpu = tiny(), gpu = tiny();
+  copy_parameters(cpu, gpu);
+  gpu->to(torch::kCUDA);
+  mep::SMEP a(cpu, mep::SMEPOptions()), b(gpu, mep::SMEPOptions());
+  mep::SDMEP c(cpu, mep::SDMEPOptions().dion_thresh(100)), d(gpu, mep::SDMEPOptions().dion_thresh(100));
+  for (int s = 0; s < 3; ++s) {
+    a.step(x, y), b.step(x.cuda(), y.cuda());
+    c.step(x, y), d.step(x.cuda(), y.cuda());
+  }
+  auto pc = cpu->parameters(), pg = gpu->parameters();
+  for (size_t i = 0; i < pc.size(); ++i) EXPECT_LE((pc[i] - pg[i].cpu()).abs().max().item<double>(), 1e-3);
 }
 
 TEST(EPOptim, DivergedSettlingLeavesParametersUntouched) {
