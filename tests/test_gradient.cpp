@@ -40,6 +40,18 @@ std::vector<Case> cases() {
        },
        {5, 6},
        true},
+      {"batchnorm_layernorm_eval_mode",
+       [] {
+         auto m = scaled(nn::Sequential(nn::Linear(6, 9), nn::BatchNorm1d(9), nn::Tanh(), nn::Linear(9, 8),
+                                        nn::LayerNorm(nn::LayerNormOptions({8})), nn::Tanh(), nn::Linear(8, 3)));
+         torch::NoGradGuard no_grad;  // non-trivial running statistics, then inference mode
+         for (auto& b : m->buffers())
+           if (b.dim() == 1 && b.is_floating_point()) b.uniform_(0.5, 1.5);
+         m->eval();
+         return m;
+       },
+       {5, 6},
+       true},
       {"conv_avgpool_linear",
        [] {
          return scaled(nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 3, 3).padding(1)), nn::Tanh(), nn::AvgPool2d(2),
@@ -108,7 +120,7 @@ TEST_P(Equivalence, SymmetricEPMatchesBackpropAndErrorsShrinkAsTheorySays) {
   EXPECT_NEAR(std::log10(one2 / one3), 1.0, 0.3);  // O(β) bias: ~10×
 }
 
-INSTANTIATE_TEST_SUITE_P(Gradient, Equivalence, ::testing::Range<size_t>(0, 4),
+INSTANTIATE_TEST_SUITE_P(Gradient, Equivalence, ::testing::Range<size_t>(0, 5),
                          [](const auto& info) { return cases()[info.param].name; });
 
 TEST(Gradient, CrossEntropyNudgingMatchesLabelSmoothedCrossEntropy) {
@@ -350,6 +362,30 @@ TEST(Gradient, DivergenceThrowsAndLeavesEverythingUntouched) {
     EXPECT_TRUE(torch::equal(params[i], before[i]));
     EXPECT_TRUE(torch::equal(params[i].grad(), torch::full_like(params[i], 7.0)));
   }
+}
+
+// In train mode BatchNorm normalises with the batch's statistics, frozen during settling;
+// the running statistics advance once per step, as a forward pass would, and not at all
+// when the step fails.
+TEST(Gradient, BatchNormRunningStatisticsAdvanceOncePerStep) {
+  torch::manual_seed(45);
+  auto bn = nn::BatchNorm1d(8);
+  auto m = nn::Sequential(nn::Linear(6, 8), bn, nn::ReLU(), nn::Linear(8, 4));
+  auto x = torch::randn({16, 6}) * 3 + 1;
+  auto y = torch::randint(0, 4, {16}, torch::kLong);
+  auto reference = nn::BatchNorm1d(8);
+  {
+    torch::NoGradGuard no_grad;
+    reference->train();
+    reference->forward(m[0]->as<nn::Linear>()->forward(x));  // one ordinary forward pass
+  }
+  mep::EPGradient ep{mep::EPGradientOptions()};
+  ep.compute(m, x, y);
+  EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 1);
+  EXPECT_TRUE(torch::allclose(bn->running_mean, reference->running_mean, 1e-5, 1e-6));
+  EXPECT_TRUE(torch::allclose(bn->running_var, reference->running_var, 1e-5, 1e-6));
+  EXPECT_THROW(ep.compute(m, x, torch::full({16}, 9, torch::kLong)), mep::TargetError);
+  EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 1);
 }
 
 TEST(Gradient, UnsupportedModuleIsNamed) {

@@ -42,8 +42,10 @@ struct Op {
   Activation act = Activation::ReLU;
   double a = 0, b = 0;  // activation parameters: slope, alpha, (beta, threshold)
   int64_t start_dim = 1, end_dim = -1;  // Flatten
-  // BatchNorm statistics frozen for the current step.
+  // BatchNorm statistics frozen for the current step, and the number of values per
+  // channel they came from when the running statistics still have to take them in.
   torch::Tensor frozen_mean, frozen_var;
+  int64_t pending_count = 0;
 
   /// Pointwise in the sense of the analytic settling path: elementwise maps and reshapes.
   bool pointwise() const { return kind == OpKind::Activation || kind == OpKind::Flatten || kind == OpKind::Dropout; }
@@ -225,24 +227,46 @@ struct Chain {
     return x;
   }
 
-  /// Feedforward states s_1..s_L (detached). With `update_norms`, BatchNorm statistics are
-  /// frozen to this batch's (train mode) or the running ones (eval mode), and running
-  /// statistics advance once, as a normal forward pass would.
-  std::vector<torch::Tensor> feedforward(const torch::Tensor& x, bool update_norms = false) {
+  /// Feedforward states s_1..s_L (detached). With `freeze_norms`, BatchNorm statistics are
+  /// frozen to this batch's (train mode) or the running ones (eval mode); the running
+  /// statistics advance only at `commit_norm_statistics()`, once the step has succeeded.
+  std::vector<torch::Tensor> feedforward(const torch::Tensor& x, bool freeze_norms = false) {
     torch::NoGradGuard no_grad;
     std::vector<torch::Tensor> states;
     torch::Tensor s = x;
     for (auto& layer : layers) {
       for (auto& op : layer.pre) {
-        if (update_norms) freeze(op, s);
+        if (freeze_norms) freeze(op, s);
         s = op.forward(s);
       }
       s = layer.forward(s);
       states.push_back(s);
     }
-    for (auto& op : post)
-      if (update_norms) freeze(op, s), s = op.forward(s);
+    if (freeze_norms)
+      for (auto& op : post) freeze(op, s), s = op.forward(s);
     return states;
+  }
+
+  /// Advances BatchNorm running statistics with the batch statistics frozen by the last
+  /// `feedforward(x, true)` in train mode, as one forward pass of the model would.
+  void commit_norm_statistics() {
+    torch::NoGradGuard no_grad;
+    auto commit = [](Op& op) {
+      if (!op.pending_count) return;
+      auto advance = [&](auto& bn) {
+        const double mom = bn.options.momentum().value_or(0.1);
+        const double n = static_cast<double>(op.pending_count);
+        bn.running_mean.mul_(1 - mom).add_(op.frozen_mean, mom);
+        bn.running_var.mul_(1 - mom).add_(op.frozen_var * (n / std::max(n - 1, 1.0)), mom);
+        bn.num_batches_tracked.add_(1);
+      };
+      if (auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm1dImpl>(op.module)) advance(*bn);
+      if (auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(op.module)) advance(*bn);
+      op.pending_count = 0;
+    };
+    for (auto& layer : layers)
+      for (auto& op : layer.pre) commit(op);
+    for (auto& op : post) commit(op);
   }
 
   std::vector<torch::Tensor> parameters() const {
@@ -331,13 +355,7 @@ struct Chain {
       for (int64_t d = 2; d < in.dim(); ++d) dims.push_back(d);
       op.frozen_mean = in.mean(dims);
       op.frozen_var = in.var(dims, /*unbiased=*/false);
-      if (bn.options.track_running_stats() && bn.running_mean.defined()) {
-        const double mom = bn.options.momentum().value_or(0.1);
-        const int64_t n = in.numel() / in.size(1);
-        bn.running_mean.mul_(1 - mom).add_(op.frozen_mean, mom);
-        bn.running_var.mul_(1 - mom).add_(op.frozen_var * (static_cast<double>(n) / std::max<int64_t>(n - 1, 1)), mom);
-        bn.num_batches_tracked.add_(1);
-      }
+      op.pending_count = bn.options.track_running_stats() && bn.running_mean.defined() ? in.numel() / in.size(1) : 0;
     };
     if (auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm1dImpl>(op.module)) update(*bn);
     if (auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(op.module)) update(*bn);

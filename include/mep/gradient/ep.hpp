@@ -139,7 +139,7 @@ class EPEngine {
   EPPhases run(Chain& chain, const torch::Tensor& x, const torch::Tensor& target) {
     torch::NoGradGuard no_grad;
     detail::check_input(x, chain);
-    auto ff = chain.feedforward(x, /*update_norms=*/true);
+    auto ff = chain.feedforward(x, /*freeze_norms=*/true);
     EPPhases out;
     out.output = Chain::apply(chain.post, ff.back());
     check_target(target, out.output.sizes());
@@ -158,17 +158,18 @@ class EPEngine {
         out.coef.push_back(-1.0 / b);
       }
     }
+    chain.commit_norm_statistics();  // settling succeeded: BatchNorm's running statistics advance once
     return out;
   }
 
-  /// Mode::Backprop: autograd gradient of the same loss through the chain (dropout off,
-  /// as in EP), written to `.grad()`; returns the loss.
-  torch::Tensor backprop(Chain& chain, const torch::Tensor& x, const torch::Tensor& target) {
+  /// Mode::Backprop: autograd gradient of the same loss through the model's own forward
+  /// (dropout and BatchNorm as in any LibTorch loop), written to `.grad()`; returns the loss.
+  torch::Tensor backprop(const torch::nn::Sequential& model, Chain& chain, const torch::Tensor& x,
+                         const torch::Tensor& target) {
     detail::check_input(x, chain);
     torch::AutoGradMode grad_mode(true);
-    torch::Tensor h = x;
-    for (auto& layer : chain.layers) h = layer.forward(Chain::apply(layer.pre, h));
-    auto out = Chain::apply(chain.post, h);
+    torch::nn::Sequential net = model;  // a handle: forward() is not const
+    auto out = net->forward(x);
     check_target(target, out.sizes());
     const auto& n = config.nudging;
     auto value = loss_value(n.loss, out, target, n.loss == Loss::CrossEntropy ? n.label_smoothing : 0.0);
@@ -226,7 +227,7 @@ class EPGradient {
   /// returns L at the feedforward prediction.
   torch::Tensor compute(const torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& target) {
     Chain& chain = engine_.chain_for(model);
-    if (engine_.config.mode == Mode::Backprop) return engine_.backprop(chain, x, target);
+    if (engine_.config.mode == Mode::Backprop) return engine_.backprop(model, chain, x, target);
     auto ph = engine_.run(chain, x, target);
     auto grads = parameter_gradients(chain, ph, x, target);
     write_grads(chain.parameters(), grads);

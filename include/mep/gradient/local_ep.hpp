@@ -36,7 +36,7 @@ class LocalEPGradient {
   torch::Tensor compute(const torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& target) {
     auto& engine = global_.engine();
     Chain& chain = engine.chain_for(model);
-    if (engine.config.mode == Mode::Backprop) return engine.backprop(chain, x, target);
+    if (engine.config.mode == Mode::Backprop) return engine.backprop(model, chain, x, target);
     auto ph = engine.run(chain, x, target);
     const auto& nudging = engine.config.nudging;
     const double batch = static_cast<double>(x.size(0));
