@@ -128,9 +128,10 @@ class EPEngine {
   explicit EPEngine(EPConfig c) : config(std::move(c)) {}
 
   Chain& chain_for(const torch::nn::Sequential& model) {
-    if (!chain_ || model.ptr().get() != model_) {
+    if (model.is_empty()) throw ChainError("mep: the model is null");
+    if (!chain_ || model.ptr() != model_.ptr()) {
       chain_ = std::make_unique<Chain>(Chain::from(model));
-      model_ = model.ptr().get();
+      model_ = model;  // held, so that its address cannot be reused by another model
     }
     return *chain_;
   }
@@ -188,7 +189,7 @@ class EPEngine {
 
  private:
   std::unique_ptr<Chain> chain_;
-  const void* model_ = nullptr;
+  torch::nn::Sequential model_{nullptr};
 };
 
 /// The tensor the gradient of `p` may be written into: its `.grad()` when that has the
