@@ -58,38 +58,37 @@ TEST(Dion, LowRankGradientUpdateStaysInColumnSpace) {
               "%.3e at ||G||_F = %.0f\n",
               unit, large, raw.norm().item<double>());
   EXPECT_LE(unit, 1e-5);
-  EXPECT_LE(large, 1e-4);
+  EXPECT_LE(large, 1e-5);  // the relative ε makes the leakage independent of ‖G‖
 }
 
 // With r = min(m, n) and a fixed G, B stays a positive multiple of G (so μ has no effect)
 // and P ← orth(G·G^T·P) is orthogonal iteration: the update converges to U·V^T at the
-// rate (σ_{k+1}/σ_k)² per step of the closest singular-value pair — for linspace(1, 3, 40)
-// (2.949/3)² ≈ 0.966, so after 50 steps ≈ 3e-3 max abs remains (measured 2.7e-3 to 4.7e-3
-// over five seeds) and after 200 steps ≈ 3e-5.
+// rate (σ_{k+1}/σ_k)² per step of the closest singular-value pair. Well separated
+// (σ_k = 3·0.9^k: 0.81 per step) it is there within 50 steps; crowded (linspace(1, 3, 40):
+// (2.949/3)² ≈ 0.966 per step) it takes about 200.
 TEST(Dion, FullRankConvergesToPolarFactor) {
   torch::manual_seed(2);
   const int64_t m = 60, n = 40;
   auto uo = random_orthonormal(m, n);
   auto vo = random_orthonormal(n, n);
-  auto g = torch::mm(uo * torch::linspace(1, 3, n, f64), vo.t());
   auto polar = torch::mm(uo, vo.t());
-  mep::Dion dion(DionOpts().rank_frac(1.0).dion_thresh(0).dion_mu(0.9));
-  ASSERT_EQ(dion.rank_for(m, n), n);
-  mep::ParamState st;
-  for (int s = 1; s <= 200; ++s) {
-    ++st.step;
-    auto normalised = dion.direction(g, st) / std::sqrt(static_cast<double>(m) / static_cast<double>(n));
-    if (s != 50 && s != 100 && s != 200) continue;
-    const double abs_err = max_abs(normalised - polar);
-    const double rel_err = ((normalised - polar).norm() / polar.norm()).item<double>();
-    std::printf("[ measured ] Dion distance to U V^T after %d steps: max abs %.3e, relative Frobenius %.3e\n", s,
-                abs_err, rel_err);
-    if (s == 50) EXPECT_LE(abs_err, 1e-2);
-    if (s == 200) {
-      EXPECT_LE(abs_err, 2e-4);
-      EXPECT_LE(rel_err, 2e-4);
+  auto distance_after = [&](const torch::Tensor& spectrum, int steps, const char* name) {
+    auto g = torch::mm(uo * spectrum, vo.t());
+    mep::Dion dion(DionOpts().rank_frac(1.0).dion_thresh(0).dion_mu(0.9));
+    EXPECT_EQ(dion.rank_for(m, n), n);
+    mep::ParamState st;
+    torch::Tensor normalised;
+    for (int s = 1; s <= steps; ++s) {
+      ++st.step;
+      normalised = dion.direction(g, st) / std::sqrt(static_cast<double>(m) / static_cast<double>(n));
     }
-  }
+    const double abs_err = max_abs(normalised - polar);
+    std::printf("[ measured ] Dion distance to U V^T after %d steps (%s): max abs %.3e\n", steps, name, abs_err);
+    return abs_err;
+  };
+  auto separated = 3.0 * torch::pow(0.9, torch::arange(n, f64));
+  EXPECT_LE(distance_after(separated, 50, "sigma_k = 3*0.9^k"), 2e-3);
+  EXPECT_LE(distance_after(torch::linspace(1, 3, n, f64), 200, "linspace(1, 3)"), 2e-4);
 }
 
 TEST(Dion, ErrorFeedbackKeepsWhatTheLowRankDropped) {
@@ -124,7 +123,8 @@ TEST(Dion, ErrorFeedbackKeepsWhatTheLowRankDropped) {
   EXPECT_GT(torch::mm(proj, g).norm().item<double>(), 10.0);  // the dropped part is substantial
 
   // Q ← column-normalise(R) and u = √(m/n)·P·Qᵀ.
-  auto q_expected = rr / (rr.norm(2, {0}, true) + 1e-8);
+  auto norms = rr.norm(2, {0}, true);
+  auto q_expected = rr / (norms + 1e-8 * norms.max());  // ε relative to the largest column
   EXPECT_LE(max_abs(q_state - q_expected), 1e-12);
   EXPECT_LE(max_abs(u - std::sqrt(double(m) / double(n)) * torch::mm(p, q_expected.t())), 1e-12);
 }

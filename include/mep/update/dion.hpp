@@ -11,7 +11,7 @@
 ///   R = Bᵀ·P                            (n × r)
 ///   M ← B − (1 − μ)·P·Rᵀ                (error feedback: what the rank-r step leaves out
 ///                                        stays in M; μ = dion_mu)
-///   Q ← column-normalise(R),  Q_j = R_j / (‖R_j‖ + ε),  ε = 1e-8
+///   Q ← column-normalise(R),  Q_j = R_j / (‖R_j‖ + ε·max_i ‖R_i‖),  ε = 1e-8
 ///   u = √max(1, m/n) · P·Qᵀ
 /// Cost O(m·n·r) per step (Newton-Schulz: O(m·n·min(m, n)) per iteration). The first Q
 /// is a random n × r matrix drawn from a fixed-seed CPU generator (deterministic, global
@@ -19,12 +19,14 @@
 /// The ε of the column normalisation matters: when B has rank below r, QR's surplus
 /// columns of P are round-off directions whose R_j are round-off sized; ε keeps their
 /// Q_j (and hence their share of the update) negligible instead of normalising them to 1.
+/// It is relative to the largest column (the paper's is absolute), so that the update does
+/// not depend on the gradient's scale: the surplus share stays ~1e-8 whatever ‖G‖ is.
 ///
 /// Matrices with at most `dion_thresh` elements get exactly the NewtonSchulz policy's
 /// update (ns_steps, ns_coefficients, ns_scale); tensors below 2-D pass through (u = g).
-/// Dion carries its own momentum (M), so the optimizer's momentum option is not applied
-/// to any parameter of a Dion optimizer, including those on the Newton-Schulz and
-/// pass-through paths. Weight decay is decoupled. State: "dion_M" (m × n) and "dion_Q"
+/// Dion carries its own momentum (M) for the matrices it handles; the Newton-Schulz and
+/// pass-through paths keep the optimizer's heavy-ball momentum (`owns_momentum_for`).
+/// Weight decay is decoupled. State: "dion_M" (m × n) and "dion_Q"
 /// (n × r), in the parameter's dtype (the arithmetic runs in float32 for half/bfloat16).
 
 #include <mep/options.hpp>
@@ -83,7 +85,8 @@ struct Dion {
 
   /// Q_j = R_j / (‖R_j‖ + ε) for every column j.
   static torch::Tensor column_normalise(const torch::Tensor& r) {
-    return r / (r.norm(2, {0}, /*keepdim=*/true) + column_eps);
+    auto norms = r.norm(2, {0}, /*keepdim=*/true);
+    return r / (norms + column_eps * norms.max());
   }
 
   /// The first right basis for an n × r problem: the same matrix every time (fixed-seed
