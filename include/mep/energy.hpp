@@ -28,6 +28,14 @@ struct Nudging {
     return y;
   }
 
+  /// Label smoothing of the loss EP approximates (cross-entropy only).
+  double loss_smoothing() const { return loss == Loss::CrossEntropy ? label_smoothing : 0.0; }
+
+  /// That loss, mean over the batch of C(ŷ_b, y_b) (loss.hpp).
+  torch::Tensor loss_of(const torch::Tensor& out, const torch::Tensor& target) const {
+    return loss_value(loss, out, target, loss_smoothing());
+  }
+
   /// Per-sample cost C(ŷ_b, y_b), shape [B].
   torch::Tensor cost(const torch::Tensor& out, const torch::Tensor& y) const {
     if (loss == Loss::MSE) return (out - y).pow(2).flatten(1).sum(1);

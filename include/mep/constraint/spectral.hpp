@@ -61,8 +61,7 @@ struct SpectralConstraint {
     if (!is_matrix(w)) return;
     torch::NoGradGuard no_grad;
     auto sigma = estimate(w, st);
-    auto factor = torch::where(sigma > gamma, gamma / sigma, torch::ones_like(sigma));
-    w.mul_(factor);
+    w.mul_((gamma / sigma).clamp_max_(1.0));  // exactly 1 when σ ≤ γ: W unchanged
   }
 };
 

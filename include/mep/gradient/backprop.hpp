@@ -8,7 +8,34 @@
 #include <mep/loss.hpp>
 #include <mep/options.hpp>
 
+#include <vector>
+
 namespace mep {
+
+/// Writes `grads` into `.grad()` of `params` (overwrites; an undefined gradient — a
+/// parameter the loss does not reach — becomes zeros, one already in place stays).
+inline void write_grads(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto p = params[i];
+    if (!grads[i].defined()) p.mutable_grad() = torch::zeros_like(p);
+    else if (!p.grad().is_same(grads[i])) p.mutable_grad() = grads[i].detach();
+  }
+}
+
+/// Forward `x` through `model`, check `target`, and write ∇_params L into `.grad()`, for
+/// L = loss_value(loss, output, target, label_smoothing). Returns L (detached).
+inline torch::Tensor backprop_into_grads(const torch::nn::Sequential& model, const std::vector<torch::Tensor>& params,
+                                         const torch::Tensor& x, const torch::Tensor& target, Loss loss,
+                                         double label_smoothing = 0.0) {
+  torch::AutoGradMode enable(true);
+  torch::nn::Sequential net = model;  // a handle: forward() is not const
+  auto out = net->forward(x);
+  check_target(target, out.sizes());
+  auto value = loss_value(loss, out, target, label_smoothing);
+  write_grads(params, torch::autograd::grad({value}, params, /*grad_outputs=*/{}, /*retain_graph=*/false,
+                                            /*create_graph=*/false, /*allow_unused=*/true));
+  return value.detach();
+}
 
 struct BackpropGradient {
   template <class Derived>
@@ -24,19 +51,8 @@ struct BackpropGradient {
   explicit BackpropGradient(const O& o) : loss(o.loss()) {}
 
   /// Overwrites `.grad()` of every parameter of `model` with ∇L; returns L (detached).
-  torch::Tensor compute(torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& target) {
-    torch::AutoGradMode enable(true);
-    auto out = model->forward(x);
-    check_target(target, out.sizes());
-    auto value = loss_value(loss, out, target);
-    auto params = model->parameters();
-    auto grads = torch::autograd::grad({value}, params, /*grad_outputs=*/{}, /*retain_graph=*/false,
-                                       /*create_graph=*/false, /*allow_unused=*/true);
-    for (size_t i = 0; i < params.size(); ++i) {
-      auto g = grads[i].defined() ? grads[i] : torch::zeros_like(params[i]);
-      params[i].mutable_grad() = g;
-    }
-    return value.detach();
+  torch::Tensor compute(const torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& target) {
+    return backprop_into_grads(model, model->parameters(), x, target, loss);
   }
 };
 

@@ -16,6 +16,7 @@
 
 #include <mep/chain.hpp>
 #include <mep/energy.hpp>
+#include <mep/gradient/backprop.hpp>
 #include <mep/loss.hpp>
 #include <mep/options.hpp>
 #include <mep/settle.hpp>
@@ -168,23 +169,13 @@ class EPEngine {
   torch::Tensor backprop(const torch::nn::Sequential& model, Chain& chain, const torch::Tensor& x,
                          const torch::Tensor& target) {
     detail::check_input(x, chain);
-    torch::AutoGradMode grad_mode(true);
-    torch::nn::Sequential net = model;  // a handle: forward() is not const
-    auto out = net->forward(x);
-    check_target(target, out.sizes());
     const auto& n = config.nudging;
-    auto value = loss_value(n.loss, out, target, n.loss == Loss::CrossEntropy ? n.label_smoothing : 0.0);
-    auto params = chain.parameters();
-    auto grads = torch::autograd::grad({value}, params, {}, false, false, /*allow_unused=*/true);
-    for (size_t i = 0; i < params.size(); ++i)
-      params[i].mutable_grad() = grads[i].defined() ? grads[i].detach() : torch::zeros_like(params[i]);
-    return value.detach();
+    return backprop_into_grads(model, chain.parameters(), x, target, n.loss, n.loss_smoothing());
   }
 
   /// The loss the EP estimate approximates, at the feedforward prediction.
   torch::Tensor loss(const EPPhases& ph, const torch::Tensor& target) const {
-    return loss_value(config.nudging.loss, ph.output, target,
-                      config.nudging.loss == Loss::CrossEntropy ? config.nudging.label_smoothing : 0.0);
+    return config.nudging.loss_of(ph.output, target);
   }
 
  private:
@@ -198,15 +189,6 @@ inline torch::Tensor reusable_grad(const torch::Tensor& p) {
   const auto& g = p.grad();
   if (g.defined() && g.sizes() == p.sizes() && g.options().type_equal(p.options()) && g.is_contiguous()) return g;
   return torch::empty_like(p, torch::MemoryFormat::Contiguous);
-}
-
-/// Writes g into `.grad()` of `params` (overwrites).
-inline void write_grads(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    auto p = params[i];
-    if (!grads[i].defined()) p.mutable_grad() = torch::zeros_like(p);
-    else if (!p.grad().is_same(grads[i])) p.mutable_grad() = grads[i].detach();
-  }
 }
 
 /// The global EP gradient policy.
@@ -289,9 +271,7 @@ class EPGradient {
     if (params.empty()) return;
     torch::AutoGradMode grad_mode(true);
     auto out = Chain::apply(chain.post, ph.phases[0].states.back().detach());
-    const auto& n = engine_.config.nudging;
-    auto value = loss_value(n.loss, out, target, n.loss == Loss::CrossEntropy ? n.label_smoothing : 0.0);
-    auto g = torch::autograd::grad({value}, params, {}, false, false, true);
+    auto g = torch::autograd::grad({engine_.config.nudging.loss_of(out, target)}, params, {}, false, false, true);
     grads.insert(grads.end(), g.begin(), g.end());
   }
 

@@ -51,10 +51,9 @@ class LocalEPGradient {
         auto out = ph.phases[p].states[l].detach();
         auto f = layer.forward(Chain::apply(layer.pre, in));
         torch::Tensor local;
-        if (last && nudging.loss == Loss::CrossEntropy) {
-          const double t = nudging.temperature;
-          auto log_p = torch::log_softmax(f / t, 1);
-          local = (log_p.exp() * (log_p - torch::log_softmax(out / t, 1))).sum();
+        if (last) {
+          torch::Tensor delta, eps;  // the last term's own energy: squared error, or KL for CE
+          local = nudging.last_term(out, f, delta, eps).sum();
         } else {
           local = 0.5 * (out - f).pow(2).sum();
         }
