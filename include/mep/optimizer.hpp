@@ -35,11 +35,6 @@
 namespace mep {
 
 namespace detail {
-/// Gradient policies that hand per-parameter data to the update policy (NaturalGradient).
-template <class G, class = void>
-struct exports_state : std::false_type {};
-template <class G>
-struct exports_state<G, std::void_t<decltype(&G::export_state)>> : std::true_type {};
 template <class U, class = void>
 struct has_owns_momentum_for : std::false_type {};
 template <class U>
@@ -101,8 +96,6 @@ class Optimizer : public torch::optim::Optimizer {
       throw std::logic_error("mep: step(input, target) needs the optimizer to be constructed from the model "
                              "(a torch::nn::Sequential); this one was given a parameter list");
     auto loss = gradient_.compute(model_, input, target);
-    if constexpr (detail::exports_state<Gradient>::value)
-      gradient_.export_state([this](const torch::Tensor& p) -> ParamState& { return state_of(p); });
     apply_update();
     return loss;
   }
@@ -113,6 +106,13 @@ class Optimizer : public torch::optim::Optimizer {
   const Constraint& constraint() const noexcept { return constraint_; }
   const Feedback& feedback() const noexcept { return feedback_; }
   const torch::nn::Sequential& model() const noexcept { return model_; }
+
+  /// What settling did in the last step (EP gradient policies): steps, final energy,
+  /// relative residual ‖∂E/∂s‖/‖s‖ and whether the stopping rule was met, per phase.
+  template <class G = Gradient>
+  auto settle_report() const noexcept -> decltype(std::declval<const G&>().report()) {
+    return gradient_.report();
+  }
 
   /// The state of parameter `p` (created empty on first use).
   ParamState& state_of(const torch::Tensor& p) { return states_[p.unsafeGetTensorImpl()]; }

@@ -14,8 +14,10 @@
 /// | LocalEPMuon | layer-local EP | Newton-Schulz | spectral | none | 0.01 |
 /// | NaturalEPMuon | EP + Fisher proxy | Fisher whitening + Newton-Schulz | spectral | none | 0.01 |
 ///
-/// EP defaults: β = 0.5, 10 settling steps of settle_lr 0.05, MSE nudging, adaptive step,
-/// tol 1e-5 with patience 3 (LocalEPMuon: β = 0.1, tol 1e-4, patience 5, not adaptive).
+/// EP defaults: β = 0.5 (LocalEPMuon: 0.1), MSE nudging, the default settling
+/// (`mep::DefaultSettling`, settle.hpp). `mep::with_settling_t<Opt, Settling>` is the same
+/// optimizer with another settling policy, and `mep::reference::SMEP` (…) the presets with
+/// the reference's settling: HeavyBall, 10 steps of 0.05, adaptive, tol 1e-5, patience 3.
 /// The EP family is constructed from the model and trained with `step(input, target)`.
 
 #include <mep/constraint/none.hpp>
@@ -25,7 +27,6 @@
 #include <mep/gradient/backprop.hpp>
 #include <mep/gradient/ep.hpp>
 #include <mep/gradient/local_ep.hpp>
-#include <mep/gradient/natural.hpp>
 #include <mep/optimizer.hpp>
 #include <mep/update/adam.hpp>
 #include <mep/update/dion.hpp>
@@ -70,7 +71,46 @@ using SDMEPOptions = SDMEP::Options;
 using LocalEPMuon = Optimizer<LocalEPGradient, NewtonSchulz, SpectralConstraint, NoFeedback>;
 using LocalEPMuonOptions = LocalEPMuon::Options;
 
-using NaturalEPMuon = Optimizer<NaturalGradient<EPGradient>, FisherNewtonSchulz, SpectralConstraint, NoFeedback>;
+using NaturalEPMuon = Optimizer<EPGradient, FisherNewtonSchulz, SpectralConstraint, NoFeedback>;
 using NaturalEPMuonOptions = NaturalEPMuon::Options;
+
+/// `Opt` with its EP gradient's settling policy replaced by `Settling` (backprop optimizers
+/// are left as they are).
+template <class Opt, class Settling>
+struct with_settling {
+  using type = Opt;
+};
+template <class Opt, class Settling>
+using with_settling_t = typename with_settling<Opt, Settling>::type;
+
+namespace detail {
+template <class G, class Settling>
+struct rebind_settling {
+  using type = G;
+};
+template <class S0, class Settling>
+struct rebind_settling<BasicEPGradient<S0>, Settling> {
+  using type = BasicEPGradient<Settling>;
+};
+template <class S0, class Settling>
+struct rebind_settling<BasicLocalEPGradient<S0>, Settling> {
+  using type = BasicLocalEPGradient<Settling>;
+};
+}  // namespace detail
+
+template <class G, class U, class C, class F, class Settling>
+struct with_settling<Optimizer<G, U, C, F>, Settling> {
+  using type = Optimizer<typename detail::rebind_settling<G, Settling>::type, U, C, F>;
+};
+
+/// The EP presets with the reference's settling (HeavyBall at its defaults: 10 steps of
+/// 0.05, adaptive, tol 1e-5, patience 3), which reproduce the tables of mep 0.1.
+namespace reference {
+using EqProp = with_settling_t<mep::EqProp, HeavyBall>;
+using SMEP = with_settling_t<mep::SMEP, HeavyBall>;
+using SDMEP = with_settling_t<mep::SDMEP, HeavyBall>;
+using LocalEPMuon = with_settling_t<mep::LocalEPMuon, HeavyBall>;
+using NaturalEPMuon = with_settling_t<mep::NaturalEPMuon, HeavyBall>;
+}  // namespace reference
 
 }  // namespace mep

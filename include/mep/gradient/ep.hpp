@@ -1,18 +1,23 @@
 #pragma once
 /// \file ep.hpp
 /// Equilibrium Propagation gradient (Scellier & Bengio 2017; symmetric variant: Laborieux
-/// et al. 2021). Settle from the feedforward states at +β (and −β), then
+/// et al. 2021). Settle from the feedforward states at +β (and −β) with the `Settling`
+/// policy (settle.hpp), then
 ///
 ///   one-sided:  g_θ = [∂_θE(s^β) − ∂_θE(s^0)] / β          (bias O(β))
 ///   symmetric:  g_θ = [∂_θE(s^{+β}) − ∂_θE(s^{−β})] / (2β)  (bias O(β²))
 ///
-/// with ∂_θE = mean_b −(∂f_i/∂θ)ᵀ·ε_i (energy.hpp). The free phase is exact at the
-/// feedforward states (every ε_i = 0, so ∂_θE(s^0) = 0) and is skipped unless
+/// with ∂_θE = mean_b −(∂f_l/∂θ)ᵀ·ε_l (energy.hpp). The free phase is exact at the
+/// feedforward states (every ε_l = 0, so ∂_θE(s^0) = 0) and is skipped unless
 /// `free_phase(true)`. As β → 0 with converged settling, g → ∇_θ mean_b C(ŷ_b, y_b).
-/// Linear layers take the Hebbian outer product −ε_iᵀ·a_{i−1}(s_{i−1}) directly; other
-/// parameters (conv, norms) an autograd product with the states held fixed.
-/// `compute` overwrites `.grad()` and returns the feedforward loss; on any error (bad
-/// target, diverged settling) no gradient is written.
+/// Linear layers take the Hebbian outer product −ε_lᵀ·in_l; convolutions ATen's weight
+/// gradient kernel; norms inside a segment their affine gradient at the VJP reaching them;
+/// norms after the last layer the gradient of the loss on the nudged output.
+///
+/// The gradient owns its workspace (the Energy) for its lifetime: it is reallocated only
+/// when the batch shape changes. `compute` overwrites `.grad()` and returns the loss at the
+/// feedforward prediction; on any error (bad input or target, diverged settling) no
+/// gradient, parameter or BatchNorm statistic has changed. `report()` says what settling did.
 
 #include <mep/chain.hpp>
 #include <mep/energy.hpp>
@@ -34,15 +39,10 @@ enum class Mode { EP, Backprop };
 
 namespace detail {
 
-/// Options shared by the EP gradient policies (defaults: SPEC §8 and the README).
+/// Options of the EP gradient policies other than settling (defaults: SPEC §8).
 template <class Derived>
 struct EPOptionsBase {
   MEP_ARG(double, beta, 0.5)
-  MEP_ARG(int64_t, settle_steps, 10)
-  MEP_ARG(double, settle_lr, 0.05)
-  MEP_ARG(double, tol, 1e-5)
-  MEP_ARG(int64_t, patience, 3)
-  MEP_ARG(bool, adaptive, true)
   MEP_ARG(bool, symmetric, false)
   MEP_ARG(bool, free_phase, false)
   MEP_ARG(bool, analytic, true)
@@ -53,10 +53,6 @@ struct EPOptionsBase {
 
   void validate() const {
     MEP_CHECK_OPTION(beta_ > 0 && beta_ <= 1, "beta", beta_, "a value in (0, 1]");
-    MEP_CHECK_OPTION(settle_steps_ > 0, "settle_steps", settle_steps_, "a value > 0");
-    MEP_CHECK_OPTION(settle_lr_ > 0 && std::isfinite(settle_lr_), "settle_lr", settle_lr_, "a finite value > 0");
-    MEP_CHECK_OPTION(tol_ >= 0, "tol", tol_, "a value >= 0 (0: never stop early)");
-    MEP_CHECK_OPTION(patience_ >= 1, "patience", patience_, "a value >= 1");
     MEP_CHECK_OPTION(label_smoothing_ >= 0 && label_smoothing_ < 1, "label_smoothing", label_smoothing_,
                      "a value in [0, 1)");
     MEP_CHECK_OPTION(temperature_ > 0, "temperature", temperature_, "a value > 0");
@@ -66,7 +62,7 @@ struct EPOptionsBase {
 /// Checks the input against the model's parameters before any work.
 inline void check_input(const torch::Tensor& x, const Chain& chain) {
   if (!x.defined()) throw std::invalid_argument("mep: input is undefined");
-  const auto& w = chain.layers[0].weight;
+  const auto& w = chain.segments[0].weight;
   if (x.dim() < 2 || x.size(0) == 0) {
     std::ostringstream os;
     os << "mep: input must be a non-empty batch [B, ...], got shape " << x.sizes();
@@ -91,194 +87,199 @@ inline void check_finite_output(const torch::Tensor& out, const torch::Tensor& x
   throw std::invalid_argument("mep: the feedforward output overflows (non-finite) for this input");
 }
 
+/// `t` as a buffer for a value shaped and typed like `p` (reused when it fits).
+inline torch::Tensor& fitted(torch::Tensor& t, const torch::Tensor& p) {
+  if (!t.defined() || t.sizes() != p.sizes() || !t.options().type_equal(p.options()) || !t.is_contiguous())
+    t = torch::empty_like(p, torch::MemoryFormat::Contiguous);
+  return t;
+}
+
+/// acc = c·v (first phase) or acc += c·v.
+inline void accumulate(torch::Tensor& acc, const torch::Tensor& p, const torch::Tensor& v, double c, bool first) {
+  if (first) at::mul_out(fitted(acc, p), v.reshape(p.sizes()), c);
+  else acc.add_(v.reshape(p.sizes()), c);
+}
+
 }  // namespace detail
 
-/// Settling and nudging configuration of an EP gradient policy.
-struct EPConfig {
-  double beta = 0.5;
-  SettleConfig settle;
-  bool symmetric = false, free_phase = false;
-  Mode mode = Mode::EP;
-  Nudging nudging;
-
-  template <class O>
-  static EPConfig from(const O& o) {
-    EPConfig c;
-    c.beta = o.beta();
-    c.settle.steps = o.settle_steps(), c.settle.lr = o.settle_lr(), c.settle.tol = o.tol();
-    c.settle.patience = o.patience(), c.settle.adaptive = o.adaptive(), c.settle.analytic = o.analytic();
-    c.symmetric = o.symmetric(), c.free_phase = o.free_phase(), c.mode = o.mode();
-    c.nudging.loss = o.loss(), c.nudging.label_smoothing = o.label_smoothing(), c.nudging.temperature = o.temperature();
-    return c;
-  }
-};
-
-/// The settled phases of one EP step and their weights: ∂θ-estimate = Σ_p coef_p·∂_θE(phase_p).
-struct EPPhases {
-  std::vector<Phase> phases;
-  std::vector<double> coef;
-  torch::Tensor output;  // feedforward prediction ŷ
-};
-
-/// Shared machinery of the EP gradient policies: chain caching, validation and settling.
-class EPEngine {
+/// The EP gradient policy with settling policy `Settling`.
+template <class Settling>
+class BasicEPGradient {
  public:
-  EPConfig config;
+  using SettlingPolicy = Settling;
 
-  EPEngine() = default;
-  explicit EPEngine(EPConfig c) : config(std::move(c)) {}
+  template <class Derived>
+  struct Options : detail::EPOptionsBase<Derived>, Settling::template Options<Derived> {
+    void validate() const {
+      detail::EPOptionsBase<Derived>::validate();
+      Settling::template Options<Derived>::validate();
+    }
+  };
 
+  BasicEPGradient() = default;
+  template <class O>
+  explicit BasicEPGradient(const O& o)
+      : settling_(o), beta_(o.beta()), symmetric_(o.symmetric()), free_phase_(o.free_phase()), analytic_(o.analytic()),
+        mode_(o.mode()) {
+    o.validate();
+    nudging_.loss = o.loss(), nudging_.label_smoothing = o.label_smoothing(), nudging_.temperature = o.temperature();
+  }
+
+  const Settling& settling() const noexcept { return settling_; }
+  const Nudging& nudging() const noexcept { return nudging_; }
+  double beta() const noexcept { return beta_; }
+  /// What settling did in the last successful `compute` (empty in backprop mode).
+  const SettleReport& report() const noexcept { return report_; }
+  /// The workspace of the last `compute` (states, errors, tapes).
+  const Energy& energy() const noexcept { return energy_; }
+
+  /// Overwrites `.grad()` of every parameter of `model` with the EP estimate of ∇L and
+  /// returns L at the feedforward prediction.
+  torch::Tensor compute(const torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& target) {
+    Chain& chain = chain_for(model);
+    if (mode_ == Mode::Backprop) {
+      detail::check_input(x, chain);
+      report_ = {};
+      return backprop_into_grads(model, chain.parameters(), x, target, nudging_.loss, nudging_.loss_smoothing());
+    }
+    torch::NoGradGuard no_grad;
+    detail::check_input(x, chain);
+    x_ = x;
+    energy_.feedforward(chain, nudging_, x, analytic_);
+    check_target(target, energy_.output.sizes());
+    detail::check_finite_output(energy_.output, x, chain);
+    energy_.set_target(target);
+
+    std::vector<std::pair<double, double>> phases;  // (β_p, coef_p): g = Σ_p coef_p·∂_θE(s^{β_p})
+    if (symmetric_) phases = {{beta_, 0.5 / beta_}, {-beta_, -0.5 / beta_}};
+    else phases = {{beta_, 1.0 / beta_}};
+    if (!symmetric_ && free_phase_) phases.push_back({0.0, -1.0 / beta_});
+
+    SettleReport report;
+    for (size_t p = 0; p < phases.size(); ++p) {
+      report.phases.push_back(settling_.settle(energy_, phases[p].first));
+      accumulate_parameter_gradients(phases[p].second, p == 0);
+      if (p == 0) post_gradients(target);
+    }
+    // Settling succeeded: the gradients, BatchNorm's statistics and the report are committed.
+    auto params = chain.parameters();
+    for (size_t i = 0; i < params.size(); ++i) std::swap(params[i].mutable_grad(), acc_[i]);
+    energy_.commit_norm_statistics();
+    report_ = std::move(report);
+    x_ = torch::Tensor();
+    return nudging_.loss_of(energy_.output, target);
+  }
+
+ private:
   Chain& chain_for(const torch::nn::Sequential& model) {
     if (model.is_empty()) throw ChainError("mep: the model is null");
     if (!chain_ || model.ptr() != model_.ptr()) {
       chain_ = std::make_unique<Chain>(Chain::from(model));
       model_ = model;  // held, so that its address cannot be reused by another model
+      energy_ = Energy();
+      acc_.assign(chain_->parameters().size(), torch::Tensor());
     }
     return *chain_;
   }
 
-  /// Validates, settles every phase; throws before anything is written.
-  EPPhases run(Chain& chain, const torch::Tensor& x, const torch::Tensor& target) {
-    torch::NoGradGuard no_grad;
-    detail::check_input(x, chain);
-    auto ff = chain.feedforward(x, /*freeze_norms=*/true);
-    EPPhases out;
-    out.output = Chain::apply(chain.post, ff.back());
-    check_target(target, out.output.sizes());
-    detail::check_finite_output(out.output, x, chain);
-    Settler settler(chain, config.nudging, x, target, ff[0]);
-    const double b = config.beta;
-    if (config.symmetric) {
-      out.phases.push_back(settler.settle(ff, b, config.settle));
-      out.phases.push_back(settler.settle(ff, -b, config.settle));
-      out.coef = {0.5 / b, -0.5 / b};
-    } else {
-      out.phases.push_back(settler.settle(ff, b, config.settle));
-      out.coef = {1.0 / b};
-      if (config.free_phase) {
-        out.phases.push_back(settler.settle(ff, 0.0, config.settle));
-        out.coef.push_back(-1.0 / b);
-      }
-    }
-    chain.commit_norm_statistics();  // settling succeeded: BatchNorm's running statistics advance once
-    return out;
-  }
-
-  /// Mode::Backprop: autograd gradient of the same loss through the model's own forward
-  /// (dropout and BatchNorm as in any LibTorch loop), written to `.grad()`; returns the loss.
-  torch::Tensor backprop(const torch::nn::Sequential& model, Chain& chain, const torch::Tensor& x,
-                         const torch::Tensor& target) {
-    detail::check_input(x, chain);
-    const auto& n = config.nudging;
-    return backprop_into_grads(model, chain.parameters(), x, target, n.loss, n.loss_smoothing());
-  }
-
-  /// The loss the EP estimate approximates, at the feedforward prediction.
-  torch::Tensor loss(const EPPhases& ph, const torch::Tensor& target) const {
-    return config.nudging.loss_of(ph.output, target);
-  }
-
- private:
-  std::unique_ptr<Chain> chain_;
-  torch::nn::Sequential model_{nullptr};
-};
-
-/// The tensor the gradient of `p` may be written into: its `.grad()` when that has the
-/// parameter's shape and options (it is overwritten), a new one otherwise.
-inline torch::Tensor reusable_grad(const torch::Tensor& p) {
-  const auto& g = p.grad();
-  if (g.defined() && g.sizes() == p.sizes() && g.options().type_equal(p.options()) && g.is_contiguous()) return g;
-  return torch::empty_like(p, torch::MemoryFormat::Contiguous);
-}
-
-/// The global EP gradient policy.
-class EPGradient {
- public:
-  template <class Derived>
-  using Options = detail::EPOptionsBase<Derived>;
-
-  EPGradient() = default;
-  template <class O>
-  explicit EPGradient(const O& o) : engine_(EPConfig::from(o)) {
-    o.validate();
-  }
-
-  EPConfig& config() { return engine_.config; }
-  EPEngine& engine() { return engine_; }
-
-  /// Overwrites `.grad()` of every parameter of `model` with the EP estimate of ∇L and
-  /// returns L at the feedforward prediction.
-  torch::Tensor compute(const torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& target) {
-    Chain& chain = engine_.chain_for(model);
-    if (engine_.config.mode == Mode::Backprop) return engine_.backprop(model, chain, x, target);
-    auto ph = engine_.run(chain, x, target);
-    auto grads = parameter_gradients(chain, ph, x, target);
-    write_grads(chain.parameters(), grads);
-    return engine_.loss(ph, target);
-  }
-
-  /// Σ_p coef_p·∂_θE(phase_p) for every chain parameter, in Chain::parameters() order.
-  std::vector<torch::Tensor> parameter_gradients(Chain& chain, const EPPhases& ph, const torch::Tensor& x,
-                                                        const torch::Tensor& target) {
-    std::vector<torch::Tensor> grads;
-    const double batch = static_cast<double>(x.size(0));
-    for (size_t l = 0; l < chain.layers.size(); ++l) {
-      const Layer& layer = chain.layers[l];
-      bool hebbian = layer.kind == LayerKind::Linear;
-      for (const auto& op : layer.pre) hebbian = hebbian && op.module->parameters().empty();
-      if (hebbian) {
-        torch::NoGradGuard no_grad;
-        // Written into the existing .grad() buffers when they fit: a fresh 800 KB result
-        // per step costs page faults that rival the product itself (measured with perf).
-        torch::Tensor gw = reusable_grad(layer.weight), gb = layer.bias.defined() ? reusable_grad(layer.bias) : torch::Tensor();
-        for (size_t p = 0; p < ph.phases.size(); ++p) {
-          auto e = ph.phases[p].eps[l].reshape({-1, layer.weight.size(0)});
-          auto in = ph.phases[p].inputs[l].reshape({-1, layer.weight.size(1)});
-          const double c = -ph.coef[p] / batch;
-          at::addmm_out(gw, gw, e.t(), in, /*beta=*/p == 0 ? 0.0 : 1.0, /*alpha=*/c);
-          if (gb.defined()) {
-            if (p == 0) at::sum_out(gb, e, {0}), gb.mul_(c);
-            else gb.add_(e.sum(0), c);
-          }
+  // acc += coef·∂_θE at the settled states of the phase, in Chain::parameters() order.
+  void accumulate_parameter_gradients(double coef, bool first) {
+    const double c = -coef / static_cast<double>(energy_.batch());
+    size_t i = 0;
+    for (size_t l = 0; l < chain_->size(); ++l) {
+      const Segment& seg = chain_->segments[l];
+      SegmentTape& t = energy_.tape[l];
+      bool norms = false;
+      for (const auto& op : seg.pre) norms = norms || op.weight.defined() || op.bias.defined();
+      if (norms) i = norm_gradients(seg, t, l, c, first, i);
+      if (seg.kind == LayerKind::Linear && t.in.dim() == 2) {
+        // Hebbian: −ε_lᵀ·in_l (written into the reused buffers: a fresh result per step
+        // costs page faults that rival the product itself).
+        auto& gw = detail::fitted(acc_[i++], seg.weight);
+        at::addmm_out(gw, gw, t.eps.t(), t.in, /*beta=*/first ? 0.0 : 1.0, /*alpha=*/c);
+        if (seg.bias.defined()) {
+          auto& gb = detail::fitted(acc_[i++], seg.bias);
+          if (first) at::sum_out(gb, t.eps, {0}), gb.mul_(c);
+          else gb.add_(t.eps.sum(0), c);
         }
-        grads.push_back(gw);
-        if (layer.bias.defined()) grads.push_back(gb);
         continue;
       }
-      // Autograd with the states fixed: ∂/∂θ of Σ_p coef_p·(−⟨f(a(s_{l−1})), ε_l⟩)/B.
-      torch::AutoGradMode grad_mode(true);
-      auto params = layer.parameters();
-      torch::Tensor objective;
-      for (size_t p = 0; p < ph.phases.size(); ++p) {
-        auto in = l == 0 ? x : ph.phases[p].states[l - 1];
-        auto f = layer.forward(Chain::apply(layer.pre, in.detach()));
-        auto term = (f * ph.phases[p].eps[l].detach()).sum() * (-ph.coef[p] / batch);
-        objective = objective.defined() ? objective + term : term;
+      torch::Tensor gw, gb;
+      if (seg.kind == LayerKind::Linear) {
+        auto e = t.eps.reshape({-1, seg.weight.size(0)}), in = t.in.reshape({-1, seg.weight.size(1)});
+        gw = torch::mm(e.t(), in);
+        if (seg.bias.defined()) gb = e.sum(0);
+      } else {
+        auto r = at::convolution_backward(t.eps, t.in, seg.weight, seg.bias.defined() ? c10::optional<at::IntArrayRef>(seg.bias.sizes()) : c10::nullopt,
+                                          seg.stride, seg.padding, seg.dilation, false,
+                                          std::vector<int64_t>(seg.stride.size(), 0), seg.groups,
+                                          {false, true, seg.bias.defined()});
+        gw = std::get<1>(r), gb = std::get<2>(r);
       }
-      auto g = torch::autograd::grad({objective}, params, {}, false, false, /*allow_unused=*/true);
-      grads.insert(grads.end(), g.begin(), g.end());
+      detail::accumulate(acc_[i++], seg.weight, gw, c, first);
+      if (seg.bias.defined()) detail::accumulate(acc_[i++], seg.bias, gb, c, first);
     }
-    append_post_gradients(chain, ph, target, grads);
-    return grads;
   }
 
-  /// Trailing parameters after the last layer (norms): the loss on the nudged output.
-  void append_post_gradients(Chain& chain, const EPPhases& ph, const torch::Tensor& target,
-                             std::vector<torch::Tensor>& grads) const {
+  // The gradients of the norms among segment l's ops: the VJP of ε_l taken back to each,
+  // through the ops run again at the settled input (x for the first segment).
+  size_t norm_gradients(const Segment& seg, SegmentTape& t, size_t l, double c, bool first, size_t i) {
+    std::vector<torch::Tensor> ins(seg.pre.size());
+    torch::Tensor h = l == 0 ? x_ : energy_.s[l - 1];
+    for (size_t j = 0; j < seg.pre.size(); ++j) ins[j] = h, h = seg.pre[j].forward(h, t.ops[j]);
+    torch::Tensor unused;
+    torch::Tensor g = seg.layer_vjp(t.eps, h, unused);
+    std::vector<std::vector<torch::Tensor>> per_op(seg.pre.size());
+    for (size_t j = seg.pre.size(); j-- > 0;) {
+      seg.pre[j].parameter_gradients(g, ins[j], t.ops[j], per_op[j]);
+      if (j > 0) g = seg.pre[j].vjp(g, ins[j], t.ops[j]);
+    }
+    for (size_t j = 0; j < seg.pre.size(); ++j) {
+      size_t k = 0;
+      if (seg.pre[j].weight.defined()) detail::accumulate(acc_[i++], seg.pre[j].weight, per_op[j][k++], c, first);
+      if (seg.pre[j].bias.defined()) detail::accumulate(acc_[i++], seg.pre[j].bias, per_op[j][k++], c, first);
+    }
+    return i;
+  }
+
+  // Parameters of norms after the last layer: the gradient of the loss on the nudged output
+  // of the first phase (autograd through the ops' functional forms).
+  void post_gradients(const torch::Tensor& target) {
     std::vector<torch::Tensor> params;
-    for (const auto& op : chain.post)
+    for (const auto& op : chain_->post)
       for (const auto& p : op.module->parameters()) params.push_back(p);
     if (params.empty()) return;
     torch::AutoGradMode grad_mode(true);
-    auto out = Chain::apply(chain.post, ph.phases[0].states.back().detach());
-    auto g = torch::autograd::grad({engine_.config.nudging.loss_of(out, target)}, params, {}, false, false, true);
-    grads.insert(grads.end(), g.begin(), g.end());
+    torch::Tensor h = energy_.s.back().detach();
+    for (size_t j = 0; j < chain_->post.size(); ++j)
+      h = chain_->post[j].forward(h, static_cast<const OpTape&>(energy_.post_tape[j]));
+    auto g = torch::autograd::grad({nudging_.loss_of(h, target)}, params);
+    for (size_t k = 0; k < g.size(); ++k) acc_[acc_.size() - g.size() + k] = g[k].detach();
   }
 
-  EPEngine engine_;
+  Settling settling_;
+  Nudging nudging_;
+  double beta_ = 0.5;
+  bool symmetric_ = false, free_phase_ = false, analytic_ = true;
+  Mode mode_ = Mode::EP;
+  std::unique_ptr<Chain> chain_;
+  torch::nn::Sequential model_{nullptr};
+  Energy energy_;
+  std::vector<torch::Tensor> acc_;  // the gradients being accumulated, swapped into .grad() on success
+  SettleReport report_;
+  torch::Tensor x_;  // the batch of the current compute
 };
 
-/// Options of a stand-alone EPGradient: `mep::EPGradient ep(mep::EPGradientOptions().beta(1e-3));`
-struct EPGradientOptions : detail::EPOptionsBase<EPGradientOptions> {};
+/// The settling policy EP uses unless told otherwise (README, "Settling": the cheapest that
+/// reaches cos ≥ 0.99 to the converged EP gradient on every benchmark model).
+using DefaultSettling = LayerSweep;
+
+/// The EP gradient with the default settling (contract name).
+using EPGradient = BasicEPGradient<DefaultSettling>;
+
+/// Options of a stand-alone EP gradient: `mep::EPGradient ep(mep::EPGradientOptions().beta(1e-3));`
+template <class Settling = DefaultSettling>
+struct BasicEPGradientOptions : BasicEPGradient<Settling>::template Options<BasicEPGradientOptions<Settling>> {};
+using EPGradientOptions = BasicEPGradientOptions<>;
 
 }  // namespace mep

@@ -7,8 +7,8 @@
 /// For a matrix gradient g (out × in; conv kernels viewed as out × in·kh·kw):
 ///   F_new = gᵀ·g                       (in × in)  — or, with fisher_diagonal,
 ///   F_new = Σ_rows g²                  ([in], the diagonal of gᵀ·g)
-/// taken from the state buffer "fisher_new" that the gradient policy stores before the
-/// update (computed from the incoming g itself when absent), then consumed (erased).
+/// computed here from the gradient the update receives (the EP or backprop gradient: the
+/// Fisher policy works with any gradient policy).
 ///   F ← ρ·F + (1 − ρ)·F_new,  ρ = fisher_ema (0.95), F = 0 before the first step
 ///   w = g·(F + λI)⁻¹                   (Cholesky: F + λI is symmetric positive definite)
 ///   w = g / (diag F + λ)               (fisher_diagonal; broadcast over the rows)
@@ -66,8 +66,6 @@ struct FisherNewtonSchulz {
       : ns(o), damping(o.fisher_damping()), ema(o.fisher_ema()), diagonal(o.fisher_diagonal()) {}
 
   torch::Tensor direction(const torch::Tensor& g, ParamState& st) const {
-    torch::Tensor fresh = st.get("fisher_new");
-    st.buffers.erase("fisher_new");
     if (!is_matrix(g)) return g;
 
     const auto gm = as_matrix(g);
@@ -75,7 +73,7 @@ struct FisherNewtonSchulz {
     const auto reduced = g.scalar_type() == torch::kHalf || g.scalar_type() == torch::kBFloat16;
     const auto x = gm.to(reduced ? torch::kFloat32 : gm.scalar_type());
 
-    fresh = fresh.defined() ? conform(fresh.to(x.options()), in, g) : proxy(x);
+    const torch::Tensor fresh = proxy(x);
 
     torch::Tensor& f = st.buffers["fisher"];
     const std::vector<int64_t> fshape = diagonal ? std::vector<int64_t>{in} : std::vector<int64_t>{in, in};
@@ -109,17 +107,6 @@ struct FisherNewtonSchulz {
  private:
   /// The Fisher proxy of `x` (out × in): xᵀ·x, or its diagonal.
   torch::Tensor proxy(const torch::Tensor& x) const { return diagonal ? x.square().sum(0) : torch::mm(x.t(), x); }
-
-  /// A stored "fisher_new" in the shape this policy keeps: the diagonal of a full proxy
-  /// for the diagonal option, a diagonal matrix from a diagonal proxy otherwise.
-  torch::Tensor conform(const torch::Tensor& fresh, int64_t in, const torch::Tensor& g) const {
-    if (fresh.dim() == 1 && fresh.size(0) == in) return diagonal ? fresh : torch::diag(fresh);
-    if (fresh.dim() == 2 && fresh.size(0) == in && fresh.size(1) == in) return diagonal ? fresh.diagonal() : fresh;
-    std::ostringstream os;
-    os << "mep: FisherNewtonSchulz: state buffer fisher_new has shape " << fresh.sizes() << ", expected [" << in
-       << ", " << in << "] or [" << in << "] for the parameter of shape " << g.sizes();
-    throw std::runtime_error(os.str());
-  }
 };
 
 }  // namespace mep

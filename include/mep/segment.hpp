@@ -1,0 +1,439 @@
+#pragma once
+/// \file segment.hpp
+/// The unit of the EP engine: a *segment* is a state-producing layer f (Linear, Conv1d,
+/// Conv2d) with the ops a that feed it (activations, pooling, Flatten, Dropout, norms):
+///
+///   s_{l−1} ─a→ in_l ─f→ f_l(in_l)
+///
+/// A segment knows three things, each in analytic form (no autograd graph):
+///   forward      in = a(s), pred = f(in)
+///   input VJP    J_lᵀ·e = a'(s)ᵀ·(∂f/∂in)ᵀ·e          (what settling needs)
+///   parameter gradient  (∂f/∂θ)ᵀ·e for the layer and the norms inside a
+/// The ops of a segment write into an `OpTape` and the segment into a `SegmentTape`: the
+/// buffers of the engine's workspace (energy.hpp), allocated once per batch shape, so that
+/// the forward and the VJP of Linear layers, activations, pooling, Flatten, Dropout and
+/// BatchNorm allocate nothing. Convolutions run through ATen's convolution kernels, which
+/// return fresh tensors (LibTorch has no out= form of them); LayerNorm through ATen's
+/// layer-norm kernels likewise. An op or layer without an analytic form (a convolution
+/// with a non-zero padding mode) makes its segment take an autograd vector-Jacobian
+/// product instead, as does `analytic = false` everywhere (tests, benchmarks).
+///
+/// Dropout is the identity (EP has no dropout). BatchNorm normalises with statistics
+/// frozen for the step (the batch's in train mode, the running ones in eval mode), which
+/// makes it an affine map per channel, x·scale + shift; those statistics live in the
+/// workspace, not in the op.
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mep {
+
+enum class OpKind { Activation, Flatten, Dropout, BatchNorm, LayerNorm, MaxPool, AvgPool, AdaptiveAvgPool, Softmax };
+enum class Activation { ReLU, LeakyReLU, Sigmoid, Tanh, GELU, GELUTanh, SiLU, ELU, Softplus };
+
+/// Per-step buffers of one op: its output, what its VJP needs, its VJP's result.
+struct OpTape {
+  torch::Tensor out, aux, grad;
+  torch::Tensor mask;  // tiling max pool: scratch
+  // BatchNorm: statistics frozen for the step, the affine map they make, and the number
+  // of values per channel they came from (0: nothing for the running statistics to take in).
+  torch::Tensor mean, var, scale, shift;
+  int64_t count = 0;
+};
+
+/// A parameter-free or normalising op between two layers (SPEC §1).
+struct Op {
+  OpKind kind = OpKind::Dropout;
+  std::shared_ptr<torch::nn::Module> module;
+  Activation act = Activation::ReLU;
+  double a = 0, b = 0;                  // activation parameters: slope/alpha, (beta, threshold)
+  int64_t start_dim = 1, end_dim = -1;  // Flatten; Softmax uses start_dim as its dim
+  int64_t pool_dims = 2;                // pooling over 1 or 2 spatial dimensions
+  std::vector<int64_t> kernel, stride, padding, dilation, output_size;  // pooling
+  bool ceil_mode = false, count_include_pad = true;
+  c10::optional<int64_t> divisor;
+  double norm_eps = 1e-5;
+  std::vector<int64_t> normalized_shape;  // LayerNorm
+
+  torch::Tensor weight, bias;             // norms: affine parameters (undefined without)
+
+  /// Max pooling whose windows tile the input exactly (kernel = stride, no padding,
+  /// dilation 1): forward and VJP by strided views, without ATen's index-producing kernel.
+  bool tiling_max_pool(const torch::Tensor& in) const {
+    if (kind != OpKind::MaxPool) return false;
+    for (size_t d = 0; d < kernel.size(); ++d) {
+      const int64_t extent = in.size(in.dim() - static_cast<int64_t>(kernel.size()) + static_cast<int64_t>(d));
+      if (kernel[d] != stride[d] || padding[d] != 0 || dilation[d] != 1 || extent % kernel[d] != 0) return false;
+    }
+    return true;
+  }
+
+  /// The op as a function (allocates); BatchNorm uses the frozen statistics of `t`.
+  torch::Tensor forward(const torch::Tensor& x, const OpTape& t) const {
+    switch (kind) {
+      case OpKind::Dropout: return x;
+      case OpKind::Flatten: return x.flatten(start_dim, end_dim);
+      case OpKind::Activation: return activate(x);
+      case OpKind::Softmax: return torch::softmax(x, start_dim);
+      case OpKind::BatchNorm: return torch::batch_norm(x, weight, bias, t.mean, t.var, false, 0.0, norm_eps, false);
+      case OpKind::LayerNorm: return torch::layer_norm(x, normalized_shape, weight, bias, norm_eps);
+      case OpKind::MaxPool:
+        return from2d(std::get<0>(at::max_pool2d_with_indices(as2d(x), kernel, stride, padding, dilation, ceil_mode)));
+      case OpKind::AvgPool:
+        return from2d(at::avg_pool2d(as2d(x), kernel, stride, padding, ceil_mode, count_include_pad, divisor));
+      case OpKind::AdaptiveAvgPool: return from2d(at::adaptive_avg_pool2d(as2d(x), adaptive_size(x)));
+    }
+    return x;
+  }
+
+  torch::Tensor activate(const torch::Tensor& s) const {
+    switch (act) {
+      case Activation::ReLU: return torch::relu(s);
+      case Activation::LeakyReLU: return torch::leaky_relu(s, a);
+      case Activation::Sigmoid: return torch::sigmoid(s);
+      case Activation::Tanh: return torch::tanh(s);
+      case Activation::GELU: return torch::gelu(s, "none");
+      case Activation::GELUTanh: return torch::gelu(s, "tanh");
+      case Activation::SiLU: return torch::silu(s);
+      case Activation::ELU: return torch::elu(s, a);
+      case Activation::Softplus: return torch::softplus(s, a, b);
+    }
+    return s;
+  }
+
+  /// Allocates the buffers of `t` for input `in` (runs the op once to learn its shape).
+  void prepare(const torch::Tensor& in, OpTape& t) const {
+    auto out = kind == OpKind::BatchNorm ? in : forward(in, static_cast<const OpTape&>(t));
+    if (kind == OpKind::Flatten || kind == OpKind::Dropout) {
+      t.out = torch::Tensor();
+      t.grad = torch::Tensor();
+      return;
+    }
+    t.out = torch::empty_like(out, torch::MemoryFormat::Contiguous);
+    t.grad = torch::empty_like(in, torch::MemoryFormat::Contiguous);
+    if (kind == OpKind::MaxPool) {
+      if (tiling_max_pool(in)) {
+        t.aux = torch::empty_like(t.out);
+        t.mask = torch::empty(t.out.sizes(), in.options().dtype(torch::kBool));
+      } else {
+        t.aux = torch::empty(as2d(t.out).sizes(), in.options().dtype(torch::kLong));
+      }
+    }
+  }
+
+  /// out = op(in), into the tape (a view of `in` for Flatten, `in` itself for Dropout).
+  torch::Tensor forward(const torch::Tensor& in, OpTape& t) const {
+    switch (kind) {
+      case OpKind::Dropout: return in;
+      case OpKind::Flatten: return in.flatten(start_dim, end_dim);
+      case OpKind::Activation: activate_out(in, t.out); return t.out;
+      case OpKind::Softmax: at::_softmax_out(t.out, in, start_dim, false); return t.out;
+      case OpKind::BatchNorm: {
+        auto scale = channel_view(t.scale, in), shift = channel_view(t.shift, in);
+        at::mul_out(t.out, in, scale);
+        t.out.add_(shift);
+        return t.out;
+      }
+      case OpKind::LayerNorm: {
+        auto r = at::native_layer_norm(in, normalized_shape, weight, bias, norm_eps);
+        t.out = std::get<0>(r), t.mean = std::get<1>(r), t.var = std::get<2>(r);  // var holds rstd
+        return t.out;
+      }
+      case OpKind::MaxPool:
+        if (tiling_max_pool(in)) {
+          tiled_max_forward(in, t);
+        } else {
+          auto out2 = as2d(t.out);
+          at::max_pool2d_with_indices_out(out2, t.aux, as2d(in), kernel, stride, padding, dilation, ceil_mode);
+        }
+        return t.out;
+      case OpKind::AvgPool: {
+        auto out2 = as2d(t.out);
+        at::avg_pool2d_out(out2, as2d(in), kernel, stride, padding, ceil_mode, count_include_pad, divisor);
+        return t.out;
+      }
+      case OpKind::AdaptiveAvgPool: {
+        auto out2 = as2d(t.out);
+        at::adaptive_avg_pool2d_out(out2, as2d(in), adaptive_size(in));
+        return t.out;
+      }
+    }
+    return in;
+  }
+
+  /// Its VJP (∂op/∂in)ᵀ·grad at `in`, after `forward(in, t)`: into t.grad, or a view.
+  torch::Tensor vjp(const torch::Tensor& grad, const torch::Tensor& in, OpTape& t) const {
+    switch (kind) {
+      case OpKind::Dropout: return grad;
+      case OpKind::Flatten: return grad.view(in.sizes());
+      case OpKind::Activation: activation_vjp(grad, in, t); return t.grad;
+      case OpKind::Softmax: at::_softmax_backward_data_out(t.grad, grad, t.out, start_dim, in.scalar_type()); return t.grad;
+      case OpKind::BatchNorm: at::mul_out(t.grad, grad, channel_view(t.scale, in)); return t.grad;
+      case OpKind::LayerNorm:
+        t.grad = std::get<0>(at::native_layer_norm_backward(grad, in, normalized_shape, t.mean, t.var, weight, bias,
+                                                            {true, false, false}));
+        return t.grad;
+      case OpKind::MaxPool:
+        if (tiling_max_pool(in)) {
+          tiled_max_vjp(grad, t);
+        } else {
+          auto g2 = as2d(t.grad);
+          at::max_pool2d_with_indices_backward_out(g2, as2d(grad), as2d(in), kernel, stride, padding, dilation,
+                                                   ceil_mode, t.aux);
+        }
+        return t.grad;
+      case OpKind::AvgPool: {
+        auto g2 = as2d(t.grad);
+        at::avg_pool2d_backward_out(g2, as2d(grad), as2d(in), kernel, stride, padding, ceil_mode, count_include_pad,
+                                    divisor);
+        return t.grad;
+      }
+      case OpKind::AdaptiveAvgPool: {
+        auto g2 = as2d(t.grad);
+        at::_adaptive_avg_pool2d_backward_out(g2, as2d(grad), as2d(in));
+        return t.grad;
+      }
+    }
+    return grad;
+  }
+
+  /// Gradients of the norm's weight and bias for `grad` at its output (undefined when the
+  /// norm has none), appended in module order.
+  void parameter_gradients(const torch::Tensor& grad, const torch::Tensor& in, const OpTape& t,
+                           std::vector<torch::Tensor>& out) const {
+    const auto& w = weight;
+    const auto& bb = bias;
+    if (!w.defined() && !bb.defined()) return;
+    torch::Tensor gw, gb;
+    if (kind == OpKind::LayerNorm) {
+      auto r = at::native_layer_norm_backward(grad, in, normalized_shape, t.mean, t.var, w, bb,
+                                              {false, w.defined(), bb.defined()});
+      gw = std::get<1>(r), gb = std::get<2>(r);
+    } else {  // BatchNorm: x̂ = (x − μ)/√(σ² + ε); ∂w = Σ g·x̂, ∂b = Σ g over all but the channel
+      std::vector<int64_t> dims{0};
+      for (int64_t d = 2; d < in.dim(); ++d) dims.push_back(d);
+      auto xhat = (in - channel_view(t.mean, in)) * channel_view((t.var + norm_eps).rsqrt(), in);
+      if (w.defined()) gw = (grad * xhat).sum(dims);
+      if (bb.defined()) gb = grad.sum(dims);
+    }
+    if (w.defined()) out.push_back(gw);
+    if (bb.defined()) out.push_back(gb);
+  }
+
+ private:
+  // Pooling runs on 4-D [N, C, H, W] views; 1-D pooling on [N, C, 1, W].
+  torch::Tensor as2d(const torch::Tensor& x) const { return pool_dims == 1 ? x.unsqueeze(-2) : x; }
+  torch::Tensor from2d(const torch::Tensor& x) const { return pool_dims == 1 ? x.squeeze(-2) : x; }
+  std::vector<int64_t> adaptive_size(const torch::Tensor& x) const {
+    if (pool_dims == 1) return {1, output_size[0]};
+    std::vector<int64_t> out = output_size;
+    for (size_t d = 0; d < 2; ++d)
+      if (out[d] < 0) out[d] = x.size(x.dim() - 2 + static_cast<int64_t>(d));
+    return out;
+  }
+
+  static torch::Tensor channel_view(const torch::Tensor& v, const torch::Tensor& like) {
+    std::vector<int64_t> shape(static_cast<size_t>(like.dim()), 1);
+    shape[1] = v.numel();
+    return v.view(shape);
+  }
+
+  void activate_out(const torch::Tensor& s, torch::Tensor& out) const {
+    switch (act) {
+      case Activation::ReLU: at::clamp_min_out(out, s, 0); break;
+      case Activation::LeakyReLU: at::leaky_relu_out(out, s, a); break;
+      case Activation::Sigmoid: at::sigmoid_out(out, s); break;
+      case Activation::Tanh: at::tanh_out(out, s); break;
+      case Activation::GELU: at::gelu_out(out, s, "none"); break;
+      case Activation::GELUTanh: at::gelu_out(out, s, "tanh"); break;
+      case Activation::SiLU: at::silu_out(out, s); break;
+      case Activation::ELU: at::elu_out(out, s, a); break;
+      case Activation::Softplus: at::softplus_out(out, s, a, b); break;
+    }
+  }
+
+  // ATen's derivative kernels: a'(s)·g elementwise.
+  void activation_vjp(const torch::Tensor& g, const torch::Tensor& s, OpTape& t) const {
+    switch (act) {
+      case Activation::ReLU: at::threshold_backward_out(t.grad, g, s, 0); break;
+      case Activation::LeakyReLU: at::leaky_relu_backward_out(t.grad, g, s, a, false); break;
+      case Activation::Sigmoid: at::sigmoid_backward_out(t.grad, g, t.out); break;
+      case Activation::Tanh: at::tanh_backward_out(t.grad, g, t.out); break;
+      case Activation::GELU: at::gelu_backward_out(t.grad, g, s, "none"); break;
+      case Activation::GELUTanh: at::gelu_backward_out(t.grad, g, s, "tanh"); break;
+      case Activation::SiLU: at::silu_backward_out(t.grad, g, s); break;
+      case Activation::ELU: at::elu_backward_out(t.grad, g, a, 1, 1, false, s); break;
+      case Activation::Softplus: at::softplus_backward_out(t.grad, g, s, a, b); break;
+    }
+  }
+
+  // The window offsets of a tiling max pool, in the order ATen scans them (row-major), as
+  // strided views of `x` whose shape is the pooled output's.
+  std::vector<torch::Tensor> windows(const torch::Tensor& x) const {
+    std::vector<torch::Tensor> out;
+    const int64_t w = x.dim() - 1;
+    if (kernel.size() == 1) {
+      for (int64_t j = 0; j < kernel[0]; ++j) out.push_back(x.slice(w, j, c10::nullopt, kernel[0]));
+      return out;
+    }
+    for (int64_t i = 0; i < kernel[0]; ++i)
+      for (int64_t j = 0; j < kernel[1]; ++j)
+        out.push_back(x.slice(w - 1, i, c10::nullopt, kernel[0]).slice(w, j, c10::nullopt, kernel[1]));
+    return out;
+  }
+
+  // out = max over the window, aux = the offset of its first maximum (ties: the earliest,
+  // as ATen's kernel picks them).
+  void tiled_max_forward(const torch::Tensor& in, OpTape& t) const {
+    auto views = windows(in);
+    t.out.copy_(views[0]);
+    t.aux.zero_();
+    for (size_t j = 1; j < views.size(); ++j) {
+      at::gt_out(t.mask, views[j], t.out);
+      t.aux.masked_fill_(t.mask, static_cast<double>(j));
+      at::maximum_out(t.out, t.out, views[j]);
+    }
+  }
+
+  void tiled_max_vjp(const torch::Tensor& grad, OpTape& t) const {
+    auto views = windows(t.grad);
+    for (size_t j = 0; j < views.size(); ++j) {
+      at::eq_out(views[j], t.aux, static_cast<double>(j));
+      views[j].mul_(grad);
+    }
+  }
+};
+
+enum class LayerKind { Linear, Conv1d, Conv2d };
+
+/// Per-step buffers of one segment.
+struct SegmentTape {
+  std::vector<OpTape> ops;
+  torch::Tensor in;            // a(s_{l−1}), the layer's input
+  torch::Tensor pred;          // f_l(in)
+  torch::Tensor eps, delta;    // ε_l = −∂E_l/∂f_l and δ_l = ∂E_l/∂s_l (the same tensor for ½‖s − f‖²)
+  torch::Tensor back;          // J_lᵀ·ε_l with respect to s_{l−1}
+  torch::Tensor layer_grad;    // (∂f/∂in)ᵀ·ε_l, before the ops' VJPs
+  torch::Tensor leaf, graph;   // autograd fallback: s_{l−1} as a leaf, and f_l built from it
+};
+
+/// A state-producing layer f_l and the ops a_{l−1} that feed it.
+struct Segment {
+  LayerKind kind = LayerKind::Linear;
+  size_t position = 0;  // of the layer in the Sequential
+  std::shared_ptr<torch::nn::Module> module;
+  torch::Tensor weight, bias;  // bias may be undefined
+  std::vector<Op> pre;
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups = 1;
+  bool zero_padding = true;  // conv: explicit zero padding, so the analytic VJP applies
+
+  /// Whether the analytic forward and VJP apply (otherwise: autograd through the module).
+  bool analytic() const { return kind == LayerKind::Linear || zero_padding; }
+
+  /// f(in) for the layer alone (allocates unless `out` is given for a 2-D Linear).
+  torch::Tensor layer_forward(const torch::Tensor& in, torch::Tensor* out = nullptr) const {
+    switch (kind) {
+      case LayerKind::Linear:
+        if (in.dim() == 2) {
+          if (out != nullptr && out->defined()) {
+            if (bias.defined()) at::addmm_out(*out, bias, in, weight.t());
+            else at::mm_out(*out, in, weight.t());
+            return *out;
+          }
+          return bias.defined() ? torch::addmm(bias, in, weight.t()) : torch::mm(in, weight.t());
+        }
+        return torch::linear(in, weight, bias);
+      case LayerKind::Conv1d:
+        if (zero_padding) return torch::conv1d(in, weight, bias, stride, padding, dilation, groups);
+        return module->as<torch::nn::Conv1d>()->forward(in);
+      case LayerKind::Conv2d:
+        if (zero_padding) return torch::conv2d(in, weight, bias, stride, padding, dilation, groups);
+        return module->as<torch::nn::Conv2d>()->forward(in);
+    }
+    return in;
+  }
+
+  /// The segment as a function of s_{l−1} (allocates; autograd-capable).
+  torch::Tensor forward(const torch::Tensor& s, const std::vector<OpTape>& ops) const {
+    torch::Tensor h = s;
+    for (size_t j = 0; j < pre.size(); ++j) h = pre[j].forward(h, ops[j]);
+    return layer_forward(h);
+  }
+
+  /// (∂f/∂in)ᵀ·e for the layer alone, into `out` where it can.
+  torch::Tensor layer_vjp(const torch::Tensor& e, const torch::Tensor& in, torch::Tensor& out) const {
+    if (kind == LayerKind::Linear) {
+      if (e.dim() == 2 && out.defined()) return at::mm_out(out, e, weight);
+      return torch::matmul(e, weight);
+    }
+    return std::get<0>(at::convolution_backward(e, in, weight, c10::nullopt, stride, padding, dilation,
+                                                /*transposed=*/false, std::vector<int64_t>(stride.size(), 0), groups,
+                                                {true, false, false}));
+  }
+
+  /// Allocates `t` for input state `s` (shapes from one functional forward).
+  void prepare(const torch::Tensor& s, SegmentTape& t) const {
+    t.ops.resize(pre.size());
+    torch::Tensor h = s;
+    for (size_t j = 0; j < pre.size(); ++j) {
+      pre[j].prepare(h, t.ops[j]);
+      h = pre[j].kind == OpKind::BatchNorm ? h : pre[j].forward(h, static_cast<const OpTape&>(t.ops[j]));
+    }
+    auto f = layer_forward(h);
+    t.pred = torch::empty_like(f, torch::MemoryFormat::Contiguous);
+    t.eps = torch::empty_like(t.pred);
+    t.delta = t.eps;
+    t.back = torch::Tensor();
+    t.layer_grad = kind == LayerKind::Linear && h.dim() == 2 ? torch::empty_like(h, torch::MemoryFormat::Contiguous)
+                                                              : torch::Tensor();
+  }
+
+  /// in = a(s), pred = f(in), into the tape. With `autograd`, builds a graph from s instead
+  /// (for the VJP fallback).
+  void forward(const torch::Tensor& s, SegmentTape& t, bool autograd) const {
+    if (autograd || !analytic()) {
+      torch::AutoGradMode grad_mode(true);
+      t.leaf = s.detach().requires_grad_(true);
+      torch::Tensor h = t.leaf;
+      for (size_t j = 0; j < pre.size(); ++j) h = pre[j].forward(h, static_cast<const OpTape&>(t.ops[j]));
+      t.in = h.detach();
+      t.graph = layer_forward(h);
+      t.pred = t.graph.detach();
+      return;
+    }
+    t.leaf = t.graph = torch::Tensor();
+    torch::Tensor h = s;
+    for (size_t j = 0; j < pre.size(); ++j) h = pre[j].forward(h, t.ops[j]);
+    t.in = h;
+    if (kind == LayerKind::Linear && h.dim() == 2) layer_forward(h, &t.pred);
+    else t.pred = layer_forward(h);  // ATen's convolution returns a new tensor
+  }
+
+  /// J_lᵀ·e with respect to s_{l−1}, after forward(s, t): into t.back.
+  const torch::Tensor& vjp(const torch::Tensor& e, const torch::Tensor& s, SegmentTape& t) const {
+    if (t.leaf.defined()) {
+      t.back = torch::autograd::grad({t.graph}, {t.leaf}, {e}, /*retain_graph=*/true)[0];
+      return t.back;
+    }
+    torch::Tensor g = layer_vjp(e, t.in, t.layer_grad);
+    for (size_t j = pre.size(); j-- > 0;) g = pre[j].vjp(g, j == 0 ? s : op_input(s, t, j), t.ops[j]);
+    t.back = g;
+    return t.back;
+  }
+
+  /// The input of op j (the output of op j−1; `s` for j = 0).
+  torch::Tensor op_input(const torch::Tensor& s, const SegmentTape& t, size_t j) const {
+    torch::Tensor h = s;
+    for (size_t k = 0; k < j; ++k) {
+      const auto& op = pre[k];
+      h = op.kind == OpKind::Dropout ? h : op.kind == OpKind::Flatten ? h.flatten(op.start_dim, op.end_dim) : t.ops[k].out;
+    }
+    return h;
+  }
+};
+
+}  // namespace mep

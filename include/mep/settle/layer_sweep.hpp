@@ -1,0 +1,115 @@
+#pragma once
+/// \file layer_sweep.hpp
+/// Layer-sweep settling: block-coordinate descent on the energy, one layer at a time from
+/// the output down (Gauss–Seidel order), each layer using its neighbours' latest states:
+///
+///   s_L ← s_L − η·∂E/∂s_L / (1 + 2β)         (MSE nudging: with η = 1 the exact minimiser
+///                                              (f_L + 2β·y)/(1 + 2β) of the last layer's energy)
+///   s_l ← s_l − η·(ε_l − J_{l+1}ᵀ·ε_{l+1})    for l = L−1, …, 1   (η = settle_lr; η = 1 gives the
+///                                              fixed-point form s_l = f_l + J_{l+1}ᵀ·ε_{l+1})
+///
+/// (the last layer takes a plain step of η for cross-entropy nudging or ops after it).
+/// Asynchronous, layer-wise updates of the same fixed point as gradient descent: Scellier et
+/// al. 2023, "Energy-based learning algorithms for analog computing", report 13.5× faster
+/// training from them. One sweep costs one forward and one VJP per segment, as one heavy-ball
+/// step, but moves information through every layer in one pass; its first sweep, from the
+/// feedforward states, needs no forward. settle_steps counts sweeps; adaptive mode undoes a
+/// sweep that raised the energy and halves η, as HeavyBall does.
+
+#include <mep/settle.hpp>
+
+namespace mep {
+
+struct LayerSweep {
+  static constexpr double kShrink = 0.5;  // adaptive: η after a rejected sweep
+
+  struct Defaults {
+    static constexpr int64_t steps = 4;
+    static constexpr double lr = 1.0;
+    static constexpr double tol = 0.0;
+    static constexpr int64_t patience = 1;
+    static constexpr bool adaptive = false;
+  };
+  template <class Derived>
+  using Options = SettleOptions<Derived, Defaults>;
+
+  SettleConfig config;
+
+  LayerSweep() : config{Defaults::steps, Defaults::lr, Defaults::tol, Defaults::patience, Defaults::adaptive, 0} {}
+  template <class O>
+  explicit LayerSweep(const O& o) : config(SettleConfig::from(o)) {}
+
+  PhaseReport settle(Energy& e, double beta) const {
+    torch::NoGradGuard no_grad;
+    const SettleConfig& c = config;
+    e.start();
+    detail::StopRule rule(c, e.s[0]);
+    double lr = c.lr, energy = 0;
+    int64_t k = 0;
+    bool converged = false;
+    for (k = 1; k <= c.steps; ++k) {
+      if (k > 1 || !e.tapes_at_feedforward()) e.forward_all();
+      // The energy of the states after k − 1 sweeps, where the rule (or adaptive mode) reads it.
+      if (k == 1 && rule.watching()) {
+        e.errors_all(beta);
+        energy = e.mean(beta);
+        detail::check_finite_energy(energy, 0, beta);
+      } else if (k > 1 && (rule.check_at(k - 1, c.steps) || c.adaptive)) {
+        e.errors_all(beta);
+        const double next = e.mean(beta);
+        detail::check_finite_energy(next, k - 1, beta);
+        if (c.adaptive && next > energy) {
+          undo(e);
+          lr *= kShrink;
+          rule.reset_calm();
+        } else {
+          const double previous = energy;
+          energy = next;
+          if (rule.met(previous, next)) {
+            converged = true;
+            break;
+          }
+        }
+      }
+      if (c.adaptive)
+        for (size_t l = 0; l < e.size(); ++l) e.scratch(0)[l].copy_(e.s[l]);
+      sweep(e, beta, lr);
+    }
+    const int64_t taken = converged ? k - 1 : c.steps;
+    e.evaluate(beta);
+    if (!converged && rule.watching()) {  // the last sweep, judged like the others
+      const double next = e.mean(beta);
+      detail::check_finite_energy(next, taken, beta);
+      if (c.adaptive && next > energy) {
+        undo(e);
+        e.evaluate(beta);
+      } else {
+        converged = rule.met(energy, next);
+      }
+    }
+    return detail::finish(e, beta, taken, converged, taken);
+  }
+
+ private:
+  static void undo(Energy& e) {
+    for (size_t l = 0; l < e.size(); ++l) e.s[l].copy_(e.scratch(0)[l]);
+    e.forward_all();
+  }
+
+  // One top-down sweep; the segments' predictions describe the current states on entry.
+  static void sweep(Energy& e, double beta, double lr) {
+    const size_t L = e.size();
+    e.errors(L - 1, beta);
+    const double curvature = e.last_curvature(beta);
+    e.s[L - 1].sub_(e.tape[L - 1].delta, curvature > 0 ? lr / curvature : lr);
+    for (size_t l = L - 1; l-- > 0;) {
+      e.errors(l + 1, 0.0);  // ε_{l+1} at the new s_{l+1}
+      e.backproject(l + 1);
+      e.errors(l, beta);
+      e.gradient(l);
+      e.s[l].sub_(e.g[l], lr);
+    }
+  }
+};
+
+}  // namespace mep
