@@ -4,7 +4,11 @@
 //
 //   mep_bench [--model mlp|mlp_small|cnn] [--optimizers sgd,adam,...] [--epochs 10]
 //             [--train 3000] [--test 500] [--batch 128] [--seed 0] [--threads N]
-//             [--device cpu|cuda] [--loss mse|ce] [--error-feedback off|reference|projected] [--data data/mnist] [--json FILE]
+//             [--device cpu|cuda] [--loss mse|ce] [--error-feedback off|reference|projected]
+//             [--settling default|reference] [--data data/mnist] [--json FILE]
+//
+// For the EP family, each epoch also reports what settling did (mean steps and relative
+// residual per training step, fraction of steps that met the stopping rule).
 //
 // Every error is one line on stderr starting with "mep_bench: " and a non-zero exit.
 
@@ -91,12 +95,37 @@ struct Options {
   std::string device = "cpu";
   std::string loss = "mse";
   std::string error_feedback = "off";
+  std::string settling = "default";
   std::string json;
 };
 
 struct EpochRecord {
   int64_t epoch = 0;
   double train_loss = 0, train_acc = 0, val_loss = 0, val_acc = 0, epoch_s = 0;
+  // What settling did (EP family only, has_settle): means over the epoch's steps.
+  bool has_settle = false;
+  double settle_steps = 0, settle_residual = 0, settle_converged = 0;  ///< steps, residual, fraction converged
+};
+
+/// Accumulates the settling reports of an epoch's steps.
+struct SettleStats {
+  int64_t n = 0;
+  double steps = 0, residual = 0, converged = 0;
+
+  void add(const mep::SettleReport& r) {
+    ++n;
+    steps += static_cast<double>(r.steps());
+    residual += r.residual();
+    converged += r.converged() ? 1 : 0;
+  }
+  void store(EpochRecord& e) const {
+    if (n == 0) return;
+    const double d = static_cast<double>(n);
+    e.has_settle = true;
+    e.settle_steps = steps / d;
+    e.settle_residual = residual / d;
+    e.settle_converged = converged / d;
+  }
 };
 
 struct Result {
@@ -133,6 +162,9 @@ class Progress {
               << strf("  batch %lld/%lld  loss %.4f  | train %6.2f%%  val %6.2f%% (loss %.4f)  | %.2fs",
                       static_cast<long long>(n), static_cast<long long>(n), r.train_loss, 100 * r.train_acc,
                       100 * r.val_acc, r.val_loss, r.epoch_s);
+    if (r.has_settle)
+      std::cout << strf("  | settle %.1f steps, residual %.1e, converged %.0f%%", r.settle_steps, r.settle_residual,
+                        100 * r.settle_converged);
     if (tty_) std::cout << "\033[K";
     std::cout << '\n' << std::flush;
     open_ = false;
@@ -210,6 +242,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
   config.loss = opt.loss == "ce" ? mep::Loss::CrossEntropy : mep::Loss::MSE;
   config.error_feedback = opt.error_feedback != "off";
   config.error_projected = opt.error_feedback == "projected";
+  config.reference_settling = opt.settling == "reference";
   auto trainer = entry.make(model, config);
 
   Result result;
@@ -229,6 +262,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
     auto perm = torch::randperm(n, torch::TensorOptions().dtype(torch::kLong));
     if (cuda) perm = perm.to(device);
     double loss_sum = 0;
+    SettleStats settle;
     const auto epoch_start = Clock::now();
     for (int64_t b = 0; b < batches; ++b) {
       const int64_t start = b * opt.batch;
@@ -248,6 +282,8 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
                                       static_cast<long long>(batches), message(e).c_str()));
       }
       ++steps;
+      // Outside the timed region: reading the report is not part of the step.
+      if (const auto* report = trainer->settle_report(); report && !report->phases.empty()) settle.add(*report);
       if (!std::isfinite(loss))
         throw std::runtime_error(strf("%s, epoch %lld, batch %lld/%lld: non-finite training loss (%g)",
                                       entry.name.c_str(), static_cast<long long>(epoch),
@@ -264,6 +300,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
     r.train_acc = on_train.acc;
     r.val_loss = on_test.loss;
     r.val_acc = on_test.acc;
+    settle.store(r);
     progress.epoch_done(prefix, batches, r);
     epoch_times.push_back(r.epoch_s);
     result.epochs.push_back(r);
@@ -296,7 +333,8 @@ void print_table(std::vector<Result> results) {
 nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vector<Result>& results) {
   nlohmann::ordered_json j;
   j["protocol"] = {{"model", opt.model}, {"epochs", opt.epochs}, {"train", opt.train},   {"test", opt.test},
-                   {"batch", opt.batch}, {"seed", opt.seed},     {"threads", threads}, {"device", opt.device}};
+                   {"batch", opt.batch}, {"seed", opt.seed},     {"threads", threads}, {"device", opt.device},
+                   {"settling", opt.settling}};
   auto& rs = j["results"] = nlohmann::ordered_json::array();
   for (const auto& r : results) {
     nlohmann::ordered_json o;
@@ -307,13 +345,16 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
     o["step_ms"] = r.step_ms;
     o["lr"] = r.lr;
     auto& es = o["epochs"] = nlohmann::ordered_json::array();
-    for (const auto& e : r.epochs)
-      es.push_back(nlohmann::ordered_json{{"epoch", e.epoch},
-                    {"train_loss", e.train_loss},
-                    {"train_acc", e.train_acc},
-                    {"val_loss", e.val_loss},
-                    {"val_acc", e.val_acc},
-                    {"epoch_s", e.epoch_s}});
+    for (const auto& e : r.epochs) {
+      nlohmann::ordered_json eo{{"epoch", e.epoch},     {"train_loss", e.train_loss}, {"train_acc", e.train_acc},
+                                {"val_loss", e.val_loss}, {"val_acc", e.val_acc},     {"epoch_s", e.epoch_s}};
+      if (e.has_settle) {  // EP family only
+        eo["settle_steps"] = e.settle_steps;
+        eo["settle_residual"] = e.settle_residual;
+        eo["settle_converged"] = e.settle_converged;
+      }
+      es.push_back(std::move(eo));
+    }
     rs.push_back(std::move(o));
   }
   return j;
@@ -446,6 +487,11 @@ int run(int argc, char** argv) {
                  "reference (r = g - u) or projected (r = g - <g,u>/|u|^2 u)")
       ->check(CLI::IsMember({"off", "reference", "projected"}))
       ->capture_default_str();
+  app.add_option("--settling", opt.settling,
+                 "settling of the EP family: the library default (mep::DefaultSettling) or the reference's "
+                 "(HeavyBall, 10 steps of 0.05, adaptive)")
+      ->check(CLI::IsMember({"default", "reference"}))
+      ->capture_default_str();
   app.add_option("--json", opt.json, "also write the results as JSON to FILE (parent directories are created)")
       ->type_name("FILE");
 
@@ -476,11 +522,11 @@ int run(int argc, char** argv) {
   std::vector<std::string> names;
   for (const auto* e : selected) names.push_back(e->name);
   std::cout << strf("mep_bench: model %s | data %s (train %lld, test %lld) | epochs %lld | batch %lld | seed %llu | "
-                    "threads %d | device %s | optimizers %s",
+                    "threads %d | device %s | settling %s | optimizers %s",
                     opt.model.c_str(), opt.data.c_str(), static_cast<long long>(opt.train),
                     static_cast<long long>(opt.test), static_cast<long long>(opt.epochs),
                     static_cast<long long>(opt.batch), static_cast<unsigned long long>(opt.seed), threads,
-                    opt.device.c_str(), join(names, ",").c_str())
+                    opt.device.c_str(), opt.settling.c_str(), join(names, ",").c_str())
             << std::endl;
 
   const Split train = load(opt.data, true, opt.train, device);

@@ -1,65 +1,128 @@
-// Google Benchmark micro-benchmarks of the EP engine (issue [2], SPEC §10):
-//  - one settling step (energy + ∂E/∂s), analytic versus autograd VJPs;
-//  - the full EP gradient (10 settling steps, free phase skipped) versus one backprop
-//    forward + backward of the same model and batch.
+// Google Benchmark micro-benchmarks of the EP engine (SPEC §3 and §10): on each benchmark
+// model, one EP gradient with each settling policy against one backprop forward + backward,
+// with the fidelity of each settling as counters:
+//   cos     cosine between its EP gradient and the converged one (the same β, HeavyBall settled
+//           to a standstill: 2,000 adaptive steps, tol 0)
+//   steps   settling steps (sweeps) it took, residual ‖∂E/∂s‖/‖s‖ at its final states
+// The models are those of mep_bench after 30 training steps of the reference SMEP on the
+// first digits of data/mnist (batch 128, float32), as in issue [4]'s measurements.
+//
 // Run: build/bench/mep_micro --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+// (MEP_DATA=DIR for another data directory; MEP_THREADS for another intra-op thread count.)
 #include <benchmark/benchmark.h>
 #include <mep/mep.hpp>
 
+#include <cstdlib>
+#include <map>
+#include <memory>
+
 namespace {
 
-struct Setup {
+constexpr int64_t kBatch = 128;
+
+int threads() {
+  const char* t = std::getenv("MEP_THREADS");
+  return t ? std::atoi(t) : 2;
+}
+
+const char* model_name(int64_t i) { return i == 0 ? "mlp_small" : i == 1 ? "mlp" : "cnn"; }
+
+/// A benchmark model trained for 30 reference-SMEP steps, and one batch of digits.
+struct Fixture {
   torch::nn::Sequential model{nullptr};
   torch::Tensor x, y;
-  explicit Setup(const std::string& name) {
-    torch::manual_seed(0);
-    model = mep::models::by_name(name);
-    x = torch::randn({128, 1, 28, 28});
-    y = torch::randint(0, 10, {128}, torch::kLong);
-  }
+  std::vector<torch::Tensor> converged;  // the converged EP gradient at (model, x, y)
 };
 
-const char* model_name(int64_t i) { return i == 0 ? "mlp_small" : "mlp"; }
-
-void BM_SettleStep(benchmark::State& state) {
-  torch::set_num_threads(1);
-  Setup s(model_name(state.range(0)));
-  const bool analytic = state.range(1) != 0;
-  auto chain = mep::Chain::from(s.model);
-  mep::Settler settler(chain, mep::Nudging{}, s.x, s.y);
-  auto states = chain.feedforward(s.x);
-  for (auto& t : states) t = t + 0.01 * torch::randn_like(t);
-  std::vector<torch::Tensor> grads(states.size());
-  mep::Phase ph;
-  torch::NoGradGuard no_grad;
-  for (auto _ : state) benchmark::DoNotOptimize(settler.evaluate(states, 0.5, grads, analytic, ph));
-  state.SetLabel(std::string(model_name(state.range(0))) + (analytic ? " analytic" : " autograd"));
+std::vector<torch::Tensor> grads_of(const torch::nn::Sequential& m) {
+  std::vector<torch::Tensor> g;
+  for (const auto& p : m->parameters()) g.push_back(p.grad().detach().clone());
+  return g;
 }
-BENCHMARK(BM_SettleStep)->ArgsProduct({{0, 1}, {1, 0}})->Unit(benchmark::kMicrosecond);
 
-void BM_EPGradient(benchmark::State& state) {
-  torch::set_num_threads(1);
-  Setup s(model_name(state.range(0)));
-  mep::EPGradient ep(mep::EPGradientOptions().settle_steps(10).tol(0).adaptive(false));
-  for (auto _ : state) benchmark::DoNotOptimize(ep.compute(s.model, s.x, s.y));
-  state.SetLabel(std::string(model_name(state.range(0))) + " EP, 10 settling steps");
+Fixture& fixture(int64_t which) {
+  static std::map<int64_t, std::unique_ptr<Fixture>> cache;
+  auto& slot = cache[which];
+  if (slot) return *slot;
+  slot = std::make_unique<Fixture>();
+  Fixture& f = *slot;
+  const char* dir = std::getenv("MEP_DATA");
+  auto data = mep::data::load_split(dir ? dir : "data/mnist", true, 30 * kBatch + kBatch);
+  torch::manual_seed(0);
+  f.model = mep::models::by_name(model_name(which));
+  f.model->train();
+  mep::reference::SMEP trainer(f.model, mep::reference::SMEP::Options());
+  for (int64_t i = 0; i < 30; ++i)
+    trainer.step(data.images.narrow(0, i * kBatch, kBatch), data.labels.narrow(0, i * kBatch, kBatch));
+  f.x = data.images.narrow(0, 30 * kBatch, kBatch);
+  f.y = data.labels.narrow(0, 30 * kBatch, kBatch);
+  using Converged = mep::BasicEPGradient<mep::HeavyBall>;
+  Converged ep(mep::BasicEPGradientOptions<mep::HeavyBall>().settle_steps(2000).tol(0).adaptive(true));
+  ep.compute(f.model, f.x, f.y);
+  f.converged = grads_of(f.model);
+  return f;
 }
-BENCHMARK(BM_EPGradient)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
+
+double cosine(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  double dot = 0, na = 0, nb = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    dot += (a[i].to(torch::kDouble) * b[i].to(torch::kDouble)).sum().item<double>();
+    na += a[i].to(torch::kDouble).pow(2).sum().item<double>();
+    nb += b[i].to(torch::kDouble).pow(2).sum().item<double>();
+  }
+  return dot / std::sqrt(na * nb);
+}
+
+template <class Settling>
+void run_ep(benchmark::State& state, const mep::BasicEPGradientOptions<Settling>& options, const std::string& label) {
+  torch::set_num_threads(threads());
+  Fixture& f = fixture(state.range(0));
+  mep::BasicEPGradient<Settling> ep(options);
+  ep.compute(f.model, f.x, f.y);
+  state.counters["cos"] = cosine(grads_of(f.model), f.converged);
+  state.counters["steps"] = static_cast<double>(ep.report().steps());
+  state.counters["residual"] = ep.report().residual();
+  for (auto _ : state) benchmark::DoNotOptimize(ep.compute(f.model, f.x, f.y));
+  state.SetLabel(std::string(model_name(state.range(0))) + " " + label);
+}
+
+using HBOptions = mep::BasicEPGradientOptions<mep::HeavyBall>;
+using SweepOptions = mep::BasicEPGradientOptions<mep::LayerSweep>;
+
+// The library default (mep::EPGradient).
+void BM_EP_Default(benchmark::State& state) { run_ep(state, mep::EPGradientOptions(), "default settling"); }
+// The reference's: 10 heavy-ball steps of 0.05, adaptive, tol 1e-5, patience 3.
+void BM_EP_HeavyBallReference(benchmark::State& state) { run_ep(state, HBOptions(), "heavy-ball 10 x 0.05 adaptive"); }
+// Heavy ball at settle_lr 0.5, arg 1 steps, fixed step, no early stop.
+void BM_EP_HeavyBall05(benchmark::State& state) {
+  run_ep(state, HBOptions().settle_lr(0.5).settle_steps(state.range(1)).adaptive(false).tol(0),
+         "heavy-ball " + std::to_string(state.range(1)) + " x 0.5");
+}
+// Layer sweeps, arg 1 sweeps of unit step.
+void BM_EP_LayerSweep(benchmark::State& state) {
+  run_ep(state, SweepOptions().settle_steps(state.range(1)).tol(0), std::to_string(state.range(1)) + " layer sweeps");
+}
+
+BENCHMARK(BM_EP_Default)->DenseRange(0, 2)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_EP_HeavyBallReference)->DenseRange(0, 2)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_EP_HeavyBall05)->ArgsProduct({{0, 1, 2}, {5, 10}})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_EP_LayerSweep)->ArgsProduct({{0, 1, 2}, {1, 2, 3, 4, 6}})->Unit(benchmark::kMicrosecond);
 
 void BM_Backprop(benchmark::State& state) {
-  torch::set_num_threads(1);
-  Setup s(model_name(state.range(0)));
-  s.model->eval();  // dropout off, as in EP
+  torch::set_num_threads(threads());
+  Fixture& f = fixture(state.range(0));
+  f.model->eval();  // dropout off, as in EP
   for (auto _ : state) {
-    for (auto& p : s.model->parameters())  // zero_grad() as a training loop does it
+    for (auto& p : f.model->parameters())  // zero_grad() as a training loop does it
       if (p.grad().defined()) p.mutable_grad().zero_();
-    auto loss = torch::nn::functional::cross_entropy(s.model->forward(s.x), s.y);
+    auto loss = torch::nn::functional::cross_entropy(f.model->forward(f.x), f.y);
     loss.backward();
     benchmark::DoNotOptimize(loss);
   }
+  f.model->train();
   state.SetLabel(std::string(model_name(state.range(0))) + " backprop forward+backward");
 }
-BENCHMARK(BM_Backprop)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Backprop)->DenseRange(0, 2)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 

@@ -9,7 +9,9 @@
 ///    backward, step();
 ///  - model-owning family (the EP optimizers): the optimizer is built from the model and
 ///    `step(x, y)` does everything (settling, gradients, update), with the loss/energy
-///    chosen by `TrainerConfig::loss` (--loss).
+///    chosen by `TrainerConfig::loss` (--loss) and the settling by
+///    `TrainerConfig::reference_settling` (--settling); `settle_report()` says what the
+///    last step's settling did.
 
 #include <mep/mep.hpp>
 
@@ -28,6 +30,7 @@ struct TrainerConfig {
   mep::Loss loss = mep::Loss::MSE;  ///< loss/energy of the EP family; backprop always uses cross-entropy
   bool error_feedback = false;      ///< error feedback where the optimizer has it (--error-feedback)
   bool error_projected = false;     ///< its projected residual (--error-feedback projected)
+  bool reference_settling = false;  ///< EP family: the reference's settling (HeavyBall), not the default (--settling)
 };
 
 /// One optimizer bound to one model.
@@ -37,6 +40,8 @@ class Trainer {
   /// One training step on a batch (the model is in train mode); returns the batch loss as
   /// a scalar tensor.
   virtual torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) = 0;
+  /// What settling did in the last step (the EP family), or nullptr (backprop family).
+  virtual const mep::SettleReport* settle_report() const { return nullptr; }
 };
 
 using TrainerFactory = std::function<std::unique_ptr<Trainer>(torch::nn::Sequential, const TrainerConfig&)>;
@@ -69,6 +74,14 @@ class BackpropTrainer final : public Trainer {
   Opt opt_;
 };
 
+namespace detail {
+template <class Opt, class = void>
+struct has_settle_report : std::false_type {};
+template <class Opt>
+struct has_settle_report<Opt, std::void_t<decltype(std::declval<const Opt&>().settle_report())>>
+    : std::true_type {};
+}  // namespace detail
+
 /// Model-owning optimizers (the EP family): the whole `step(x, y)` call.
 template <class Opt>
 class ModelStepTrainer final : public Trainer {
@@ -77,6 +90,13 @@ class ModelStepTrainer final : public Trainer {
       : opt_(std::move(model), options) {}
 
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override { return opt_.step(x, y); }
+
+  const mep::SettleReport* settle_report() const override {
+    if constexpr (detail::has_settle_report<Opt>::value)
+      return &opt_.settle_report();
+    else
+      return nullptr;
+  }
 
  private:
   Opt opt_;
@@ -100,16 +120,28 @@ std::unique_ptr<Trainer> backprop(torch::nn::Sequential model, const typename Op
   return std::make_unique<BackpropTrainer<Opt>>(std::move(model), options);
 }
 
-/// Factory for a model-owning optimizer with its library defaults, the entry's learning
-/// rate and, where its options have one, the --loss setting. Usable directly as a
-/// registry entry's factory: `{"smep", "SMEP", 0.01, mep_bench::model_step<mep::SMEP>}`.
+namespace detail {
+/// `model_step` for one optimizer type (no settling choice).
 template <class Opt>
-std::unique_ptr<Trainer> model_step(torch::nn::Sequential model, const TrainerConfig& config) {
+std::unique_ptr<Trainer> model_step_of(torch::nn::Sequential model, const TrainerConfig& config) {
   typename Opt::Options options(config.lr);
-  if constexpr (detail::has_loss_option<typename Opt::Options>::value) options.loss(config.loss);
-  if constexpr (detail::has_error_feedback_option<typename Opt::Options>::value)
+  if constexpr (has_loss_option<typename Opt::Options>::value) options.loss(config.loss);
+  if constexpr (has_error_feedback_option<typename Opt::Options>::value)
     options.error_feedback(config.error_feedback).error_projected(config.error_projected);
   return std::make_unique<ModelStepTrainer<Opt>>(std::move(model), options);
+}
+}  // namespace detail
+
+/// Factory for a model-owning optimizer with its library defaults, the entry's learning
+/// rate and, where its options have one, the --loss setting; with
+/// `config.reference_settling`, the same optimizer with the reference's settling
+/// (`mep::with_settling_t<Opt, mep::HeavyBall>`). Usable directly as a registry entry's
+/// factory: `{"smep", "SMEP", 0.01, mep_bench::model_step<mep::SMEP>}`.
+template <class Opt>
+std::unique_ptr<Trainer> model_step(torch::nn::Sequential model, const TrainerConfig& config) {
+  if (config.reference_settling)
+    return detail::model_step_of<mep::with_settling_t<Opt, mep::HeavyBall>>(std::move(model), config);
+  return detail::model_step_of<Opt>(std::move(model), config);
 }
 
 /// Every optimizer name the benchmark knows of, whether or not this build has it.

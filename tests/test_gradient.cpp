@@ -59,6 +59,14 @@ std::vector<Case> cases() {
        },
        {4, 2, 8, 8},
        true},
+      {"conv_maxpool_softmax_output",
+       [] {
+         return scaled(nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 4, 3).padding(1)), nn::Sigmoid(),
+                                      nn::MaxPool2d(2), nn::Conv2d(nn::Conv2dOptions(4, 3, 3).padding(1)), nn::Tanh(),
+                                      nn::Flatten(), nn::Linear(3 * 4 * 4, 5), nn::Softmax(1)));
+       },
+       {4, 2, 8, 8},
+       true},
   };
 }
 
@@ -74,16 +82,14 @@ std::vector<torch::Tensor> backprop(nn::Sequential& m, const torch::Tensor& x, c
   return torch::autograd::grad({value}, m->parameters());
 }
 
+// The EP gradient settled to convergence with policy `Settling`.
+template <class Settling>
 std::vector<torch::Tensor> ep_grads(nn::Sequential& m, const torch::Tensor& x, const torch::Tensor& y, double beta,
                                     bool symmetric, mep::Loss loss = mep::Loss::MSE) {
-  mep::EPGradient ep(mep::EPGradientOptions()
-                         .beta(beta)
-                         .symmetric(symmetric)
-                         .settle_steps(1000)
-                         .settle_lr(0.2)
-                         .tol(0)
-                         .adaptive(false)
-                         .loss(loss));
+  auto options = mep::BasicEPGradientOptions<Settling>().beta(beta).symmetric(symmetric).tol(0).adaptive(false).loss(loss);
+  if constexpr (std::is_same_v<Settling, mep::HeavyBall>) options.settle_steps(1000).settle_lr(0.2);
+  else options.settle_steps(300);
+  mep::BasicEPGradient<Settling> ep(options);
   ep.compute(m, x, y);
   std::vector<torch::Tensor> g;
   for (auto& p : m->parameters()) g.push_back(p.grad().clone());
@@ -99,28 +105,33 @@ double relative_error(const std::vector<torch::Tensor>& a, const std::vector<tor
   return std::sqrt(num / den);
 }
 
-class Equivalence : public ::testing::TestWithParam<size_t> {};
-
-TEST_P(Equivalence, SymmetricEPMatchesBackpropAndErrorsShrinkAsTheorySays) {
-  const Case c = cases()[GetParam()];
-  torch::manual_seed(10 + GetParam());
+template <class Settling>
+void expect_equivalence(const Case& c, size_t index, const char* policy) {
+  torch::manual_seed(10 + index);
   auto m = c.model();
   auto x = torch::randn(c.input, torch::kFloat64);
   auto y = make_target(c, m, x);
   auto bp = backprop(m, x, y, mep::Loss::MSE);
-  const double sym3 = relative_error(ep_grads(m, x, y, 1e-3, true), bp);
-  const double sym2 = relative_error(ep_grads(m, x, y, 1e-2, true), bp);
-  const double one3 = relative_error(ep_grads(m, x, y, 1e-3, false), bp);
-  const double one2 = relative_error(ep_grads(m, x, y, 1e-2, false), bp);
-  std::cout << "[ measured ] " << c.name << ": symmetric " << sym2 << " (β=1e-2) " << sym3 << " (β=1e-3); one-sided "
-            << one2 << " (β=1e-2) " << one3 << " (β=1e-3)\n";
-  EXPECT_LE(sym3, 5e-5);
-  EXPECT_LE(one3, 1e-2);
-  EXPECT_NEAR(std::log10(sym2 / sym3), 2.0, 0.3);  // O(β²) bias: ~100× per 10× smaller β
-  EXPECT_NEAR(std::log10(one2 / one3), 1.0, 0.3);  // O(β) bias: ~10×
+  const double sym3 = relative_error(ep_grads<Settling>(m, x, y, 1e-3, true), bp);
+  const double sym2 = relative_error(ep_grads<Settling>(m, x, y, 1e-2, true), bp);
+  const double one3 = relative_error(ep_grads<Settling>(m, x, y, 1e-3, false), bp);
+  const double one2 = relative_error(ep_grads<Settling>(m, x, y, 1e-2, false), bp);
+  std::cout << "[ measured ] " << c.name << " (" << policy << "): symmetric " << sym2 << " (β=1e-2) " << sym3
+            << " (β=1e-3); one-sided " << one2 << " (β=1e-2) " << one3 << " (β=1e-3)\n";
+  EXPECT_LE(sym3, 5e-5) << policy;
+  EXPECT_LE(one3, 1e-2) << policy;
+  EXPECT_NEAR(std::log10(sym2 / sym3), 2.0, 0.3) << policy;  // O(β²) bias: ~100× per 10× smaller β
+  EXPECT_NEAR(std::log10(one2 / one3), 1.0, 0.3) << policy;  // O(β) bias: ~10×
 }
 
-INSTANTIATE_TEST_SUITE_P(Gradient, Equivalence, ::testing::Range<size_t>(0, 5),
+class Equivalence : public ::testing::TestWithParam<size_t> {};
+
+TEST_P(Equivalence, SymmetricEPMatchesBackpropAndErrorsShrinkAsTheorySays) {
+  expect_equivalence<mep::HeavyBall>(cases()[GetParam()], GetParam(), "HeavyBall");
+  expect_equivalence<mep::LayerSweep>(cases()[GetParam()], GetParam(), "LayerSweep");
+}
+
+INSTANTIATE_TEST_SUITE_P(Gradient, Equivalence, ::testing::Range<size_t>(0, 6),
                          [](const auto& info) { return cases()[info.param].name; });
 
 TEST(Gradient, CrossEntropyNudgingMatchesLabelSmoothedCrossEntropy) {
@@ -129,12 +140,55 @@ TEST(Gradient, CrossEntropyNudgingMatchesLabelSmoothedCrossEntropy) {
   auto x = torch::randn({5, 6}, torch::kFloat64);
   auto y = torch::randint(0, 4, {5}, torch::kLong);
   auto bp = backprop(m, x, y, mep::Loss::CrossEntropy, 0.1);
-  const double err = relative_error(ep_grads(m, x, y, 1e-3, true, mep::Loss::CrossEntropy), bp);
-  std::cout << "[ measured ] cross-entropy symmetric β=1e-3: " << err << "\n";
-  EXPECT_LE(err, 1e-4);
+  const double hb = relative_error(ep_grads<mep::HeavyBall>(m, x, y, 1e-3, true, mep::Loss::CrossEntropy), bp);
+  const double sw = relative_error(ep_grads<mep::LayerSweep>(m, x, y, 1e-3, true, mep::Loss::CrossEntropy), bp);
+  std::cout << "[ measured ] cross-entropy symmetric β=1e-3: " << hb << " (HeavyBall), " << sw << " (LayerSweep)\n";
+  EXPECT_LE(hb, 1e-4);
+  EXPECT_LE(sw, 1e-4);
 }
 
-// ∂E/∂s from the analytic path equals the autograd VJP path on every supported pair.
+// ∂E/∂s, the energy and the errors at states `perturbed` away from equilibrium, by the
+// analytic segments and by autograd VJPs.
+struct Evaluated {
+  double energy;
+  std::vector<torch::Tensor> grads, eps;
+};
+Evaluated evaluate(const mep::Chain& chain, const mep::Nudging& nudging, const torch::Tensor& x, const torch::Tensor& y,
+                   const std::vector<torch::Tensor>& states, bool analytic, double beta) {
+  mep::Energy e;
+  e.feedforward(chain, nudging, x, analytic);
+  e.set_target(y);
+  for (size_t l = 0; l < states.size(); ++l) e.s[l].copy_(states[l]);
+  e.evaluate(beta);
+  e.errors_all(beta);
+  Evaluated r{e.mean(beta), {}, {}};
+  for (size_t l = 0; l < states.size(); ++l) r.grads.push_back(e.g[l].clone()), r.eps.push_back(e.tape[l].eps.clone());
+  return r;
+}
+
+void expect_analytic_equals_autograd(nn::Sequential m, torch::Tensor x, const std::string& name,
+                                     mep::Loss loss = mep::Loss::MSE) {
+  m->to(torch::kFloat64);
+  x = x.to(torch::kFloat64);
+  auto chain = mep::Chain::from(m);
+  mep::Nudging nudging;
+  nudging.loss = loss;
+  const auto classes = m->forward(x).size(1);
+  auto y = torch::randint(0, classes, {x.size(0)}, torch::kLong);
+  mep::Energy ff;
+  ff.feedforward(chain, nudging, x, true);
+  std::vector<torch::Tensor> states;
+  for (auto& s : ff.ff) states.push_back(s + 0.3 * torch::randn_like(s));  // away from equilibrium
+  auto a = evaluate(chain, nudging, x, y, states, true, 0.7);
+  auto b = evaluate(chain, nudging, x, y, states, false, 0.7);
+  EXPECT_NEAR(a.energy, b.energy, 1e-12) << name;
+  for (size_t l = 0; l < a.grads.size(); ++l) {
+    EXPECT_LE((a.grads[l] - b.grads[l]).abs().max().item<double>(), 1e-10) << name << " state " << l;
+    EXPECT_LE((a.eps[l] - b.eps[l]).abs().max().item<double>(), 1e-12) << name << " state " << l;
+  }
+}
+
+// Every op and layer with an analytic form, against autograd through the modules' forms.
 TEST(Gradient, AnalyticAndAutogradSettlingGradientsAgree) {
   using Make = std::function<nn::AnyModule()>;
   std::vector<std::pair<std::string, Make>> acts = {
@@ -149,75 +203,56 @@ TEST(Gradient, AnalyticAndAutogradSettlingGradientsAgree) {
       {"Softplus", [] { return nn::AnyModule(nn::Softplus(nn::SoftplusOptions().beta(2).threshold(3))); }},
   };
   for (const auto& [name, act] : acts) {
-    for (int conv = 0; conv < 3; ++conv) {
-      torch::manual_seed(30 + conv);
-      nn::Sequential m;
-      torch::Tensor x;
-      if (conv == 0) {
-        m = nn::Sequential(nn::Linear(5, 6));
-        m->push_back(act());
-        m->push_back(nn::Linear(6, 3));
-        x = torch::randn({4, 5});
-      } else if (conv == 1) {
-        m = nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 3, 3).padding(1).stride(2)));
-        m->push_back(act());
-        m->push_back(nn::Conv2d(nn::Conv2dOptions(3, 2, 3).padding(1)));
-        m->push_back(act());
-        m->push_back(nn::Flatten());
-        m->push_back(nn::Linear(2 * 4 * 4, 3));
-        x = torch::randn({4, 2, 7, 7});
-      } else {
-        m = nn::Sequential(nn::Conv1d(nn::Conv1dOptions(2, 3, 3).padding(1)));
-        m->push_back(act());
-        m->push_back(nn::Flatten());
-        m->push_back(nn::Linear(3 * 6, 3));
-        x = torch::randn({4, 2, 6});
-      }
-      m->to(torch::kFloat64);
-      x = x.to(torch::kFloat64);
-      auto chain = mep::Chain::from(m);
-      auto y = torch::randint(0, 3, {4}, torch::kLong);
-      mep::Settler settler(chain, mep::Nudging{}, x, y);
-      auto states = chain.feedforward(x);
-      for (auto& s : states) s = s + 0.3 * torch::randn_like(s);  // away from equilibrium
-      std::vector<torch::Tensor> ga(states.size()), gb(states.size());
-      mep::Phase pa, pb;
-      const double ea = settler.evaluate(states, 0.7, ga, true, pa);
-      const double eb = settler.evaluate(states, 0.7, gb, false, pb);
-      EXPECT_NEAR(ea, eb, 1e-12) << name;
-      for (size_t l = 0; l < ga.size(); ++l)
-        EXPECT_LE((ga[l] - gb[l]).abs().max().item<double>(), 1e-10) << name << " conv=" << conv << " state " << l;
-    }
+    torch::manual_seed(30);
+    nn::Sequential lin(nn::Linear(5, 6));
+    lin->push_back(act());
+    lin->push_back(nn::Dropout(0.3));
+    lin->push_back(nn::Linear(6, 3));
+    expect_analytic_equals_autograd(lin, torch::randn({4, 5}), name + " Linear");
+    nn::Sequential conv(nn::Conv2d(nn::Conv2dOptions(2, 3, 3).padding(1).stride(2)));
+    conv->push_back(act());
+    conv->push_back(nn::Conv2d(nn::Conv2dOptions(3, 2, 3).padding(1)));
+    conv->push_back(act());
+    conv->push_back(nn::Flatten());
+    conv->push_back(nn::Linear(2 * 4 * 4, 3));
+    expect_analytic_equals_autograd(conv, torch::randn({4, 2, 7, 7}), name + " Conv2d");
+    nn::Sequential conv1(nn::Conv1d(nn::Conv1dOptions(2, 3, 3).padding(1)));
+    conv1->push_back(act());
+    conv1->push_back(nn::Conv1d(nn::Conv1dOptions(3, 3, 3).padding(1).dilation(2).padding(2)));
+    conv1->push_back(act());
+    conv1->push_back(nn::Flatten());
+    conv1->push_back(nn::Linear(3 * 6, 3));
+    expect_analytic_equals_autograd(conv1, torch::randn({4, 2, 6}), name + " Conv1d");
   }
-}
-
-// The allocation-free path for MLPs computes exactly what the general path computes.
-TEST(Gradient, FastPathEqualsGeneralPath) {
-  for (int variant = 0; variant < 3; ++variant) {
-    torch::manual_seed(50 + variant);
-    nn::Sequential m;
-    if (variant == 0) m = nn::Sequential(nn::Flatten(), nn::Linear(12, 9), nn::ReLU(), nn::Dropout(0.2), nn::Linear(9, 4));
-    if (variant == 1) m = nn::Sequential(nn::Linear(12, 9), nn::Tanh(), nn::Linear(9, 7), nn::Sigmoid(), nn::Linear(7, 4));
-    if (variant == 2) m = nn::Sequential(nn::Linear(12, 9), nn::Linear(nn::LinearOptions(9, 4).bias(false)));
-    m->to(torch::kFloat64);
-    auto x = torch::randn({6, 12}, torch::kFloat64);
-    auto y = torch::randint(0, 4, {6}, torch::kLong);
-    auto chain = mep::Chain::from(m);
-    mep::Settler settler(chain, mep::Nudging{}, x, y);
-    ASSERT_TRUE(settler.fast_path()) << variant;
-    auto states = chain.feedforward(x);
-    for (auto& s : states) s = s + 0.3 * torch::randn_like(s);
-    std::vector<torch::Tensor> ga, gb;
-    mep::Phase pa, pb;
-    const double ea = settler.evaluate_fast(states, 0.4, ga, pa);
-    gb.resize(states.size());
-    const double eb = settler.evaluate_general(states, 0.4, gb, true, pb);
-    EXPECT_NEAR(ea, eb, 1e-12);
-    for (size_t l = 0; l < ga.size(); ++l) {
-      EXPECT_LE((ga[l] - gb[l]).abs().max().item<double>(), 1e-12) << variant << " state " << l;
-      EXPECT_LE((pa.eps[l] - pb.eps[l]).abs().max().item<double>(), 1e-12);
-    }
-  }
+  auto conv = [](int64_t in, int64_t out) { return nn::Conv2d(nn::Conv2dOptions(in, out, 3).padding(1)); };
+  auto conv1d = [](int64_t in, int64_t out) { return nn::Conv1d(nn::Conv1dOptions(in, out, 3).padding(1)); };
+  torch::manual_seed(31);
+  expect_analytic_equals_autograd(nn::Sequential(conv(2, 3), nn::ReLU(), nn::MaxPool2d(2), conv(3, 2), nn::Tanh(),
+                                                 nn::Flatten(), nn::Linear(2 * 4 * 4, 3)),
+                                  torch::randn({4, 2, 8, 8}), "MaxPool2d tiling");
+  expect_analytic_equals_autograd(nn::Sequential(conv(2, 3), nn::Tanh(),
+                                                 nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)),
+                                                 conv(3, 2), nn::Flatten(), nn::Linear(2 * 4 * 4, 3)),
+                                  torch::randn({4, 2, 8, 8}), "MaxPool2d overlapping");
+  expect_analytic_equals_autograd(nn::Sequential(conv(2, 3), nn::Tanh(), nn::AvgPool2d(nn::AvgPool2dOptions(3).stride(2).padding(1)),
+                                                 conv(3, 2), nn::AdaptiveAvgPool2d(nn::AdaptiveAvgPool2dOptions({3, 3})),
+                                                 nn::Flatten(), nn::Linear(2 * 3 * 3, 3)),
+                                  torch::randn({4, 2, 8, 8}), "AvgPool2d, AdaptiveAvgPool2d");
+  expect_analytic_equals_autograd(nn::Sequential(conv1d(2, 3), nn::Tanh(), nn::MaxPool1d(2), conv1d(3, 3), nn::Sigmoid(),
+                                                 nn::AvgPool1d(2), conv1d(3, 2), nn::AdaptiveAvgPool1d(3),
+                                                 nn::Flatten(), nn::Linear(2 * 3, 3)),
+                                  torch::randn({4, 2, 12}), "MaxPool1d, AvgPool1d, AdaptiveAvgPool1d");
+  auto norms = nn::Sequential(nn::Linear(6, 8), nn::BatchNorm1d(8), nn::Tanh(), nn::Linear(8, 7),
+                              nn::LayerNorm(nn::LayerNormOptions({7})), nn::ReLU(), nn::Linear(7, 4),
+                              nn::LayerNorm(nn::LayerNormOptions({4})));
+  expect_analytic_equals_autograd(norms, torch::randn({5, 6}), "BatchNorm1d (train, frozen), LayerNorm");
+  norms->eval();
+  expect_analytic_equals_autograd(norms, torch::randn({5, 6}), "BatchNorm1d (eval), LayerNorm");
+  expect_analytic_equals_autograd(nn::Sequential(conv(2, 3), nn::BatchNorm2d(3), nn::ReLU(), conv(3, 2), nn::Flatten(),
+                                                 nn::Linear(2 * 5 * 5, 4), nn::Softmax(1)),
+                                  torch::randn({4, 2, 5, 5}), "BatchNorm2d, Softmax after the last layer");
+  expect_analytic_equals_autograd(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 4)), torch::randn({5, 6}),
+                                  "cross-entropy nudging", mep::Loss::CrossEntropy);
 }
 
 // Counts CPU allocations while installed (LibTorch's default allocator underneath).
@@ -240,33 +275,95 @@ class CountingAllocator : public c10::Allocator {
   c10::Allocator* base_;
 };
 
-TEST(Gradient, SettlingStepsAllocateNothingOnTheFastPath) {
-  torch::manual_seed(55);
-  auto m = mep::models::mlp();
-  auto x = torch::randn({32, 1, 28, 28});
-  auto y = torch::randint(0, 10, {32}, torch::kLong);
-  auto chain = mep::Chain::from(m);
-  mep::Settler settler(chain, mep::Nudging{}, x, y);
-  ASSERT_TRUE(settler.fast_path());
-  auto init = chain.feedforward(x);
-  mep::SettleConfig cfg;
-  cfg.tol = 0;
-  cfg.adaptive = true;
+// CPU allocations of one optimizer step after a warm-up step, as users call it.
+template <class Opt>
+int64_t allocations_per_step(nn::Sequential model, typename Opt::Options options, const torch::Tensor& x,
+                             const torch::Tensor& y, int64_t settle_steps) {
+  Opt opt(model, options.settle_steps(settle_steps).tol(0));
+  opt.step(x, y);  // the workspace exists afterwards
   auto* base = c10::GetCPUAllocator();
   CountingAllocator counting(base);
-  auto allocations = [&](int64_t steps) {
-    cfg.steps = steps;
-    settler.settle(init, 0.5, cfg);  // warm-up: the workspace exists afterwards
-    c10::SetCPUAllocator(&counting, /*priority=*/255);
-    counting.count = 0;
-    auto ph = settler.settle(init, 0.5, cfg);
-    c10::SetCPUAllocator(base, /*priority=*/255);
-    EXPECT_EQ(ph.steps, steps);
-    return counting.count.load();
+  c10::SetCPUAllocator(&counting, /*priority=*/255);
+  opt.step(x, y);
+  c10::SetCPUAllocator(base, /*priority=*/255);
+  EXPECT_EQ(opt.settle_report().steps(), settle_steps);
+  return counting.count.load();
+}
+
+// The settling loop allocates nothing: a step with 50 settling steps allocates exactly as
+// much as one with 5 (the update, the gradients' setup and the report, not the steps).
+TEST(Gradient, SettlingStepsAllocateNothing) {
+  torch::manual_seed(55);
+  auto x = torch::randn({32, 1, 28, 28});
+  auto y = torch::randint(0, 10, {32}, torch::kLong);
+  auto norms = [] {
+    return nn::Sequential(nn::Flatten(), nn::Linear(784, 64), nn::BatchNorm1d(64), nn::Tanh(), nn::Dropout(0.2),
+                          nn::Linear(64, 32), nn::Sigmoid(), nn::Linear(32, 10));
   };
-  const auto few = allocations(5), many = allocations(50);
-  std::cout << "[ measured ] allocations per settle call: " << few << " (5 steps), " << many << " (50 steps)\n";
-  EXPECT_EQ(few, many);  // per-call setup only, nothing per step
+  auto check = [](const char* what, int64_t few, int64_t many) {
+    std::cout << "[ measured ] " << what << ": CPU allocations per optimizer step " << few << " (5 settling steps), "
+              << many << " (50)\n";
+    EXPECT_EQ(few, many) << what;
+  };
+  check("SMEP, mlp, LayerSweep", allocations_per_step<mep::SMEP>(mep::models::mlp(), mep::SMEPOptions(), x, y, 5),
+        allocations_per_step<mep::SMEP>(mep::models::mlp(), mep::SMEPOptions(), x, y, 50));
+  using Reference = mep::reference::SMEP;
+  check("SMEP, mlp, HeavyBall adaptive",
+        allocations_per_step<Reference>(mep::models::mlp(), Reference::Options().tol(1e-30), x, y, 5),
+        allocations_per_step<Reference>(mep::models::mlp(), Reference::Options().tol(1e-30), x, y, 50));
+  check("EqProp, BatchNorm1d/Tanh/Sigmoid MLP",
+        allocations_per_step<mep::EqProp>(norms(), mep::EqPropOptions(), x, y, 5),
+        allocations_per_step<mep::EqProp>(norms(), mep::EqPropOptions(), x, y, 50));
+}
+
+// Settling reports what it did, and says so when it stops short of its stopping rule.
+TEST(Gradient, SettleReportTellsConvergedFromNot) {
+  torch::manual_seed(56);
+  auto m = scaled(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 7), nn::Tanh(), nn::Linear(7, 4)), 1.0);
+  auto x = torch::randn({16, 6}, torch::kFloat64);
+  auto y = torch::randint(0, 4, {16}, torch::kLong);
+  mep::EqProp short_of_it(m, mep::EqPropOptions().settle_steps(1).tol(1e-9).symmetric(true));
+  short_of_it.step(x, y);
+  const auto& r = short_of_it.settle_report();
+  ASSERT_EQ(r.phases.size(), 2u);
+  EXPECT_FALSE(r.converged());
+  EXPECT_EQ(r.steps(), 2);
+  EXPECT_GT(r.residual(), 1e-6);
+  EXPECT_TRUE(std::isfinite(r.energy()));
+  EXPECT_DOUBLE_EQ(r.phases[1].beta, -0.5);
+
+  mep::EqProp settled(m, mep::EqPropOptions().settle_steps(500).tol(1e-9));
+  settled.step(x, y);
+  const auto& s = settled.settle_report();
+  std::cout << "[ measured ] LayerSweep to tol 1e-9: " << s.steps() << " sweeps, residual " << s.residual() << "\n";
+  EXPECT_TRUE(s.converged());
+  EXPECT_LT(s.steps(), 500);
+  EXPECT_LT(s.residual(), 1e-4);
+
+  using Reference = mep::reference::EqProp;
+  Reference hb(m, Reference::Options().settle_steps(3).tol(1e-12));
+  hb.step(x, y);
+  EXPECT_FALSE(hb.settle_report().converged());
+  EXPECT_EQ(hb.settle_report().steps(), 3);
+}
+
+// Every policy settles to the same equilibrium, and the default reaches it closely.
+TEST(Gradient, SettlingPoliciesReachTheSameEquilibrium) {
+  torch::manual_seed(57);
+  auto m = scaled(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 7), nn::Tanh(), nn::Linear(7, 4)), 1.0);
+  auto x = torch::randn({16, 6}, torch::kFloat64);
+  auto y = torch::randint(0, 4, {16}, torch::kLong);
+  auto hb = ep_grads<mep::HeavyBall>(m, x, y, 0.5, false);
+  auto sweep = ep_grads<mep::LayerSweep>(m, x, y, 0.5, false);
+  std::cout << "[ measured ] converged HeavyBall vs LayerSweep: relative difference " << relative_error(sweep, hb) << "\n";
+  EXPECT_LE(relative_error(sweep, hb), 1e-9);
+  mep::EPGradient ep{mep::EPGradientOptions()};
+  ep.compute(m, x, y);
+  std::vector<torch::Tensor> g;
+  for (auto& p : m->parameters()) g.push_back(p.grad().clone());
+  const double err = relative_error(g, hb);
+  std::cout << "[ measured ] default settling vs converged: relative error " << err << "\n";
+  EXPECT_LE(err, 0.05);
 }
 
 TEST(Gradient, SkippingTheFreePhaseGivesTheSameGradients) {
@@ -291,38 +388,50 @@ TEST(Gradient, ASampleSettlesTheSameAloneAndInABatch) {
   auto x = torch::randn({64, 6}, torch::kFloat64);
   auto y = torch::randint(0, 4, {64}, torch::kLong);
   auto chain = mep::Chain::from(m);
-  mep::SettleConfig cfg;
-  cfg.steps = 20, cfg.lr = 0.1;
-  mep::Settler batch(chain, mep::Nudging{}, x, y);
-  auto all = batch.settle(chain.feedforward(x), 0.5, cfg);
+  auto settle = [&](auto policy, const torch::Tensor& xs, const torch::Tensor& ys) {
+    mep::Energy e;
+    e.feedforward(chain, mep::Nudging{}, xs, true);
+    e.set_target(ys);
+    policy.settle(e, 0.5);
+    std::vector<torch::Tensor> out;
+    for (auto& s : e.s) out.push_back(s.clone());
+    return out;
+  };
   auto x0 = x.slice(0, 3, 4), y0 = y.slice(0, 3, 4);
-  mep::Settler alone(chain, mep::Nudging{}, x0, y0);
-  auto one = alone.settle(chain.feedforward(x0), 0.5, cfg);
-  for (size_t l = 0; l < one.states.size(); ++l)
-    EXPECT_LE((one.states[l] - all.states[l].slice(0, 3, 4)).abs().max().item<double>(), 1e-12);
+  for (int which = 0; which < 2; ++which) {
+    auto all = which ? settle(mep::LayerSweep{}, x, y) : settle(mep::HeavyBall{}, x, y);
+    auto one = which ? settle(mep::LayerSweep{}, x0, y0) : settle(mep::HeavyBall{}, x0, y0);
+    for (size_t l = 0; l < one.size(); ++l)
+      EXPECT_LE((one[l] - all[l].slice(0, 3, 4)).abs().max().item<double>(), 1e-12) << which;
+  }
 }
 
-TEST(Gradient, LocalEPEqualsGlobalEPUnderIdenticalSettling) {
+// LocalEP's gradient is, layer by layer, ∂_θ of that layer's own energy at its settled input
+// and output (computed here by autograd, independently of the engine), divided by β.
+TEST(Gradient, LocalEPIsTheGradientOfEachLayersOwnEnergy) {
   torch::manual_seed(42);
   for (auto loss : {mep::Loss::MSE, mep::Loss::CrossEntropy}) {
-    for (bool symmetric : {false, true}) {
-      auto m = scaled(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::LayerNorm(nn::LayerNormOptions({8})),
-                                     nn::Linear(8, 7), nn::ReLU(), nn::Linear(7, 4)));
-      auto x = torch::randn({5, 6}, torch::kFloat64);
-      auto y = torch::randint(0, 4, {5}, torch::kLong);
-      auto opts = mep::EPGradientOptions().beta(0.2).settle_steps(15).symmetric(symmetric).loss(loss);
-      mep::EPGradient global(opts);
-      global.compute(m, x, y);
-      std::vector<torch::Tensor> g;
-      for (auto& p : m->parameters()) g.push_back(p.grad().clone());
-      auto lopts = mep::LocalEPGradientOptions().beta(0.2).settle_steps(15).symmetric(symmetric).loss(loss);
-      lopts.tol(1e-5).patience(3).adaptive(true);
-      mep::LocalEPGradient local(lopts);
-      local.compute(m, x, y);
-      auto params = m->parameters();
-      for (size_t i = 0; i < g.size(); ++i)
-        EXPECT_LE((params[i].grad() - g[i]).abs().max().item<double>(), 1e-10) << "param " << i;
+    auto m = scaled(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::LayerNorm(nn::LayerNormOptions({8})),
+                                   nn::Linear(8, 7), nn::ReLU(), nn::Linear(7, 4)));
+    auto x = torch::randn({5, 6}, torch::kFloat64);
+    auto y = torch::randint(0, 4, {5}, torch::kLong);
+    mep::LocalEPGradient local(mep::LocalEPGradientOptions().beta(0.2).settle_steps(15).loss(loss));
+    local.compute(m, x, y);
+    const auto& e = local.energy();
+    const auto& chain = e.chain();
+    torch::Tensor objective = torch::zeros({}, torch::kFloat64);
+    for (size_t l = 0; l < chain.size(); ++l) {
+      auto in = (l == 0 ? x : e.s[l - 1]).detach();
+      auto out = e.s[l].detach();
+      auto f = chain.segments[l].forward(in, e.tape[l].ops);
+      torch::Tensor delta, eps;
+      auto term = l + 1 == chain.size() ? e.nudging().last_term(out, f, delta, eps).sum() : 0.5 * (out - f).pow(2).sum();
+      objective = objective + term / (0.2 * 5);
     }
+    auto params = m->parameters();
+    auto expected = torch::autograd::grad({objective}, params);
+    for (size_t i = 0; i < params.size(); ++i)
+      EXPECT_LE((params[i].grad() - expected[i]).abs().max().item<double>(), 1e-10) << "param " << i;
   }
 }
 

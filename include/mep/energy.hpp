@@ -184,6 +184,7 @@ class Energy {
 
   /// s ← the feedforward states.
   void start() {
+    torch::NoGradGuard no_grad;
     for (size_t l = 0; l < s.size(); ++l) s[l].copy_(ff[l]);
   }
 
@@ -193,6 +194,7 @@ class Energy {
 
   /// Segment l's input and prediction at the current s_{l−1} (f_1(a_0(x)) never changes).
   void forward(size_t l) {
+    torch::NoGradGuard no_grad;
     if (l == 0) return;
     tapes_at_ff_ = false;
     chain_->segments[l].forward(s[l - 1], tape[l], !analytic_);
@@ -204,6 +206,7 @@ class Energy {
   /// ε_l and δ_l at the current s_l and prediction; for the last layer δ_L includes
   /// β·∂C/∂s_L (through the post ops).
   void errors(size_t l, double beta) {
+    torch::NoGradGuard no_grad;
     SegmentTape& t = tape[l];
     if (l + 1 < s.size() || nudging_.loss == Loss::MSE) {
       at::sub_out(t.eps, s[l], t.pred);
@@ -219,12 +222,14 @@ class Energy {
 
   /// J_lᵀ·ε_l with respect to s_{l−1}, into tape[l].back (after forward(l), errors(l)).
   void backproject(size_t l) {
+    torch::NoGradGuard no_grad;
     if (l == 0) return;
     chain_->segments[l].vjp(tape[l].eps, s[l - 1], tape[l]);
   }
 
   /// g_l = δ_l − J_{l+1}ᵀ·ε_{l+1} (after backproject(l + 1)).
   void gradient(size_t l) {
+    torch::NoGradGuard no_grad;
     if (l + 1 < s.size()) at::sub_out(g[l], tape[l].delta, tape[l + 1].back);
     else g[l].copy_(tape[l].delta);
   }
@@ -239,6 +244,7 @@ class Energy {
 
   /// Σ_b E_b at the current errors (after errors_all), as a 0-dim tensor on the device.
   const torch::Tensor& total(double beta) {
+    torch::NoGradGuard no_grad;
     const size_t L = s.size();
     rows_.zero_();
     for (size_t l = 0; l < L; ++l) {
