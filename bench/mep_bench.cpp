@@ -5,7 +5,7 @@
 //   mep_bench [--model mlp|mlp_small|cnn] [--optimizers sgd,adam,...] [--epochs 10]
 //             [--train 3000] [--test 500] [--batch 128] [--seed 0] [--threads N]
 //             [--device cpu|cuda] [--loss mse|ce] [--error-feedback off|reference|projected]
-//             [--settling default|reference] [--data data/mnist] [--json FILE]
+//             [--settling default|reference] [--lr LR] [--data data/mnist] [--json FILE]
 //
 // For the EP family, each epoch also reports what settling did (mean steps and relative
 // residual per training step, fraction of steps that met the stopping rule).
@@ -96,6 +96,7 @@ struct Options {
   std::string loss = "mse";
   std::string error_feedback = "off";
   std::string settling = "default";
+  double lr = 0;  // 0: each optimizer's own (the reference's) learning rate
   std::string json;
 };
 
@@ -238,7 +239,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
   model->train();
 
   mep_bench::TrainerConfig config;
-  config.lr = entry.lr;
+  config.lr = opt.lr > 0 ? opt.lr : entry.lr;
   config.loss = opt.loss == "ce" ? mep::Loss::CrossEntropy : mep::Loss::MSE;
   config.error_feedback = opt.error_feedback != "off";
   config.error_projected = opt.error_feedback == "projected";
@@ -487,6 +488,8 @@ int run(int argc, char** argv) {
                  "reference (r = g - u) or projected (r = g - <g,u>/|u|^2 u)")
       ->check(CLI::IsMember({"off", "reference", "projected"}))
       ->capture_default_str();
+  app.add_option("--lr", opt.lr, "learning rate of every selected optimizer (default: each one's own, the Learning Rate column)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--settling", opt.settling,
                  "settling of the EP family: the library default (mep::DefaultSettling) or the reference's "
                  "(HeavyBall, 10 steps of 0.05, adaptive)")

@@ -1,5 +1,7 @@
 // Compose your own optimizer from policies: symmetric EP gradients with cross-entropy
-// nudging, a Dion low-rank update and the spectral constraint, without error feedback
+// nudging, settled by heavy-ball descent instead of the default layer sweeps (the settling
+// policy is the EP gradient's parameter), a Dion low-rank update and the spectral constraint,
+// without error feedback
 // (mep::ErrorFeedback in the last slot adds it; see the README for what it does to EP).
 // The options type gathers every policy's options, so the setters of all four chain.
 //
@@ -10,7 +12,8 @@
 #include <exception>
 #include <string>
 
-using SymmetricDionEP = mep::Optimizer<mep::EPGradient, mep::Dion, mep::SpectralConstraint, mep::NoFeedback>;
+using SymmetricDionEP = mep::Optimizer<mep::BasicEPGradient<mep::HeavyBall>, mep::Dion, mep::SpectralConstraint,
+                                       mep::NoFeedback>;
 
 int main(int argc, char** argv) {
   try {
@@ -24,6 +27,9 @@ int main(int argc, char** argv) {
                                    .beta(0.2)
                                    .symmetric(true)                 // EPGradient
                                    .loss(mep::Loss::CrossEntropy)
+                                   .settle_steps(10)                // HeavyBall
+                                   .settle_lr(0.5)
+                                   .adaptive(false)
                                    .rank_frac(0.25)                 // Dion
                                    .dion_thresh(10000)
                                    .gamma(0.95));                   // SpectralConstraint

@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
 
     torch::nn::Sequential model(torch::nn::Flatten(), torch::nn::Linear(784, 256), torch::nn::ReLU(),
                                 torch::nn::Linear(256, 10));
-    mep::SMEP opt(model, mep::SMEPOptions(0.01).beta(0.5).settle_steps(10));
+    mep::SMEP opt(model, mep::SMEPOptions(0.01).beta(0.5));  // default settling: 2 layer sweeps
 
     for (int epoch = 1; epoch <= epochs; ++epoch) {
       auto perm = torch::randperm(train.images.size(0), torch::kLong);
@@ -32,7 +32,9 @@ int main(int argc, char** argv) {
       }
       torch::NoGradGuard no_grad;
       const double acc = model->forward(test.images).argmax(1).eq(test.labels).to(torch::kFloat64).mean().item<double>();
-      std::printf("epoch %d  loss %.4f  test accuracy %.2f%%\n", epoch, loss / batches, 100 * acc);
+      const auto& settled = opt.settle_report();  // what settling did in the last step
+      std::printf("epoch %d  loss %.4f  test accuracy %.2f%%  (settling: %lld sweeps, residual %.1e)\n", epoch,
+                  loss / batches, 100 * acc, static_cast<long long>(settled.steps()), settled.residual());
     }
     return 0;
   } catch (const std::exception& e) {

@@ -366,6 +366,39 @@ TEST(Gradient, SettlingPoliciesReachTheSameEquilibrium) {
   EXPECT_LE(err, 0.05);
 }
 
+// Adaptive mode undoes a step (sweep) that raised the energy and halves the step size: from
+// a step size too large to converge, it still reaches the equilibrium's energy.
+TEST(Gradient, AdaptiveSettlingUndoesStepsThatRaiseTheEnergy) {
+  torch::manual_seed(58);
+  auto m = scaled(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 7), nn::Tanh(), nn::Linear(7, 4)), 1.0);
+  auto x = torch::randn({16, 6}, torch::kFloat64);
+  auto y = torch::randint(0, 4, {16}, torch::kLong);
+  auto energy_after = [&](auto options) {
+    mep::BasicEPGradient<typename decltype(options)::Settling> ep(options);
+    try {
+      ep.compute(m, x, y);
+    } catch (const mep::SettleError&) {
+      return std::nan("");  // diverged
+    }
+    return ep.report().energy();
+  };
+  struct SweepOpts : mep::BasicEPGradientOptions<mep::LayerSweep> { using Settling = mep::LayerSweep; };
+  struct HBOpts : mep::BasicEPGradientOptions<mep::HeavyBall> { using Settling = mep::HeavyBall; };
+  SweepOpts converged, wild, careful;
+  converged.settle_steps(300).tol(0);
+  wild.settle_steps(300).tol(0).settle_lr(2.5);
+  careful.settle_steps(300).tol(0).settle_lr(2.5).adaptive(true);
+  const double e0 = energy_after(converged), e_wild = energy_after(wild), e_careful = energy_after(careful);
+  HBOpts hb;
+  hb.settle_steps(2000).tol(0).settle_lr(5.0).adaptive(true);
+  const double e_hb = energy_after(hb);
+  std::cout << "[ measured ] energy at the equilibrium " << e0 << "; sweeps of 2.5: " << e_wild << " (fixed), "
+            << e_careful << " (adaptive); heavy ball from 5.0, adaptive: " << e_hb << "\n";
+  EXPECT_NEAR(e_careful, e0, 1e-9 * std::abs(e0));
+  EXPECT_NEAR(e_hb, e0, 1e-7 * std::abs(e0));
+  EXPECT_FALSE(std::abs(e_wild - e0) < 1e-9 * std::abs(e0));
+}
+
 TEST(Gradient, SkippingTheFreePhaseGivesTheSameGradients) {
   torch::manual_seed(40);
   auto m = scaled(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 4)));

@@ -42,7 +42,6 @@ struct Chain {
     for (const auto& named : model->named_children()) {
       const auto& m = named.value();
       Segment seg;
-      seg.position = position;
       seg.module = m;
       if (auto lin = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
         seg.kind = LayerKind::Linear, seg.weight = lin->weight, seg.bias = lin->bias;

@@ -323,7 +323,6 @@ struct SegmentTape {
 /// A state-producing layer f_l and the ops a_{l−1} that feed it.
 struct Segment {
   LayerKind kind = LayerKind::Linear;
-  size_t position = 0;  // of the layer in the Sequential
   std::shared_ptr<torch::nn::Module> module;
   torch::Tensor weight, bias;  // bias may be undefined
   std::vector<Op> pre;

@@ -102,6 +102,20 @@ struct SettleConfig {
   }
 };
 
+/// What every settling policy holds: its options as a value, with `Defaults` (a struct of
+/// constants steps, lr, tol, patience, adaptive) for a default-constructed policy.
+template <class Defaults>
+struct SettlingPolicy {
+  template <class Derived>
+  using Options = SettleOptions<Derived, Defaults>;
+
+  SettleConfig config{Defaults::steps, Defaults::lr, Defaults::tol, Defaults::patience, Defaults::adaptive, 0};
+
+  SettlingPolicy() = default;
+  template <class O>
+  explicit SettlingPolicy(const O& o) : config(SettleConfig::from(o)) {}
+};
+
 /// Energy reads off the CPU, every this many steps, when check_every = 0.
 constexpr int64_t kGpuCheckEvery = 8;
 

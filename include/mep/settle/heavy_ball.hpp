@@ -17,27 +17,21 @@
 
 namespace mep {
 
-struct HeavyBall {
+struct HeavyBallDefaults {
+  static constexpr int64_t steps = 10;
+  static constexpr double lr = 0.05;
+  static constexpr double tol = 1e-5;
+  static constexpr int64_t patience = 3;
+  static constexpr bool adaptive = true;
+};
+
+struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
   static constexpr double kMomentum = 0.5;
   static constexpr double kShrink = 0.5;
   static constexpr double kGrow = 1.1;
   static constexpr double kMaxLrFactor = 10.0;
 
-  struct Defaults {
-    static constexpr int64_t steps = 10;
-    static constexpr double lr = 0.05;
-    static constexpr double tol = 1e-5;
-    static constexpr int64_t patience = 3;
-    static constexpr bool adaptive = true;
-  };
-  template <class Derived>
-  using Options = SettleOptions<Derived, Defaults>;
-
-  SettleConfig config;
-
-  HeavyBall() : config{Defaults::steps, Defaults::lr, Defaults::tol, Defaults::patience, Defaults::adaptive, 0} {}
-  template <class O>
-  explicit HeavyBall(const O& o) : config(SettleConfig::from(o)) {}
+  using SettlingPolicy<HeavyBallDefaults>::SettlingPolicy;
 
   PhaseReport settle(Energy& e, double beta) const {
     torch::NoGradGuard no_grad;

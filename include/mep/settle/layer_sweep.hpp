@@ -20,24 +20,18 @@
 
 namespace mep {
 
-struct LayerSweep {
+struct LayerSweepDefaults {
+  static constexpr int64_t steps = 2;
+  static constexpr double lr = 1.0;
+  static constexpr double tol = 0.0;
+  static constexpr int64_t patience = 1;
+  static constexpr bool adaptive = false;
+};
+
+struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
   static constexpr double kShrink = 0.5;  // adaptive: η after a rejected sweep
 
-  struct Defaults {
-    static constexpr int64_t steps = 4;
-    static constexpr double lr = 1.0;
-    static constexpr double tol = 0.0;
-    static constexpr int64_t patience = 1;
-    static constexpr bool adaptive = false;
-  };
-  template <class Derived>
-  using Options = SettleOptions<Derived, Defaults>;
-
-  SettleConfig config;
-
-  LayerSweep() : config{Defaults::steps, Defaults::lr, Defaults::tol, Defaults::patience, Defaults::adaptive, 0} {}
-  template <class O>
-  explicit LayerSweep(const O& o) : config(SettleConfig::from(o)) {}
+  using SettlingPolicy<LayerSweepDefaults>::SettlingPolicy;
 
   PhaseReport settle(Energy& e, double beta) const {
     torch::NoGradGuard no_grad;
