@@ -239,7 +239,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
   model->train();
 
   mep_bench::TrainerConfig config;
-  config.lr = opt.lr > 0 ? opt.lr : entry.lr;
+  config.lr = opt.lr > 0 ? opt.lr : opt.settling == "reference" && entry.reference_lr > 0 ? entry.reference_lr : entry.lr;
   config.loss = opt.loss == "ce" ? mep::Loss::CrossEntropy : mep::Loss::MSE;
   config.error_feedback = opt.error_feedback != "off";
   config.error_projected = opt.error_feedback == "projected";

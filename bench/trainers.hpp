@@ -50,8 +50,9 @@ using TrainerFactory = std::function<std::unique_ptr<Trainer>(torch::nn::Sequent
 struct OptimizerEntry {
   std::string name;     ///< as given to --optimizers
   std::string label;    ///< as printed in the tables
-  double lr;            ///< the learning rate the benchmark uses (the reference's default)
+  double lr;            ///< the learning rate the benchmark uses (the library's default)
   TrainerFactory make;  ///< builds the trainer for a freshly initialised model
+  double reference_lr = 0;  ///< with --settling reference, where it differs: the reference's (mep 0.1's)
 };
 
 /// Backprop family: zero_grad, cross-entropy on the logits, backward, step().
@@ -167,7 +168,7 @@ inline const std::vector<OptimizerEntry>& registry() {
       {"muon", "Muon", 0.02,
        [](Model m, const Config& c) { return backprop<mep::Muon>(std::move(m), mep::MuonOptions(c.lr)); }},
       // The EP family, one line each (learning rates: SPEC §8).
-      {"eqprop", "EqProp", 0.01, model_step<mep::EqProp>},
+      {"eqprop", "EqProp", 0.05, model_step<mep::EqProp>, 0.01},
       {"smep", "SMEP", 0.01, model_step<mep::SMEP>},
       {"sdmep", "SDMEP", 0.01, model_step<mep::SDMEP>},
       {"local_ep", "LocalEP", 0.01, model_step<mep::LocalEPMuon>},

@@ -8,7 +8,7 @@
 /// | SGD  | backprop | Plain (coupled wd, torch SGD) | none | none | 0.1  |
 /// | Adam | backprop | Adam (torch Adam)             | none | none | 1e-3 |
 /// | Muon | backprop | Newton-Schulz (cubic, 5 steps)| spectral γ=0.95 | none | 0.02 |
-/// | EqProp | EP | Plain (vanilla EP) | none | none | 0.01 |
+/// | EqProp | EP | Plain (vanilla EP) | none | none | 0.05 (reference::EqProp: 0.01) |
 /// | SMEP | EP (or backprop: `mode`) | Newton-Schulz | spectral | error feedback (off by default) | 0.01 |
 /// | SDMEP | EP | Dion (Newton-Schulz below dion_thresh) | spectral | error feedback (off) | 0.01 |
 /// | LocalEPMuon | layer-local EP | Newton-Schulz | spectral | none | 0.01 |
@@ -48,6 +48,12 @@ struct DefaultLr<BackpropGradient, AdamUpdate, NoConstraint, NoFeedback> {
 template <>
 struct DefaultLr<BackpropGradient, NewtonSchulz, SpectralConstraint, NoFeedback> {
   static constexpr double value = 0.02;
+};
+
+// EqProp with the default settling: 0.05, not the reference's 0.01 (README, "Departures").
+template <>
+struct DefaultLr<EPGradient, Plain, NoConstraint, NoFeedback> {
+  static constexpr double value = 0.05;
 };
 
 using SGD = Optimizer<BackpropGradient, Plain, NoConstraint, NoFeedback>;
