@@ -316,6 +316,24 @@ TEST(Gradient, SettlingStepsAllocateNothing) {
         allocations_per_step<mep::EqProp>(norms(), mep::EqPropOptions(), x, y, 50));
 }
 
+// The workspace lives as long as the gradient policy: the full batches and an epoch's last,
+// smaller one each keep theirs.
+TEST(Gradient, WorkspacesAreKeptAcrossStepsAndBatchShapes) {
+  torch::manual_seed(59);
+  auto m = nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 4));
+  mep::EPGradient ep{mep::EPGradientOptions()};
+  auto step = [&](int64_t batch) {
+    ep.compute(m, torch::randn({batch, 6}), torch::randint(0, 4, {batch}, torch::kLong));
+    return ep.energy().s[0].data_ptr();
+  };
+  auto* full = step(32);
+  auto* last = step(20);
+  EXPECT_NE(full, last);
+  EXPECT_EQ(step(32), full);
+  EXPECT_EQ(step(20), last);
+  EXPECT_EQ(step(32), full);
+}
+
 // Settling reports what it did, and says so when it stops short of its stopping rule.
 TEST(Gradient, SettleReportTellsConvergedFromNot) {
   torch::manual_seed(56);

@@ -176,6 +176,12 @@ class Energy {
     for (size_t j = 0; j < chain_->post.size(); ++j) commit(chain_->post[j], post_tape[j]);
   }
 
+  /// Whether the workspace is allocated for `chain` and a batch shaped and typed like `x`.
+  bool fits(const Chain& chain, const torch::Tensor& x) const {
+    return chain_ == &chain && !tape.empty() && tape.size() == chain.size() && x.sizes() == c10::IntArrayRef(shape_) &&
+           x.options().type_equal(options_);
+  }
+
   size_t size() const { return s.size(); }
   int64_t batch() const { return shape_.empty() ? 0 : shape_[0]; }
   const Chain& chain() const { return *chain_; }
@@ -304,10 +310,7 @@ class Energy {
   }
 
  private:
-  bool matches(const torch::Tensor& x) const {
-    return !tape.empty() && tape.size() == chain_->size() && x.sizes() == c10::IntArrayRef(shape_) &&
-           x.options().type_equal(options_);
-  }
+  bool matches(const torch::Tensor& x) const { return chain_ != nullptr && fits(*chain_, x); }
 
   // δ_L += β·∂C/∂s_L, with ∂C/∂ŷ = 2(ŷ − y) (MSE) or softmax(ŷ) − ỹ (CE) taken back through the post ops.
   void nudge(double beta) {

@@ -14,8 +14,8 @@
 /// gradient kernel; norms inside a segment their affine gradient at the VJP reaching them;
 /// norms after the last layer the gradient of the loss on the nudged output.
 ///
-/// The gradient owns its workspace (the Energy) for its lifetime: it is reallocated only
-/// when the batch shape changes. `compute` overwrites `.grad()` and returns the loss at the
+/// The gradient owns its workspaces (energy.hpp) for its lifetime: two, one per batch shape
+/// last seen (the full batches and an epoch's last one), reallocated only for a third shape. `compute` overwrites `.grad()` and returns the loss at the
 /// feedforward prediction; on any error (bad input or target, diverged settling) no
 /// gradient, parameter or BatchNorm statistic has changed. `report()` says what settling did.
 
@@ -26,6 +26,7 @@
 #include <mep/options.hpp>
 #include <mep/settle.hpp>
 
+#include <array>
 #include <memory>
 #include <sstream>
 #include <utility>
@@ -131,7 +132,7 @@ class BasicEPGradient {
   /// What settling did in the last successful `compute` (empty in backprop mode).
   const SettleReport& report() const noexcept { return report_; }
   /// The workspace of the last `compute` (states, errors, tapes).
-  const Energy& energy() const noexcept { return energy_; }
+  const Energy& energy() const noexcept { return workspaces_[last_]; }
 
   /// Overwrites `.grad()` of every parameter of `model` with the EP estimate of ∇L and
   /// returns L at the feedforward prediction.
@@ -145,10 +146,11 @@ class BasicEPGradient {
     torch::NoGradGuard no_grad;
     detail::check_input(x, chain);
     x_ = x;
-    energy_.feedforward(chain, nudging_, x, analytic_);
-    check_target(target, energy_.output.sizes());
-    detail::check_finite_output(energy_.output, x, chain);
-    energy_.set_target(target);
+    select_workspace(chain, x);
+    work().feedforward(chain, nudging_, x, analytic_);
+    check_target(target, work().output.sizes());
+    detail::check_finite_output(work().output, x, chain);
+    work().set_target(target);
 
     std::vector<std::pair<double, double>> phases;  // (β_p, coef_p): g = Σ_p coef_p·∂_θE(s^{β_p})
     if (symmetric_) phases = {{beta_, 0.5 / beta_}, {-beta_, -0.5 / beta_}};
@@ -157,17 +159,17 @@ class BasicEPGradient {
 
     SettleReport report;
     for (size_t p = 0; p < phases.size(); ++p) {
-      report.phases.push_back(settling_.settle(energy_, phases[p].first));
+      report.phases.push_back(settling_.settle(work(), phases[p].first));
       accumulate_parameter_gradients(phases[p].second, p == 0);
       if (p == 0) post_gradients(target);
     }
     // Settling succeeded: the gradients, BatchNorm's statistics and the report are committed.
     auto params = chain.parameters();
     for (size_t i = 0; i < params.size(); ++i) std::swap(params[i].mutable_grad(), acc_[i]);
-    energy_.commit_norm_statistics();
+    work().commit_norm_statistics();
     report_ = std::move(report);
     x_ = torch::Tensor();
-    return nudging_.loss_of(energy_.output, target);
+    return nudging_.loss_of(work().output, target);
   }
 
  private:
@@ -176,19 +178,30 @@ class BasicEPGradient {
     if (!chain_ || model.ptr() != model_.ptr()) {
       chain_ = std::make_unique<Chain>(Chain::from(model));
       model_ = model;  // held, so that its address cannot be reused by another model
-      energy_ = Energy();
+      workspaces_[0] = Energy(), workspaces_[1] = Energy();
       acc_.assign(chain_->parameters().size(), torch::Tensor());
     }
     return *chain_;
   }
 
+  // The workspace that fits x, or else the one not used last.
+  void select_workspace(const Chain& chain, const torch::Tensor& x) {
+    for (size_t i = 0; i < workspaces_.size(); ++i)
+      if (workspaces_[i].fits(chain, x)) {
+        last_ = i;
+        return;
+      }
+    last_ = 1 - last_;
+  }
+  Energy& work() { return workspaces_[last_]; }
+
   // acc += coef·∂_θE at the settled states of the phase, in Chain::parameters() order.
   void accumulate_parameter_gradients(double coef, bool first) {
-    const double c = -coef / static_cast<double>(energy_.batch());
+    const double c = -coef / static_cast<double>(work().batch());
     size_t i = 0;
     for (size_t l = 0; l < chain_->size(); ++l) {
       const Segment& seg = chain_->segments[l];
-      SegmentTape& t = energy_.tape[l];
+      SegmentTape& t = work().tape[l];
       bool norms = false;
       for (const auto& op : seg.pre) norms = norms || op.weight.defined() || op.bias.defined();
       if (norms) i = norm_gradients(seg, t, l, c, first, i);
@@ -225,7 +238,7 @@ class BasicEPGradient {
   // through the ops run again at the settled input (x for the first segment).
   size_t norm_gradients(const Segment& seg, SegmentTape& t, size_t l, double c, bool first, size_t i) {
     std::vector<torch::Tensor> ins(seg.pre.size());
-    torch::Tensor h = l == 0 ? x_ : energy_.s[l - 1];
+    torch::Tensor h = l == 0 ? x_ : work().s[l - 1];
     for (size_t j = 0; j < seg.pre.size(); ++j) ins[j] = h, h = seg.pre[j].forward(h, t.ops[j]);
     torch::Tensor unused;
     torch::Tensor g = seg.layer_vjp(t.eps, h, unused);
@@ -250,9 +263,9 @@ class BasicEPGradient {
       for (const auto& p : op.module->parameters()) params.push_back(p);
     if (params.empty()) return;
     torch::AutoGradMode grad_mode(true);
-    torch::Tensor h = energy_.s.back().detach();
+    torch::Tensor h = work().s.back().detach();
     for (size_t j = 0; j < chain_->post.size(); ++j)
-      h = chain_->post[j].forward(h, static_cast<const OpTape&>(energy_.post_tape[j]));
+      h = chain_->post[j].forward(h, static_cast<const OpTape&>(work().post_tape[j]));
     auto g = torch::autograd::grad({nudging_.loss_of(h, target)}, params);
     for (size_t k = 0; k < g.size(); ++k) acc_[acc_.size() - g.size() + k] = g[k].detach();
   }
@@ -264,7 +277,10 @@ class BasicEPGradient {
   Mode mode_ = Mode::EP;
   std::unique_ptr<Chain> chain_;
   torch::nn::Sequential model_{nullptr};
-  Energy energy_;
+  // Two workspaces, so that an epoch's last, smaller batch does not reallocate the one the
+  // full batches use; last_ is the one of the current step.
+  std::array<Energy, 2> workspaces_;
+  size_t last_ = 0;
   std::vector<torch::Tensor> acc_;  // the gradients being accumulated, swapped into .grad() on success
   SettleReport report_;
   torch::Tensor x_;  // the batch of the current compute
