@@ -142,7 +142,6 @@ TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
   expect_named([&] { mep::NaturalEPMuon(model, mep::NaturalEPMuonOptions().fisher_damping(0)); }, "fisher_damping");
   expect_named([&] { mep::EqProp(model, mep::EqPropOptions(-1)); }, "lr");
   expect_named([&] { mep::LocalEPMuon(model, mep::LocalEPMuonOptions().patience(0)); }, "patience");
-  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().adaptive(true).check_every(4)); }, "check_every");
   expect_named([&] { mep::reference::SMEP(model, mep::reference::SMEP::Options().check_every(-1)); }, "check_every");
   expect_named([&] { mep::EqProp(model, mep::EqPropOptions().tol(-1)); }, "tol");
 }

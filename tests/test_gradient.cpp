@@ -311,6 +311,9 @@ TEST(Gradient, SettlingStepsAllocateNothing) {
   check("SMEP, mlp, HeavyBall adaptive",
         allocations_per_step<Reference>(mep::models::mlp(), Reference::Options().tol(1e-30), x, y, 5),
         allocations_per_step<Reference>(mep::models::mlp(), Reference::Options().tol(1e-30), x, y, 50));
+  check("SMEP, mlp, HeavyBall adaptive, decisions on the device",
+        allocations_per_step<Reference>(mep::models::mlp(), Reference::Options().tol(1e-30).check_every(4), x, y, 5),
+        allocations_per_step<Reference>(mep::models::mlp(), Reference::Options().tol(1e-30).check_every(4), x, y, 50));
   check("EqProp, BatchNorm1d/Tanh/Sigmoid MLP",
         allocations_per_step<mep::EqProp>(norms(), mep::EqPropOptions(), x, y, 5),
         allocations_per_step<mep::EqProp>(norms(), mep::EqPropOptions(), x, y, 50));
@@ -415,6 +418,35 @@ TEST(Gradient, AdaptiveSettlingUndoesStepsThatRaiseTheEnergy) {
   EXPECT_NEAR(e_careful, e0, 1e-9 * std::abs(e0));
   EXPECT_NEAR(e_hb, e0, 1e-7 * std::abs(e0));
   EXPECT_FALSE(std::abs(e_wild - e0) < 1e-9 * std::abs(e0));
+}
+
+// HeavyBall's adaptive rule taken on the device (check_every > 1, the default off the CPU)
+// makes the same decisions as on the host: the same gradients, and the same stop.
+TEST(Gradient, AdaptiveDecisionsOnTheDeviceEqualThoseOnTheHost) {
+  torch::manual_seed(60);
+  auto m = scaled(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 7), nn::Tanh(), nn::Linear(7, 4)), 1.0);
+  auto x = torch::randn({16, 6}, torch::kFloat64);
+  auto y = torch::randint(0, 4, {16}, torch::kLong);
+  auto run = [&](int64_t every, double tol, double lr) {
+    mep::BasicEPGradient<mep::HeavyBall> ep(
+        mep::BasicEPGradientOptions<mep::HeavyBall>().settle_steps(40).settle_lr(lr).tol(tol).patience(2).check_every(every));
+    ep.compute(m, x, y);
+    std::vector<torch::Tensor> g;
+    for (auto& p : m->parameters()) g.push_back(p.grad().clone());
+    return std::make_pair(g, ep.report());
+  };
+  for (double lr : {0.05, 3.0}) {  // 3.0: many steps undone
+    auto [host, rh] = run(1, 0, lr);
+    auto [device, rd] = run(5, 0, lr);
+    EXPECT_LE(relative_error(device, host), 1e-12) << lr;
+    EXPECT_EQ(rd.steps(), rh.steps());
+  }
+  auto [host, rh] = run(1, 1e-6, 0.05);
+  auto [device, rd] = run(1000, 1e-6, 0.05);  // one check, at the end: no early stop possible before it
+  EXPECT_TRUE(rh.converged());
+  EXPECT_TRUE(rd.converged());
+  std::cout << "[ measured ] adaptive heavy ball to tol 1e-6: " << rh.steps() << " steps deciding on the host, "
+            << rd.steps() << " on the device (checked once)\n";
 }
 
 TEST(Gradient, SkippingTheFreePhaseGivesTheSameGradients) {

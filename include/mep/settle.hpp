@@ -14,8 +14,11 @@
 ///
 /// where the energy is read on the host every `check_every` steps (0: every step when the
 /// states are on the CPU, where reading is free, and every `kGpuCheckEvery` steps on other
-/// devices, so that the loop does not wait on the device at each step). A non-finite
-/// energy throws SettleError naming the step; nothing has been written then.
+/// devices, so that the loop does not wait on the device at each step; settling then stops
+/// at the first check after the rule was met). HeavyBall's adaptive mode takes its
+/// accept-or-undo decisions on the device when check_every > 1; LayerSweep's reads the
+/// energy after every sweep. A non-finite energy throws SettleError naming the step (or the
+/// check after it); nothing has been written then.
 
 #include <mep/energy.hpp>
 #include <mep/options.hpp>
@@ -82,8 +85,6 @@ struct SettleOptions {
     MEP_CHECK_OPTION(tol_ >= 0 && std::isfinite(tol_), "tol", tol_, "a finite value >= 0 (0: never stop early)");
     MEP_CHECK_OPTION(patience_ >= 1, "patience", patience_, "a value >= 1");
     MEP_CHECK_OPTION(check_every_ >= 0, "check_every", check_every_, "a value >= 0 (0: automatic)");
-    MEP_CHECK_OPTION(!adaptive_ || check_every_ <= 1, "check_every", check_every_,
-                     "0 or 1 when adaptive is on (a step that raises the energy is undone at once)");
   }
 };
 
@@ -127,12 +128,13 @@ class StopRule {
   StopRule(const SettleConfig& c, const torch::Tensor& like)
       : tol_(c.tol),
         patience_(std::max<int64_t>(c.patience, 1)),
-        every_(c.adaptive ? 1 : c.check_every > 0 ? c.check_every : like.is_cpu() ? 1 : kGpuCheckEvery),
+        every_(c.check_every > 0 ? c.check_every : like.is_cpu() ? 1 : kGpuCheckEvery),
         watch_(c.adaptive || c.tol > 0) {}
 
   /// Whether the energy is read after step k (of `steps`).
   bool check_at(int64_t k, int64_t steps) const { return watch_ && (k % every_ == 0 || k == steps); }
   bool watching() const { return watch_; }
+  int64_t every() const { return every_; }
 
   /// Feeds the energy E of a check; true once the rule is met.
   bool met(double previous, double next) {

@@ -8,7 +8,9 @@
 /// for at most settle_steps steps (settle.hpp's stopping rule). Adaptive mode undoes a step
 /// that raises the batch energy and multiplies settle_lr by kShrink = 0.5, and multiplies it
 /// by kGrow = 1.1 after an accepted step, up to kMaxLrFactor = 10 times its initial value
-/// (Polyak 1964 for the momentum; the step control is the reference's). Each step costs one
+/// (Polyak 1964 for the momentum; the step control is the reference's). With check_every = 1
+/// (automatic on the CPU) the decisions are taken on the host after every step, exactly as the
+/// reference did; with check_every > 1 (automatic on a GPU) on the device. Each step costs one
 /// forward and one VJP per segment. Its defaults are the reference's: 10 steps of 0.05,
 /// adaptive, tol 1e-5, patience 3 — which stop short of the equilibrium on deeper models
 /// (README, "Settling").
@@ -42,6 +44,7 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
     for (auto& t : v) t.zero_();
     e.evaluate(beta);
     detail::StopRule rule(c, e.s[0]);
+    if (c.adaptive && rule.every() > 1) return settle_on_device(e, beta, v);
     double lr = c.lr, energy = 0;
     if (rule.watching()) {
       energy = e.mean(beta);
@@ -75,6 +78,67 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
       }
     }
     if (rejected) e.evaluate(beta);  // describe the accepted states
+    const int64_t taken = std::min(k, c.steps);
+    return detail::finish(e, beta, taken, converged, taken);
+  }
+
+  // Adaptive mode with the decisions taken on the device: a step is undone and the step size
+  // adapted with tensor operations, and the host reads the energy and the stopping rule's
+  // count only every check_every steps (settling then stops at the first check after the rule
+  // was met). The same rule as the host path above, which reads the energy after every step.
+  PhaseReport settle_on_device(Energy& e, double beta, std::vector<torch::Tensor>& v) const {
+    const SettleConfig& c = config;
+    const size_t L = e.size();
+    detail::StopRule rule(c, e.s[0]);
+    const auto scalar = [&](double value) { return torch::full({}, value, e.s[0].options().dtype(torch::kDouble)); };
+    auto lr = scalar(c.lr), shrink = scalar(kShrink), grow = scalar(kGrow), factor = scalar(1), calm = scalar(0);
+    auto energy = scalar(0), next = scalar(0), change = scalar(0), bound = scalar(0);
+    auto rejected = torch::zeros({}, e.s[0].options().dtype(torch::kBool)), accepted = torch::zeros_like(rejected);
+    auto small = torch::zeros_like(rejected);
+    auto lr_state = torch::zeros({}, e.s[0].options());  // lr in the states' dtype (no cast inside the products)
+    auto pair = torch::zeros({2}, energy.options()), host = torch::zeros({2}, torch::kDouble);  // what a check reads
+    auto& step = e.scratch(4);
+    auto &s0 = e.scratch(1), &v0 = e.scratch(2), &g0 = e.scratch(3);
+    energy.copy_(e.total(beta));
+    int64_t k = 0;
+    bool converged = false;
+    for (k = 1; k <= c.steps; ++k) {
+      save(e, v);
+      lr_state.copy_(lr);
+      for (size_t l = 0; l < L; ++l) {
+        at::add_out(v[l], e.g[l], v[l], kMomentum);
+        at::mul_out(step[l], v[l], lr_state);
+        e.s[l].sub_(step[l]);
+      }
+      e.evaluate(beta);
+      next.copy_(e.total(beta));
+      at::gt_out(rejected, next, energy);  // a NaN energy is accepted, and caught at the next check
+      at::logical_not_out(accepted, rejected);
+      for (size_t l = 0; l < L; ++l) {
+        at::where_out(e.s[l], rejected, s0[l], e.s[l]);
+        at::where_out(v[l], rejected, v0[l], v[l]);
+        at::where_out(e.g[l], rejected, g0[l], e.g[l]);
+      }
+      at::where_out(factor, rejected, shrink, grow);
+      lr.mul_(factor).clamp_max_(kMaxLrFactor * c.lr);
+      if (c.tol > 0) {  // calm ← calm + 1 after an accepted step with |ΔE| < tol·max(1, |E|), else 0
+        at::sub_out(change, next, energy).abs_();
+        at::abs_out(bound, energy).clamp_min_(static_cast<double>(e.batch())).mul_(c.tol);
+        at::lt_out(small, change, bound).logical_and_(accepted);
+        calm.add_(1).mul_(small);
+      }
+      at::where_out(energy, rejected, energy, next);
+      if (!rule.check_at(k, c.steps)) continue;
+      pair.select(0, 0).copy_(energy), pair.select(0, 1).copy_(calm);
+      host.copy_(pair);
+      const double* read = host.data_ptr<double>();
+      detail::check_finite_energy(read[0], k, beta);
+      if (read[1] >= static_cast<double>(c.patience)) {
+        converged = true;
+        break;
+      }
+    }
+    e.evaluate(beta);  // describe the accepted states
     const int64_t taken = std::min(k, c.steps);
     return detail::finish(e, beta, taken, converged, taken);
   }
