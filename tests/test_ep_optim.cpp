@@ -176,3 +176,101 @@ TEST(EPOptim, DivergedSettlingLeavesParametersUntouched) {
 }
 
 }  // namespace
+
+namespace {
+
+// Policy options cannot differ between parameter groups (the policies are built once): a
+// group that sets one is an error naming it; the common options may differ.
+TEST(EPOptim, GroupsMaySetCommonOptionsButNoPolicyOption) {
+  auto model = tiny();
+  auto params = model->parameters();
+  auto groups = [&](mep::SMEPOptions second) {
+    std::vector<torch::optim::OptimizerParamGroup> g;
+    g.emplace_back(std::vector<torch::Tensor>{params[0], params[1]});
+    g.emplace_back(std::vector<torch::Tensor>{params[2], params[3]}, std::make_unique<mep::SMEPOptions>(second));
+    return g;
+  };
+  EXPECT_NO_THROW(mep::SMEP(groups(mep::SMEPOptions(0.05).momentum(0.5).weight_decay(0)), mep::SMEPOptions()));
+  for (auto [name, second] : std::vector<std::pair<std::string, mep::SMEPOptions>>{
+           {"ns_steps", mep::SMEPOptions().ns_steps(3)},
+           {"beta", mep::SMEPOptions().beta(0.2)},
+           {"settle_steps", mep::SMEPOptions().settle_steps(7)},
+           {"gamma", mep::SMEPOptions().gamma(0.5)}}) {
+    try {
+      mep::SMEP opt(groups(second), mep::SMEPOptions());
+      ADD_FAILURE() << "no error for a group's " << name;
+    } catch (const mep::OptionError& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("group 1"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// A checkpoint holds every option: loading restores the common ones and refuses an optimizer
+// whose policy options differ, naming the option; nothing is changed by a refused load.
+TEST(EPOptim, CheckpointsHoldEveryOption) {
+  torch::manual_seed(14);
+  auto model = tiny();
+  auto x = torch::randn({16, 20});
+  auto y = torch::randint(0, 10, {16}, torch::kLong);
+  mep::SDMEP saved(model, mep::SDMEPOptions(0.02).beta(0.3).ns_steps(3).rank_frac(0.5).dion_thresh(100).settle_steps(3));
+  saved.step(x, y);
+  const auto path = (std::filesystem::temp_directory_path() / "mep_test_options.pt").string();
+  torch::save(saved, path);
+  auto expect_refused = [&](mep::SDMEPOptions options, const std::string& name) {
+    mep::SDMEP other(model, options);
+    try {
+      torch::load(other, path);
+      ADD_FAILURE() << "loaded despite a different " << name;
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+    EXPECT_DOUBLE_EQ(other.param_groups()[0].options().get_lr(), options.lr());
+  };
+  const auto same = mep::SDMEPOptions(0.5).beta(0.3).ns_steps(3).rank_frac(0.5).dion_thresh(100).settle_steps(3);
+  expect_refused(mep::SDMEPOptions(same).beta(0.5), "beta");
+  expect_refused(mep::SDMEPOptions(same).rank_frac(0.3), "rank_frac");
+  expect_refused(mep::SDMEPOptions(same).settle_steps(2), "settle_steps");
+  expect_refused(mep::SDMEPOptions(same).loss(mep::Loss::CrossEntropy), "loss");
+  mep::SDMEP restored(model, same);
+  torch::load(restored, path);
+  std::remove(path.c_str());
+  EXPECT_DOUBLE_EQ(restored.param_groups()[0].options().get_lr(), 0.02);  // the common options come back
+}
+
+// LibTorch's schedulers drive every optimizer's learning rate, and the rate reaches the update.
+template <class Opt>
+void expect_scheduled(typename Opt::Options options, const char* name, bool constrained = false) {
+  torch::manual_seed(15);
+  auto x = torch::randn({16, 20});
+  auto y = torch::randint(0, 10, {16}, torch::kLong);
+  auto a = tiny(), b = tiny();
+  copy_parameters(a, b);
+  a->eval(), b->eval();  // no dropout: both runs see the same function
+  Opt plain(a, options), scheduled(b, options);
+  torch::optim::StepLR step_lr(scheduled, /*step_size=*/1, /*gamma=*/0.1);
+  plain.step(x, y), scheduled.step(x, y);
+  step_lr.step(), step_lr.step();  // LibTorch's StepLR changes the rate from its second call on
+  EXPECT_NEAR(scheduled.param_groups()[0].options().get_lr(), 0.1 * options.lr(), 1e-15) << name;
+  auto before = b->parameters()[0].detach().clone();
+  auto before_plain = a->parameters()[0].detach().clone();
+  plain.step(x, y), scheduled.step(x, y);
+  const double moved_plain = (a->parameters()[0] - before_plain).norm().item<double>();
+  const double moved = (b->parameters()[0] - before).norm().item<double>();
+  EXPECT_GT((a->parameters()[0] - b->parameters()[0]).abs().max().item<double>(), 1e-6) << name;
+  // Without the spectral constraint (whose rescaling dominates these first steps), the step shrinks.
+  if (!constrained) EXPECT_LT(moved, 0.5 * moved_plain) << name << ": the scheduled rate did not shrink the update";
+}
+
+TEST(EPOptim, StepLRDrivesEveryOptimizer) {
+  expect_scheduled<mep::SGD>(mep::SGDOptions().momentum(0), "SGD");
+  expect_scheduled<mep::Adam>(mep::AdamOptions(), "Adam");
+  expect_scheduled<mep::Muon>(mep::MuonOptions().momentum(0), "Muon", true);
+  expect_scheduled<mep::EqProp>(mep::EqPropOptions().momentum(0), "EqProp");
+  expect_scheduled<mep::SMEP>(mep::SMEPOptions().momentum(0), "SMEP", true);
+  expect_scheduled<mep::SDMEP>(mep::SDMEPOptions().momentum(0).dion_thresh(100), "SDMEP", true);
+  expect_scheduled<mep::LocalEPMuon>(mep::LocalEPMuonOptions().momentum(0), "LocalEPMuon", true);
+  expect_scheduled<mep::NaturalEPMuon>(mep::NaturalEPMuonOptions().momentum(0), "NaturalEPMuon", true);
+}
+
+}  // namespace

@@ -68,6 +68,7 @@ class Optimizer : public torch::optim::Optimizer {
         throw std::invalid_argument("mep: parameter group " + std::to_string(gi) +
                                     " has options of another optimizer type");
       o->validate();
+      check_group_policy_options(gi, *o, options);
     }
   }
 
@@ -180,6 +181,20 @@ class Optimizer : public torch::optim::Optimizer {
   static const Options& validated(const Options& o) {
     o.validate();
     return o;
+  }
+
+  // The policies are built once, from the optimizer's options: a group may set the common
+  // options (lr, momentum, dampening, nesterov, weight_decay) but no policy option.
+  static void check_group_policy_options(size_t group, const Options& o, const Options& defaults) {
+    const auto mine = o.policy_values(), theirs = defaults.policy_values();
+    for (size_t i = 0; i < mine.size(); ++i) {
+      if (mine[i].second == theirs[i].second) continue;
+      std::ostringstream os;
+      os << "mep: parameter group " << group << " sets " << mine[i].first << " = " << mine[i].second
+         << ", but the optimizer's is " << theirs[i].second << "; policy options apply to all groups (a group may "
+         << "set lr, momentum, dampening, nesterov and weight_decay)";
+      throw OptionError(os.str());
+    }
   }
 
   static std::vector<torch::Tensor> checked_parameters(const torch::nn::Sequential& model) {

@@ -11,6 +11,9 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 /// Declares option `name` of type `T` with default `...` in a mixin whose most derived
 /// options type is `Derived`: `opts.name(v)` sets and returns `Derived&`, `opts.name()`
@@ -88,6 +91,66 @@ struct CommonOptions {
   }
 };
 
+namespace detail {
+
+/// An option's value as a number (bool and enums as integers), for comparing and saving.
+template <class T>
+double option_number(const T& value) {
+  if constexpr (std::is_enum_v<T>) return static_cast<double>(static_cast<int64_t>(value));
+  else return static_cast<double>(value);
+}
+
+inline double ivalue_number(const c10::IValue& v) {
+  if (v.isDouble()) return v.toDouble();
+  if (v.isInt()) return static_cast<double>(v.toInt());
+  if (v.isBool()) return v.toBool() ? 1.0 : 0.0;
+  throw std::runtime_error("mep: the checkpoint holds an option of an unexpected type");
+}
+
+/// Writes every visited option into an archive, in its own type (enums as integers).
+struct OptionWriter {
+  torch::serialize::OutputArchive& archive;
+  template <class T>
+  void operator()(const char* name, const T& value) const {
+    if constexpr (std::is_enum_v<T>) archive.write(name, c10::IValue(static_cast<int64_t>(value)));
+    else if constexpr (std::is_same_v<T, bool>) archive.write(name, c10::IValue(value));
+    else if constexpr (std::is_integral_v<T>) archive.write(name, c10::IValue(static_cast<int64_t>(value)));
+    else archive.write(name, c10::IValue(static_cast<double>(value)));
+  }
+};
+
+/// Checks every visited option against an archive: a policy option saved with another value
+/// is an error naming it (the policies are built from the options at construction).
+struct OptionChecker {
+  torch::serialize::InputArchive& archive;
+  template <class T>
+  void operator()(const char* name, const T& value) const {
+    c10::IValue saved;
+    if (!archive.try_read(name, saved)) {
+      std::ostringstream os;
+      os << "mep: the checkpoint has no value for option " << name << " (not saved by this optimizer type)";
+      throw std::runtime_error(os.str());
+    }
+    if (ivalue_number(saved) == option_number(value)) return;
+    std::ostringstream os;
+    os << "mep: the checkpoint was saved with option " << name << " = " << saved << ", this optimizer has " << name
+       << " = " << option_number(value) << "; construct it with the checkpoint's options (a load restores lr, "
+       << "momentum, dampening, nesterov and weight_decay, and checks every other option)";
+    throw std::runtime_error(os.str());
+  }
+};
+
+/// Collects the visited options as (name, number).
+struct OptionCollector {
+  std::vector<std::pair<std::string, double>>& out;
+  template <class T>
+  void operator()(const char* name, const T& value) const {
+    out.emplace_back(name, option_number(value));
+  }
+};
+
+}  // namespace detail
+
 /// The default learning rate of an optimizer composition; presets.hpp specialises it
 /// with the reference's values (SPEC §8).
 template <class Gradient, class Update, class Constraint, class Feedback>
@@ -122,14 +185,43 @@ class OptimizerOptions
   double get_lr() const override { return this->lr(); }
   void set_lr(const double lr) override { this->lr(lr); }
 
-  void serialize(torch::serialize::OutputArchive& a) const override { this->save_common(a); }
-  void serialize(torch::serialize::InputArchive& a) override { this->load_common(a); }
+  /// Every option of the four policies (not the common ones), in declaration order.
+  template <class V>
+  void visit_policy_options(V&& v) const {
+    Gradient::template Options<Self>::visit_options(v);
+    Update::template Options<Self>::visit_options(v);
+    Constraint::template Options<Self>::visit_options(v);
+    Feedback::template Options<Self>::visit_options(v);
+  }
+
+  /// The policy options as (name, value) pairs.
+  std::vector<std::pair<std::string, double>> policy_values() const {
+    std::vector<std::pair<std::string, double>> out;
+    visit_policy_options(detail::OptionCollector{out});
+    return out;
+  }
+
+  /// Saves every option. Loading restores the common ones (lr, momentum, dampening, nesterov,
+  /// weight_decay, which may differ per group and change during training) and throws a
+  /// std::runtime_error naming the first policy option saved with another value.
+  void serialize(torch::serialize::OutputArchive& a) const override {
+    this->save_common(a);
+    visit_policy_options(detail::OptionWriter{a});
+  }
+  void serialize(torch::serialize::InputArchive& a) override {
+    visit_policy_options(detail::OptionChecker{a});
+    this->load_common(a);
+  }
 };
 
 /// A mixin with no options, for policies that take none (`Tag` keeps the bases distinct).
 template <class Derived, class Tag>
 struct NoOptions {
   void validate() const {}
+  template <class V>
+  void visit_options(V&& v) const {
+    (void)v;
+  }
 };
 
 }  // namespace mep

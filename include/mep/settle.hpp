@@ -86,6 +86,11 @@ struct SettleOptions {
     MEP_CHECK_OPTION(patience_ >= 1, "patience", patience_, "a value >= 1");
     MEP_CHECK_OPTION(check_every_ >= 0, "check_every", check_every_, "a value >= 0 (0: automatic)");
   }
+  template <class V>
+  void visit_options(V&& v) const {
+    v("settle_steps", settle_steps_), v("settle_lr", settle_lr_), v("tol", tol_), v("patience", patience_);
+    v("adaptive", adaptive_), v("check_every", check_every_);
+  }
 };
 
 /// The settling options as a value, read from any options type that has them.

@@ -23,6 +23,10 @@ struct SpectralConstraint {
       MEP_CHECK_OPTION(gamma_ > 0 && gamma_ <= 1, "gamma", gamma_, "a value in (0, 1]");
       MEP_CHECK_OPTION(power_iter_ >= 1, "power_iter", power_iter_, "a value >= 1");
     }
+    template <class V>
+    void visit_options(V&& v) const {
+      v("gamma", gamma_), v("power_iter", power_iter_);
+    }
   };
 
   double gamma = 0.95;

@@ -30,6 +30,11 @@ struct ErrorFeedback {
       MEP_CHECK_OPTION(error_beta_ >= 0 && error_beta_ < 1, "error_beta", error_beta_, "a value in [0, 1)");
       MEP_CHECK_OPTION(max_grad_norm_ > 0, "max_grad_norm", max_grad_norm_, "a value > 0");
     }
+    template <class V>
+    void visit_options(V&& v) const {
+      v("error_feedback", error_feedback_), v("error_beta", error_beta_), v("max_grad_norm", max_grad_norm_);
+      v("error_projected", error_projected_);
+    }
   };
 
   bool enabled = false;

@@ -42,6 +42,10 @@ struct BackpropGradient {
   struct Options {
     MEP_ARG(Loss, loss, Loss::CrossEntropy)
     void validate() const {}
+    template <class V>
+    void visit_options(V&& v) const {
+      v("loss", loss_);
+    }
   };
 
   Loss loss = Loss::CrossEntropy;

@@ -58,6 +58,11 @@ struct EPOptionsBase {
                      "a value in [0, 1)");
     MEP_CHECK_OPTION(temperature_ > 0, "temperature", temperature_, "a value > 0");
   }
+  template <class V>
+  void visit_options(V&& v) const {
+    v("beta", beta_), v("symmetric", symmetric_), v("free_phase", free_phase_), v("analytic", analytic_);
+    v("loss", loss_), v("label_smoothing", label_smoothing_), v("temperature", temperature_), v("mode", mode_);
+  }
 };
 
 /// Checks the input against the model's parameters before any work.
@@ -114,6 +119,11 @@ class BasicEPGradient {
     void validate() const {
       detail::EPOptionsBase<Derived>::validate();
       Settling::template Options<Derived>::validate();
+    }
+    template <class V>
+    void visit_options(V&& v) const {
+      detail::EPOptionsBase<Derived>::visit_options(v);
+      Settling::template Options<Derived>::visit_options(v);
     }
   };
 

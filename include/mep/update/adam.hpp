@@ -24,6 +24,10 @@ struct AdamUpdate {
       MEP_CHECK_OPTION(beta2_ >= 0 && beta2_ < 1, "beta2", beta2_, "a value in [0, 1)");
       MEP_CHECK_OPTION(eps_ >= 0, "eps", eps_, "a value >= 0");
     }
+    template <class V>
+    void visit_options(V&& v) const {
+      v("beta1", beta1_), v("beta2", beta2_), v("eps", eps_), v("amsgrad", amsgrad_);
+    }
   };
 
   static constexpr bool coupled_weight_decay = true;

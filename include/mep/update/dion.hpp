@@ -54,6 +54,11 @@ struct Dion {
       MEP_CHECK_OPTION(dion_thresh_ >= 0, "dion_thresh", dion_thresh_, "a value >= 0");
       MEP_CHECK_OPTION(dion_mu_ >= 0 && dion_mu_ < 1, "dion_mu", dion_mu_, "a value in [0, 1)");
     }
+    template <class V>
+    void visit_options(V&& v) const {
+      NewtonSchulz::Options<Derived>::visit_options(v);
+      v("rank_frac", this->rank_frac_), v("dion_thresh", this->dion_thresh_), v("dion_mu", this->dion_mu_);
+    }
   };
 
   static constexpr bool coupled_weight_decay = false;  // decoupled: W ← W(1 − lr·λ) − lr·u

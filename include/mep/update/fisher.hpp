@@ -50,6 +50,11 @@ struct FisherNewtonSchulz {
                        "a finite value > 0");
       MEP_CHECK_OPTION(fisher_ema_ >= 0 && fisher_ema_ < 1, "fisher_ema", fisher_ema_, "a value in [0, 1)");
     }
+    template <class V>
+    void visit_options(V&& v) const {
+      NewtonSchulz::Options<Derived>::visit_options(v);
+      v("fisher_damping", this->fisher_damping_), v("fisher_ema", this->fisher_ema_), v("fisher_diagonal", this->fisher_diagonal_);
+    }
   };
 
   static constexpr bool coupled_weight_decay = false;  // decoupled: W ← W(1 − lr·λ) − lr·m

@@ -108,6 +108,10 @@ struct NewtonSchulz {
     MEP_ARG(NSCoefficients, ns_coefficients, NSCoefficients::Cubic)
     MEP_ARG(NSScale, ns_scale, NSScale::None)
     void validate() const { MEP_CHECK_OPTION(ns_steps_ >= 0, "ns_steps", ns_steps_, "a value >= 0"); }
+    template <class V>
+    void visit_options(V&& v) const {
+      v("ns_steps", ns_steps_), v("ns_coefficients", ns_coefficients_), v("ns_scale", ns_scale_);
+    }
   };
 
   static constexpr bool coupled_weight_decay = false;  // decoupled: W ← W(1 − lr·λ) − lr·m
