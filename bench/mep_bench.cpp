@@ -24,6 +24,7 @@
 #include <charconv>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdarg>
 #include <cstdio>
 #include <exception>
@@ -185,6 +186,15 @@ class Progress {
 
 Progress* g_progress = nullptr;
 
+// SIGINT/SIGTERM: the run stops after the current step with one line and exit status 130;
+// nothing half-written is left (outputs are written at the end, by rename).
+volatile std::sig_atomic_t g_interrupted = 0;
+extern "C" void on_interrupt(int) { g_interrupted = 1; }
+
+void check_interrupt() {
+  if (g_interrupted) throw std::runtime_error("interrupted (SIGINT/SIGTERM); no output was written");
+}
+
 // --- data and evaluation ----------------------------------------------------------------
 
 Split load(const std::string& dir, bool train, int64_t limit, const torch::Device& device) {
@@ -283,6 +293,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
                                       static_cast<long long>(batches), message(e).c_str()));
       }
       ++steps;
+      check_interrupt();
       // Outside the timed region: reading the report is not part of the step.
       if (const auto* report = trainer->settle_report(); report && !report->phases.empty()) settle.add(*report);
       if (!std::isfinite(loss))
@@ -381,11 +392,26 @@ void prepare_output(const std::string& path) {
   if (!existed) fs::remove(p, ec);
 }
 
+/// Writes the JSON to a temporary file beside `path` and renames it over `path`, so that an
+/// interrupted or failed write never leaves a half-written file.
 void write_json(const std::string& path, const nlohmann::ordered_json& j) {
-  std::ofstream out(path, std::ios::trunc);
-  out << j.dump(2) << '\n';
-  out.close();
-  if (!out) throw std::runtime_error(strf("--json %s: write failed", path.c_str()));
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << j.dump(2) << '\n';
+    out.close();
+    if (!out) {
+      std::error_code ec;
+      fs::remove(tmp, ec);
+      throw std::runtime_error(strf("--json %s: write failed", path.c_str()));
+    }
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw std::runtime_error(strf("--json %s: cannot rename the written file into place", path.c_str()));
+  }
 }
 
 // --- command line -----------------------------------------------------------------------
@@ -541,6 +567,7 @@ int run(int argc, char** argv) {
   for (const auto* entry : selected) results.push_back(run_optimizer(*entry, opt, train, test, device, progress));
   g_progress = nullptr;
 
+  check_interrupt();
   print_table(results);
   if (!opt.json.empty()) {
     write_json(opt.json, to_json(opt, threads, results));
@@ -552,6 +579,8 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::signal(SIGINT, on_interrupt);
+  std::signal(SIGTERM, on_interrupt);
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {
@@ -561,5 +590,5 @@ int main(int argc, char** argv) {
     if (g_progress) g_progress->close();
     std::cerr << "mep_bench: unknown error" << std::endl;
   }
-  return 1;
+  return g_interrupted ? 130 : 1;
 }
