@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 
 namespace {
 
@@ -271,6 +272,53 @@ TEST(EPOptim, StepLRDrivesEveryOptimizer) {
   expect_scheduled<mep::SDMEP>(mep::SDMEPOptions().momentum(0).dion_thresh(100), "SDMEP", true);
   expect_scheduled<mep::LocalEPMuon>(mep::LocalEPMuonOptions().momentum(0), "LocalEPMuon", true);
   expect_scheduled<mep::NaturalEPMuon>(mep::NaturalEPMuonOptions().momentum(0), "NaturalEPMuon", true);
+}
+
+}  // namespace
+
+namespace {
+
+// Non-finite gradients in the backprop family: refused with nothing changed, or, with
+// skip_nonfinite(true), skipped and counted; the count survives a checkpoint.
+TEST(EPOptim, NonFiniteBackpropGradientsAreRefusedOrSkippedAndCounted) {
+  torch::manual_seed(16);
+  auto model = tiny();
+  auto params = model->parameters();
+  auto poison = [&] {
+    for (auto& p : params) p.mutable_grad() = torch::ones_like(p);
+    params[2].mutable_grad()[0][0] = std::numeric_limits<float>::quiet_NaN();
+  };
+  std::vector<torch::Tensor> before;
+  for (auto& p : params) before.push_back(p.detach().clone());
+  auto unchanged = [&] {
+    for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(torch::equal(params[i], before[i])) << i;
+  };
+  mep::SGD strict(params, mep::SGDOptions());
+  poison();
+  try {
+    strict.step();
+    ADD_FAILURE() << "no error for a NaN gradient";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("non-finite gradient"), std::string::npos) << e.what();
+  }
+  unchanged();
+  EXPECT_FALSE(strict.has_state(params[0]));
+
+  mep::Adam lenient(params, mep::AdamOptions().skip_nonfinite(true));
+  poison();
+  EXPECT_NO_THROW(lenient.step());
+  unchanged();
+  EXPECT_EQ(lenient.skipped_steps(), 1);
+  for (auto& p : params) p.mutable_grad() = torch::ones_like(p);
+  lenient.step();
+  EXPECT_EQ(lenient.skipped_steps(), 1);
+  EXPECT_FALSE(torch::equal(params[0], before[0]));
+  const auto path = (std::filesystem::temp_directory_path() / "mep_test_skipped.pt").string();
+  torch::save(lenient, path);
+  mep::Adam resumed(params, mep::AdamOptions().skip_nonfinite(true));
+  torch::load(resumed, path);
+  std::remove(path.c_str());
+  EXPECT_EQ(resumed.skipped_steps(), 1);
 }
 
 }  // namespace

@@ -35,6 +35,10 @@
 namespace mep {
 
 namespace detail {
+template <class O, class = void>
+struct has_skip_nonfinite : std::false_type {};
+template <class O>
+struct has_skip_nonfinite<O, std::void_t<decltype(std::declval<const O&>().skip_nonfinite())>> : std::true_type {};
 template <class U, class = void>
 struct has_owns_momentum_for : std::false_type {};
 template <class U>
@@ -115,12 +119,16 @@ class Optimizer : public torch::optim::Optimizer {
     return gradient_.report();
   }
 
+  /// Steps skipped for non-finite gradients (`skip_nonfinite(true)`, backprop family).
+  int64_t skipped_steps() const noexcept { return skipped_steps_; }
+
   /// The state of parameter `p` (created empty on first use).
   ParamState& state_of(const torch::Tensor& p) { return states_[p.unsafeGetTensorImpl()]; }
   bool has_state(const torch::Tensor& p) const { return states_.count(p.unsafeGetTensorImpl()) > 0; }
 
   void save(torch::serialize::OutputArchive& archive) const override {
     archive.write("mep.groups", c10::IValue(static_cast<int64_t>(param_groups_.size())));
+    archive.write("mep.skipped_steps", c10::IValue(skipped_steps_));
     for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
       const auto& group = param_groups_[gi];
       torch::serialize::OutputArchive ga;
@@ -173,8 +181,11 @@ class Optimizer : public torch::optim::Optimizer {
         states[p.unsafeGetTensorImpl()] = std::move(st);
       }
     }
+    c10::IValue skipped;
+    const int64_t skipped_steps = archive.try_read("mep.skipped_steps", skipped) ? skipped.toInt() : 0;
     for (size_t gi = 0; gi < param_groups_.size(); ++gi) param_groups_[gi].set_options(std::move(options[gi]));
     states_ = std::move(states);
+    skipped_steps_ = skipped_steps;
   }
 
  protected:
@@ -212,7 +223,15 @@ class Optimizer : public torch::optim::Optimizer {
       for (const auto& p : group.params())
         if (p.grad().defined()) finite.push_back(torch::isfinite(p.grad()).all());
     if (finite.empty()) return;
-    if (!torch::stack(finite).all().item<bool>()) throw_non_finite();
+    if (!torch::stack(finite).all().item<bool>()) {
+      if constexpr (detail::has_skip_nonfinite<Options>::value) {
+        if (options().skip_nonfinite()) {
+          ++skipped_steps_;
+          return;
+        }
+      }
+      throw_non_finite();
+    }
 
     for (auto& group : param_groups_) {
       const auto& o = static_cast<const Options&>(group.options());
@@ -266,6 +285,7 @@ class Optimizer : public torch::optim::Optimizer {
     throw std::runtime_error("mep: non-finite gradient; no parameter was updated");
   }
 
+  int64_t skipped_steps_ = 0;
   Gradient gradient_;
   Update update_;
   Constraint constraint_;

@@ -41,10 +41,13 @@ struct BackpropGradient {
   template <class Derived>
   struct Options {
     MEP_ARG(Loss, loss, Loss::CrossEntropy)
+    /// A step whose gradients hold NaN or inf is skipped (counted by the optimizer's
+    /// `skipped_steps()`) instead of throwing; either way no parameter or state changes.
+    MEP_ARG(bool, skip_nonfinite, false)
     void validate() const {}
     template <class V>
     void visit_options(V&& v) const {
-      v("loss", loss_);
+      v("loss", loss_), v("skip_nonfinite", skip_nonfinite_);
     }
   };
 
