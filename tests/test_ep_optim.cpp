@@ -322,3 +322,28 @@ TEST(EPOptim, NonFiniteBackpropGradientsAreRefusedOrSkippedAndCounted) {
 }
 
 }  // namespace
+
+namespace {
+
+// The per-parameter state is where LibTorch users look for it: Optimizer::state().
+TEST(EPOptim, StateIsInLibTorchsStateMap) {
+  torch::manual_seed(17);
+  auto model = tiny();
+  mep::SMEP opt(model, mep::SMEPOptions());
+  EXPECT_TRUE(opt.state().empty());
+  opt.step(torch::randn({8, 20}), torch::randint(0, 10, {8}, torch::kLong));
+  EXPECT_EQ(opt.state().size(), model->parameters().size());
+  size_t with_momentum = 0;
+  for (const auto& kv : opt.state()) {
+    const auto* st = dynamic_cast<const mep::ParamState*>(kv.second.get());
+    ASSERT_NE(st, nullptr);
+    EXPECT_EQ(st->step, 1);
+    with_momentum += st->has("momentum") ? 1 : 0;
+  }
+  EXPECT_EQ(with_momentum, model->parameters().size());
+  auto w = model->parameters()[0];
+  EXPECT_TRUE(opt.has_state(w));
+  EXPECT_TRUE(opt.state_of(w).has("spectral_u"));
+}
+
+}  // namespace

@@ -123,8 +123,14 @@ class Optimizer : public torch::optim::Optimizer {
   int64_t skipped_steps() const noexcept { return skipped_steps_; }
 
   /// The state of parameter `p` (created empty on first use).
-  ParamState& state_of(const torch::Tensor& p) { return states_[p.unsafeGetTensorImpl()]; }
-  bool has_state(const torch::Tensor& p) const { return states_.count(p.unsafeGetTensorImpl()) > 0; }
+  /// It lives in `torch::optim::Optimizer::state()`, keyed as LibTorch keys it, so that
+  /// `opt.state()` shows every parameter's ParamState (dynamic_cast to mep::ParamState).
+  ParamState& state_of(const torch::Tensor& p) {
+    auto& slot = state_[state_key(p)];
+    if (!slot) slot = std::make_unique<ParamState>();
+    return static_cast<ParamState&>(*slot);
+  }
+  bool has_state(const torch::Tensor& p) const { return state_.count(state_key(p)) > 0; }
 
   void save(torch::serialize::OutputArchive& archive) const override {
     archive.write("mep.groups", c10::IValue(static_cast<int64_t>(param_groups_.size())));
@@ -135,10 +141,10 @@ class Optimizer : public torch::optim::Optimizer {
       group.options().serialize(ga);
       ga.write("size", c10::IValue(static_cast<int64_t>(group.params().size())));
       for (size_t pi = 0; pi < group.params().size(); ++pi) {
-        auto it = states_.find(group.params()[pi].unsafeGetTensorImpl());
-        if (it == states_.end()) continue;
+        auto it = state_.find(state_key(group.params()[pi]));
+        if (it == state_.end()) continue;
         torch::serialize::OutputArchive sa;
-        it->second.serialize(sa);
+        static_cast<const ParamState&>(*it->second).serialize(sa);
         ga.write("state." + std::to_string(pi), sa);
       }
       archive.write("group." + std::to_string(gi), ga);
@@ -156,7 +162,7 @@ class Optimizer : public torch::optim::Optimizer {
     }
     // Read everything first, then commit: a failed load leaves the optimizer as it was.
     std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;
-    std::unordered_map<c10::TensorImpl*, ParamState> states;
+    std::decay_t<decltype(state_)> states;
     for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
       auto& group = param_groups_[gi];
       torch::serialize::InputArchive ga;
@@ -175,16 +181,16 @@ class Optimizer : public torch::optim::Optimizer {
         torch::serialize::InputArchive sa;
         if (!ga.try_read("state." + std::to_string(pi), sa)) continue;
         const auto& p = group.params()[pi];
-        ParamState st;
-        st.serialize(sa);
-        for (auto& kv : st.buffers) kv.second = kv.second.to(p.device());
-        states[p.unsafeGetTensorImpl()] = std::move(st);
+        auto st = std::make_unique<ParamState>();
+        st->serialize(sa);
+        for (auto& kv : st->buffers) kv.second = kv.second.to(p.device());
+        states[state_key(p)] = std::move(st);
       }
     }
     c10::IValue skipped;
     const int64_t skipped_steps = archive.try_read("mep.skipped_steps", skipped) ? skipped.toInt() : 0;
     for (size_t gi = 0; gi < param_groups_.size(); ++gi) param_groups_[gi].set_options(std::move(options[gi]));
-    states_ = std::move(states);
+    state_ = std::move(states);
     skipped_steps_ = skipped_steps;
   }
 
@@ -192,6 +198,21 @@ class Optimizer : public torch::optim::Optimizer {
   static const Options& validated(const Options& o) {
     o.validate();
     return o;
+  }
+
+  // LibTorch's key of a parameter's state: its TensorImpl, as a string in 1.13 and a
+  // pointer in 2.x (the map's key type tells which).
+  template <class T = torch::Tensor>
+  static auto state_key(const T& p) {
+    using Base = std::conditional_t<std::is_same_v<T, T>, torch::optim::Optimizer, void>;  // dependent on T
+    using Key = typename std::decay_t<decltype(std::declval<Base&>().state())>::key_type;
+    if constexpr (std::is_same_v<Key, std::string>) {
+      std::ostringstream os;
+      os << p.unsafeGetTensorImpl();
+      return os.str();
+    } else {
+      return static_cast<Key>(p.unsafeGetTensorImpl());
+    }
   }
 
   // The policies are built once, from the optimizer's options: a group may set the common
@@ -291,7 +312,7 @@ class Optimizer : public torch::optim::Optimizer {
   Constraint constraint_;
   Feedback feedback_;
   torch::nn::Sequential model_{nullptr};
-  std::unordered_map<c10::TensorImpl*, ParamState> states_;
+
 };
 
 }  // namespace mep
