@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <limits>
 
 namespace {
@@ -344,6 +345,116 @@ TEST(EPOptim, StateIsInLibTorchsStateMap) {
   auto w = model->parameters()[0];
   EXPECT_TRUE(opt.has_state(w));
   EXPECT_TRUE(opt.state_of(w).has("spectral_u"));
+}
+
+}  // namespace
+
+namespace {
+
+// Equal, NaN included.
+bool same(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.defined() != b.defined()) return false;
+  if (!a.defined()) return true;
+  return a.sizes() == b.sizes() && ((a == b) | (torch::isnan(a) & torch::isnan(b))).all().item<bool>();
+}
+
+struct Snapshot {
+  std::vector<torch::Tensor> params, grads, buffers;
+  std::vector<std::map<std::string, torch::Tensor>> states;
+};
+
+template <class Opt>
+Snapshot snapshot(torch::nn::Sequential& m, Opt& opt) {
+  Snapshot s;
+  for (auto& p : m->parameters()) {
+    s.params.push_back(p.detach().clone());
+    s.grads.push_back(p.grad().defined() ? p.grad().clone() : torch::Tensor());
+    std::map<std::string, torch::Tensor> st;
+    if (opt.has_state(p))
+      for (const auto& [k, v] : opt.state_of(p).buffers) st[k] = v.clone();
+    s.states.push_back(st);
+  }
+  for (auto& b : m->buffers()) s.buffers.push_back(b.clone());
+  return s;
+}
+
+template <class Opt>
+void expect_as_before(torch::nn::Sequential& m, Opt& opt, const Snapshot& s, const char* name) {
+  auto params = m->parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(same(params[i], s.params[i])) << name << " parameter " << i;
+    EXPECT_TRUE(same(params[i].grad(), s.grads[i])) << name << " grad " << i;
+    std::map<std::string, torch::Tensor> st;
+    if (opt.has_state(params[i])) st = opt.state_of(params[i]).buffers;
+    EXPECT_EQ(st.size(), s.states[i].size()) << name << " state " << i;
+    for (const auto& [k, v] : s.states[i]) EXPECT_TRUE(st.count(k) && same(st[k], v)) << name << " state " << i << " " << k;
+  }
+  auto buffers = m->buffers();
+  for (size_t i = 0; i < buffers.size(); ++i) EXPECT_TRUE(same(buffers[i], s.buffers[i])) << name << " buffer " << i;
+}
+
+// A step that fails inside the update (a fault injected into the last parameter's state, so
+// that the parameters before it have already been updated) leaves every parameter, gradient,
+// optimizer state and BatchNorm statistic exactly as before the call.
+template <class Opt>
+void expect_failed_update_changes_nothing(typename Opt::Options options, const char* name) {
+  torch::manual_seed(18);
+  auto m = torch::nn::Sequential(torch::nn::Linear(20, 32), torch::nn::BatchNorm1d(32), torch::nn::ReLU(),
+                                 torch::nn::Linear(32, 10));
+  auto x = torch::randn({16, 20});
+  auto y = torch::randint(0, 10, {16}, torch::kLong);
+  Opt opt(m, options);
+  auto backprop_grads = [&] {
+    opt.zero_grad();
+    torch::nn::functional::cross_entropy(m->forward(x), y).backward();
+  };
+  auto step = [&](bool fresh_grads = true) {
+    if constexpr (std::is_same_v<typename Opt::GradientPolicy, mep::BackpropGradient>) {
+      if (fresh_grads) backprop_grads();
+      opt.step();
+    } else {
+      opt.step(x, y);
+    }
+  };
+  step(), step();
+  auto last = m->parameters().back();
+  for (auto& [k, v] : opt.state_of(last).buffers) v.fill_(std::numeric_limits<float>::quiet_NaN());
+  if constexpr (std::is_same_v<typename Opt::GradientPolicy, mep::BackpropGradient>) backprop_grads();
+  const auto before = snapshot(m, opt);
+  EXPECT_THROW(step(/*fresh_grads=*/false), std::runtime_error) << name;
+  expect_as_before(m, opt, before, name);
+}
+
+TEST(EPOptim, AFailedUpdateChangesNothingInAnyOptimizer) {
+  expect_failed_update_changes_nothing<mep::SGD>(mep::SGDOptions(), "SGD");
+  expect_failed_update_changes_nothing<mep::Adam>(mep::AdamOptions(), "Adam");
+  expect_failed_update_changes_nothing<mep::Muon>(mep::MuonOptions(), "Muon");
+  expect_failed_update_changes_nothing<mep::EqProp>(mep::EqPropOptions(), "EqProp");
+  expect_failed_update_changes_nothing<mep::SMEP>(mep::SMEPOptions().error_feedback(true), "SMEP");
+  expect_failed_update_changes_nothing<mep::SDMEP>(mep::SDMEPOptions().dion_thresh(100), "SDMEP");
+  expect_failed_update_changes_nothing<mep::LocalEPMuon>(mep::LocalEPMuonOptions(), "LocalEPMuon");
+  expect_failed_update_changes_nothing<mep::NaturalEPMuon>(mep::NaturalEPMuonOptions(), "NaturalEPMuon");
+}
+
+// A failed Cholesky factorisation (a corrupted Fisher state) is rolled back the same way.
+TEST(EPOptim, AFailedCholeskyChangesNothing) {
+  torch::manual_seed(19);
+  auto m = tiny();
+  m->eval();
+  auto x = torch::randn({16, 20});
+  auto y = torch::randint(0, 10, {16}, torch::kLong);
+  mep::NaturalEPMuon opt(m, mep::NaturalEPMuonOptions());
+  opt.step(x, y);
+  auto w = m->parameters()[2];  // the second weight: the first is updated before it fails
+  opt.state_of(w).buffers["fisher"] = -10 * torch::eye(w.size(1));
+  const auto before = snapshot(m, opt);
+  try {
+    opt.step(x, y);
+    ADD_FAILURE() << "no error for a corrupted Fisher state";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("fisher_damping"), std::string::npos) << e.what();
+  }
+  expect_as_before(m, opt, before, "NaturalEPMuon");
 }
 
 }  // namespace

@@ -159,8 +159,11 @@ class Energy {
   void commit_norm_statistics() {
     torch::NoGradGuard no_grad;
     auto commit = [](const Op& op, OpTape& t) {
-      if (op.kind != OpKind::BatchNorm || t.count == 0) return;
+      if (op.kind != OpKind::BatchNorm) return;
+      t.saved_running.clear();
+      if (t.count == 0) return;
       auto advance = [&](auto& bn) {
+        t.saved_running = {bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()};
         const double mom = bn.options.momentum().value_or(0.1);
         const double n = static_cast<double>(t.count);
         bn.running_mean.mul_(1 - mom).add_(t.mean, mom);
@@ -180,6 +183,24 @@ class Energy {
   bool fits(const Chain& chain, const torch::Tensor& x) const {
     return chain_ == &chain && !tape.empty() && tape.size() == chain.size() && x.sizes() == c10::IntArrayRef(shape_) &&
            x.options().type_equal(options_);
+  }
+
+  /// Puts BatchNorm's running statistics back as they were before the last commit.
+  void undo_norm_statistics() {
+    torch::NoGradGuard no_grad;
+    auto undo = [](const Op& op, OpTape& t) {
+      if (op.kind != OpKind::BatchNorm || t.saved_running.empty()) return;
+      auto back = [&](auto& bn) {
+        bn.running_mean.copy_(t.saved_running[0]), bn.running_var.copy_(t.saved_running[1]);
+        bn.num_batches_tracked.copy_(t.saved_running[2]);
+      };
+      if (auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm1dImpl>(op.module)) back(*bn);
+      if (auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(op.module)) back(*bn);
+      t.saved_running.clear();
+    };
+    for (size_t l = 0; l < chain_->size(); ++l)
+      for (size_t j = 0; j < chain_->segments[l].pre.size(); ++j) undo(chain_->segments[l].pre[j], tape[l].ops[j]);
+    for (size_t j = 0; j < chain_->post.size(); ++j) undo(chain_->post[j], post_tape[j]);
   }
 
   size_t size() const { return s.size(); }

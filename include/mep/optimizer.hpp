@@ -21,11 +21,14 @@
 /// dampening, nesterov and weight_decay may differ per group), zero_grad, and
 /// `torch::save(opt, path)` / `torch::load(opt, path)` of the full state.
 /// A step either updates every parameter or none: non-finite gradients are rejected
-/// before anything is written.
+/// before anything is written, and an update that throws (a failed Cholesky or QR) or leaves
+/// a non-finite parameter is rolled back — parameters, their state, and for the EP family
+/// `.grad()` and BatchNorm's running statistics.
 
 #include <mep/options.hpp>
 #include <mep/state.hpp>
 
+#include <map>
 #include <sstream>
 #include <type_traits>
 #include <stdexcept>
@@ -35,6 +38,10 @@
 namespace mep {
 
 namespace detail {
+template <class G, class = void>
+struct has_undo : std::false_type {};
+template <class G>
+struct has_undo<G, std::void_t<decltype(std::declval<G&>().undo())>> : std::true_type {};
 template <class O, class = void>
 struct has_skip_nonfinite : std::false_type {};
 template <class O>
@@ -101,7 +108,12 @@ class Optimizer : public torch::optim::Optimizer {
       throw std::logic_error("mep: step(input, target) needs the optimizer to be constructed from the model "
                              "(a torch::nn::Sequential); this one was given a parameter list");
     auto loss = gradient_.compute(model_, input, target);
-    apply_update();
+    try {
+      apply_update();
+    } catch (...) {
+      if constexpr (detail::has_undo<Gradient>::value) gradient_.undo();  // .grad() and BatchNorm as they were
+      throw;
+    }
     return loss;
   }
 
@@ -242,9 +254,9 @@ class Optimizer : public torch::optim::Optimizer {
     std::vector<torch::Tensor> finite;
     for (const auto& group : param_groups_)
       for (const auto& p : group.params())
-        if (p.grad().defined()) finite.push_back(torch::isfinite(p.grad()).all());
+        if (p.grad().defined()) finite.push_back(p.grad().sum());  // finite iff every entry is (or it overflows)
     if (finite.empty()) return;
-    if (!torch::stack(finite).all().item<bool>()) {
+    if (!torch::isfinite(torch::stack(finite)).all().item<bool>()) {
       if constexpr (detail::has_skip_nonfinite<Options>::value) {
         if (options().skip_nonfinite()) {
           ++skipped_steps_;
@@ -254,13 +266,71 @@ class Optimizer : public torch::optim::Optimizer {
       throw_non_finite();
     }
 
-    for (auto& group : param_groups_) {
-      const auto& o = static_cast<const Options&>(group.options());
-      for (auto& p : group.params()) {
-        if (!p.grad().defined()) continue;
-        update_parameter(p, o);
+    // Transactional: each parameter and its state are saved before their update, and all are
+    // put back if any update throws (a failed Cholesky or QR) or leaves a non-finite value.
+    std::vector<Saved> saved;
+    std::vector<torch::Tensor> updated_finite;
+    try {
+      for (auto& group : param_groups_) {
+        const auto& o = static_cast<const Options&>(group.options());
+        for (auto& p : group.params()) {
+          if (!p.grad().defined()) continue;
+          saved.push_back(save_parameter(p));
+          update_parameter(p, o);
+          updated_finite.push_back(p.sum());
+        }
       }
+      if (!torch::isfinite(torch::stack(updated_finite)).all().item<bool>())
+        throw std::runtime_error("mep: the update produced a non-finite parameter; no parameter was updated");
+    } catch (...) {
+      for (auto it = saved.rbegin(); it != saved.rend(); ++it) restore_parameter(*it);
+      throw;
     }
+  }
+
+  // A parameter's value and state before its update, in buffers kept from step to step (a
+  // fresh copy per step costs page faults that rival the update itself).
+  struct Backup {
+    torch::Tensor value;
+    bool had_state = false;
+    int64_t step = 0;
+    std::map<std::string, torch::Tensor> buffers;  // those defined at the save
+  };
+  using Saved = std::pair<torch::Tensor, Backup*>;
+
+  static torch::Tensor& fit(torch::Tensor& buffer, const torch::Tensor& like) {
+    if (!buffer.defined() || buffer.sizes() != like.sizes() || !buffer.options().type_equal(like.options()))
+      buffer = torch::empty_like(like, torch::MemoryFormat::Contiguous);
+    return buffer;
+  }
+
+  Saved save_parameter(const torch::Tensor& p) {
+    Backup& b = backups_[p.unsafeGetTensorImpl()];
+    fit(b.value, p).copy_(p.detach());
+    b.had_state = has_state(p);
+    if (b.had_state) {
+      const ParamState& st = state_of(p);
+      b.step = st.step;
+      for (auto it = b.buffers.begin(); it != b.buffers.end();)
+        it = st.has(it->first) ? std::next(it) : b.buffers.erase(it);
+      for (const auto& [name, t] : st.buffers)
+        if (t.defined()) fit(b.buffers[name], t).copy_(t);
+    }
+    return {p, &b};
+  }
+
+  void restore_parameter(const Saved& saved) {
+    torch::NoGradGuard no_grad;
+    const auto& [p, b] = saved;
+    p.detach().copy_(b->value);
+    if (!b->had_state) {
+      state_.erase(state_key(p));
+      return;
+    }
+    ParamState& st = state_of(p);
+    st.step = b->step;
+    st.buffers.clear();
+    for (const auto& [name, t] : b->buffers) st.buffers[name] = t.clone();
   }
 
   void update_parameter(torch::Tensor& p, const Options& o) {
@@ -303,10 +373,12 @@ class Optimizer : public torch::optim::Optimizer {
         }
         ++index;
       }
-    throw std::runtime_error("mep: non-finite gradient; no parameter was updated");
+    throw std::runtime_error("mep: a gradient so large that its sum overflows (treated as non-finite); no parameter "
+                             "was updated");
   }
 
   int64_t skipped_steps_ = 0;
+  std::unordered_map<c10::TensorImpl*, Backup> backups_;
   Gradient gradient_;
   Update update_;
   Constraint constraint_;

@@ -42,6 +42,7 @@ struct OpTape {
   // of values per channel they came from (0: nothing for the running statistics to take in).
   torch::Tensor mean, var, scale, shift;
   int64_t count = 0;
+  std::vector<torch::Tensor> saved_running;  // running mean, var, count before the last commit
 };
 
 /// A parameter-free or normalising op between two layers (SPEC §1).

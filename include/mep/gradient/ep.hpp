@@ -144,6 +144,17 @@ class BasicEPGradient {
   /// The workspace of the last `compute` (states, errors, tapes).
   const Energy& energy() const noexcept { return workspaces_[last_]; }
 
+  /// Takes back the last `compute`: `.grad()`, BatchNorm's running statistics and the report
+  /// as they were before it (the optimizer calls it when its update fails).
+  void undo() {
+    if (!chain_ || !committed_) return;
+    auto params = chain_->parameters();
+    for (size_t i = 0; i < params.size(); ++i) std::swap(params[i].mutable_grad(), acc_[i]);
+    work().undo_norm_statistics();
+    report_ = std::move(previous_report_);
+    committed_ = false;
+  }
+
   /// Overwrites `.grad()` of every parameter of `model` with the EP estimate of ∇L and
   /// returns L at the feedforward prediction.
   torch::Tensor compute(const torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& target) {
@@ -154,6 +165,7 @@ class BasicEPGradient {
       return backprop_into_grads(model, chain.parameters(), x, target, nudging_.loss, nudging_.loss_smoothing());
     }
     torch::NoGradGuard no_grad;
+    committed_ = false;
     detail::check_input(x, chain);
     x_ = x;
     select_workspace(chain, x);
@@ -177,7 +189,9 @@ class BasicEPGradient {
     auto params = chain.parameters();
     for (size_t i = 0; i < params.size(); ++i) std::swap(params[i].mutable_grad(), acc_[i]);
     work().commit_norm_statistics();
+    previous_report_ = std::move(report_);
     report_ = std::move(report);
+    committed_ = true;
     x_ = torch::Tensor();
     return nudging_.loss_of(work().output, target);
   }
@@ -292,7 +306,8 @@ class BasicEPGradient {
   std::array<Energy, 2> workspaces_;
   size_t last_ = 0;
   std::vector<torch::Tensor> acc_;  // the gradients being accumulated, swapped into .grad() on success
-  SettleReport report_;
+  SettleReport report_, previous_report_;
+  bool committed_ = false;  // the last compute committed (undo() can take it back)
   torch::Tensor x_;  // the batch of the current compute
 };
 
