@@ -6,6 +6,7 @@
 //             [--train 3000] [--test 500] [--batch 128] [--seed 0] [--threads N]
 //             [--device cpu|cuda] [--loss mse|ce] [--error-feedback off|reference|projected]
 //             [--settling default|reference] [--lr LR] [--data data/mnist] [--json FILE]
+//             [--checkpoint DIR [--resume]]
 //
 // For the EP family, each epoch also reports what settling did (mean steps and relative
 // residual per training step, fraction of steps that met the stopping rule).
@@ -99,6 +100,8 @@ struct Options {
   std::string settling = "default";
   double lr = 0;  // 0: each optimizer's own (the reference's) learning rate
   std::string json;
+  std::string checkpoint;  // directory: save after every epoch
+  bool resume = false;     // continue the run saved in `checkpoint`
 };
 
 struct EpochRecord {
@@ -141,6 +144,30 @@ struct Split {
   torch::Tensor x, y;
   int64_t size() const { return x.size(0); }
 };
+
+nlohmann::ordered_json epoch_json(const EpochRecord& e) {
+  nlohmann::ordered_json eo{{"epoch", e.epoch},     {"train_loss", e.train_loss}, {"train_acc", e.train_acc},
+                            {"val_loss", e.val_loss}, {"val_acc", e.val_acc},     {"epoch_s", e.epoch_s}};
+  if (e.has_settle) {  // EP family only
+    eo["settle_steps"] = e.settle_steps;
+    eo["settle_residual"] = e.settle_residual;
+    eo["settle_converged"] = e.settle_converged;
+  }
+  return eo;
+}
+
+EpochRecord epoch_from_json(const nlohmann::json& j) {
+  EpochRecord e;
+  e.epoch = j.at("epoch").get<int64_t>();
+  e.train_loss = j.at("train_loss"), e.train_acc = j.at("train_acc"), e.val_loss = j.at("val_loss");
+  e.val_acc = j.at("val_acc"), e.epoch_s = j.at("epoch_s");
+  if (j.contains("settle_steps")) {
+    e.has_settle = true;
+    e.settle_steps = j.at("settle_steps"), e.settle_residual = j.at("settle_residual");
+    e.settle_converged = j.at("settle_converged");
+  }
+  return e;
+}
 
 // --- progress output --------------------------------------------------------------------
 
@@ -237,6 +264,125 @@ double median(std::vector<double> v) {
   return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
 }
 
+// --- checkpoints (--checkpoint DIR, --resume) ----------------------------------------------
+
+/// Writes `write(tmp)` to a temporary file beside `path` and renames it into place.
+template <class Write>
+void write_atomically(const std::string& path, const char* what, Write write) {
+  const std::string tmp = path + ".tmp";
+  std::error_code ec;
+  try {
+    write(tmp);
+  } catch (const std::exception& e) {
+    fs::remove(tmp, ec);
+    throw std::runtime_error(strf("%s %s: write failed: %s", what, path.c_str(), message(e).c_str()));
+  }
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw std::runtime_error(strf("%s %s: cannot rename the written file into place: %s", what, path.c_str(),
+                                  ec.message().c_str()));
+  }
+}
+
+/// What must be equal for a run to continue another: everything but --epochs and the outputs.
+nlohmann::ordered_json run_protocol(const Options& opt, int threads, const std::vector<std::string>& names) {
+  return {{"model", opt.model},     {"data", opt.data},       {"train", opt.train},
+          {"test", opt.test},       {"batch", opt.batch},     {"seed", opt.seed},
+          {"threads", threads},     {"device", opt.device},   {"loss", opt.loss},
+          {"error_feedback", opt.error_feedback},             {"settling", opt.settling},
+          {"lr", opt.lr},           {"optimizers", join(names, ",")}};
+}
+
+/// --checkpoint: creates DIR and its run.json; with --resume, checks that DIR holds a run
+/// of the same protocol instead.
+void prepare_checkpoints(const Options& opt, const nlohmann::ordered_json& protocol) {
+  const fs::path dir(opt.checkpoint);
+  const std::string manifest = (dir / "run.json").string();
+  std::error_code ec;
+  if (!opt.resume) {
+    fs::create_directories(dir, ec);
+    if (ec || !fs::is_directory(dir, ec))
+      throw std::runtime_error(strf("--checkpoint %s: cannot create the directory", opt.checkpoint.c_str()));
+    write_atomically(manifest, "--checkpoint", [&](const std::string& tmp) {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << protocol.dump(2) << '\n';
+      out.close();
+      if (!out) throw std::runtime_error("cannot write");
+    });
+    return;
+  }
+  std::ifstream in(manifest);
+  if (!in) throw std::runtime_error(strf("--resume: %s holds no mep_bench run (no run.json)", opt.checkpoint.c_str()));
+  nlohmann::json saved;
+  try {
+    in >> saved;
+  } catch (const std::exception&) {
+    throw std::runtime_error(strf("--resume: %s is corrupt (not JSON)", manifest.c_str()));
+  }
+  for (const auto& [key, value] : protocol.items()) {
+    if (saved.contains(key) && saved[key].dump() == value.dump()) continue;
+    throw std::runtime_error(strf("--resume: the checkpoint in %s is of another run: %s %s there, %s here",
+                                  opt.checkpoint.c_str(), key.c_str(),
+                                  saved.contains(key) ? saved[key].dump().c_str() : "missing", value.dump().c_str()));
+  }
+}
+
+/// An optimizer's run so far.
+struct Progressed {
+  std::vector<EpochRecord> records;
+  double step_s_total = 0;
+  int64_t steps = 0;
+  std::vector<double> epoch_times;
+};
+
+void save_checkpoint(const std::string& path, const std::string& name, const mep_bench::Trainer& trainer,
+                     const Progressed& p) {
+  nlohmann::ordered_json progress{{"step_s_total", p.step_s_total}, {"steps", p.steps},
+                                  {"epoch_times", p.epoch_times}, {"epochs", nlohmann::ordered_json::array()}};
+  for (const auto& r : p.records) progress["epochs"].push_back(epoch_json(r));
+  torch::serialize::OutputArchive archive, trained;
+  archive.write("optimizer_name", c10::IValue(name));
+  archive.write("progress", c10::IValue(progress.dump()));
+  auto generator = at::detail::getDefaultCPUGenerator();
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    archive.write("rng", generator.get_state(), /*is_buffer=*/true);
+  }
+  trainer.save(trained);
+  archive.write("trainer", trained);
+  write_atomically(path, "--checkpoint", [&](const std::string& tmp) { archive.save_to(tmp); });
+}
+
+/// Restores an optimizer's run (model, optimizer, random generator, records) from `path`.
+Progressed load_checkpoint(const std::string& path, const std::string& name, mep_bench::Trainer& trainer) {
+  try {
+    torch::serialize::InputArchive archive, trained;
+    archive.load_from(path);
+    c10::IValue v;
+    archive.read("optimizer_name", v);
+    if (v.toStringRef() != name)
+      throw std::runtime_error("it holds optimizer " + v.toStringRef() + ", not " + name);
+    archive.read("progress", v);
+    const auto progress = nlohmann::json::parse(v.toStringRef());
+    Progressed p;
+    p.step_s_total = progress.at("step_s_total");
+    p.steps = progress.at("steps");
+    p.epoch_times = progress.at("epoch_times").get<std::vector<double>>();
+    for (const auto& e : progress.at("epochs")) p.records.push_back(epoch_from_json(e));
+    torch::Tensor rng;
+    archive.read("rng", rng, /*is_buffer=*/true);
+    archive.read("trainer", trained);
+    trainer.load(trained);
+    auto generator = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(rng);
+    return p;
+  } catch (const std::exception& e) {
+    throw std::runtime_error(strf("--resume: %s: %s", path.c_str(), message(e).c_str()));
+  }
+}
+
 // --- one optimizer ----------------------------------------------------------------------
 
 Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt, const Split& train,
@@ -265,8 +411,23 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
   double step_s_total = 0;
   int64_t steps = 0;
   std::vector<double> epoch_times;
+  int64_t first_epoch = 1;
+  const std::string checkpoint =
+      opt.checkpoint.empty() ? std::string() : (fs::path(opt.checkpoint) / (entry.name + ".pt")).string();
+  std::error_code ec;
+  if (opt.resume && fs::exists(checkpoint, ec)) {
+    auto p = load_checkpoint(checkpoint, entry.name, *trainer);
+    const auto done = static_cast<int64_t>(p.records.size());
+    if (done > opt.epochs)
+      throw std::runtime_error(strf("--resume: %s has %lld epochs, more than --epochs %lld", checkpoint.c_str(),
+                                    static_cast<long long>(done), static_cast<long long>(opt.epochs)));
+    result.epochs = std::move(p.records);
+    step_s_total = p.step_s_total, steps = p.steps, epoch_times = std::move(p.epoch_times);
+    first_epoch = done + 1;
+    std::cout << strf("[%-10s] resumed after epoch %lld", entry.name.c_str(), static_cast<long long>(done)) << std::endl;
+  }
 
-  for (int64_t epoch = 1; epoch <= opt.epochs; ++epoch) {
+  for (int64_t epoch = first_epoch; epoch <= opt.epochs; ++epoch) {
     const std::string prefix = strf("[%-10s] epoch %*lld/%lld", entry.name.c_str(),
                                     static_cast<int>(std::to_string(opt.epochs).size()),
                                     static_cast<long long>(epoch), static_cast<long long>(opt.epochs));
@@ -316,6 +477,9 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
     progress.epoch_done(prefix, batches, r);
     epoch_times.push_back(r.epoch_s);
     result.epochs.push_back(r);
+    check_interrupt();
+    if (!checkpoint.empty())
+      save_checkpoint(checkpoint, entry.name, *trainer, Progressed{result.epochs, step_s_total, steps, epoch_times});
   }
 
   for (const auto& r : result.epochs) result.best_val_acc = std::max(result.best_val_acc, r.val_acc);
@@ -357,16 +521,7 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
     o["step_ms"] = r.step_ms;
     o["lr"] = r.lr;
     auto& es = o["epochs"] = nlohmann::ordered_json::array();
-    for (const auto& e : r.epochs) {
-      nlohmann::ordered_json eo{{"epoch", e.epoch},     {"train_loss", e.train_loss}, {"train_acc", e.train_acc},
-                                {"val_loss", e.val_loss}, {"val_acc", e.val_acc},     {"epoch_s", e.epoch_s}};
-      if (e.has_settle) {  // EP family only
-        eo["settle_steps"] = e.settle_steps;
-        eo["settle_residual"] = e.settle_residual;
-        eo["settle_converged"] = e.settle_converged;
-      }
-      es.push_back(std::move(eo));
-    }
+    for (const auto& e : r.epochs) es.push_back(epoch_json(e));
     rs.push_back(std::move(o));
   }
   return j;
@@ -521,6 +676,14 @@ int run(int argc, char** argv) {
                  "(HeavyBall, 10 steps of 0.05, adaptive)")
       ->check(CLI::IsMember({"default", "reference"}))
       ->capture_default_str();
+  auto* checkpoint_flag = app.add_option("--checkpoint", opt.checkpoint,
+                                         "save the run after every epoch into DIR (model, optimizer, random "
+                                         "generator, results so far)")
+                              ->type_name("DIR");
+  app.add_flag("--resume", opt.resume,
+               "continue the run saved in --checkpoint DIR up to --epochs (also extends a finished run); the "
+               "other flags must be those of the saved run")
+      ->needs(checkpoint_flag);
   app.add_option("--json", opt.json, "also write the results as JSON to FILE (parent directories are created)")
       ->type_name("FILE");
 
@@ -550,6 +713,7 @@ int run(int argc, char** argv) {
 
   std::vector<std::string> names;
   for (const auto* e : selected) names.push_back(e->name);
+  if (!opt.checkpoint.empty()) prepare_checkpoints(opt, run_protocol(opt, threads, names));
   std::cout << strf("mep_bench: model %s | data %s (train %lld, test %lld) | epochs %lld | batch %lld | seed %llu | "
                     "threads %d | device %s | settling %s | optimizers %s",
                     opt.model.c_str(), opt.data.c_str(), static_cast<long long>(opt.train),

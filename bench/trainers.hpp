@@ -42,6 +42,27 @@ class Trainer {
   virtual torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) = 0;
   /// What settling did in the last step (the EP family), or nullptr (backprop family).
   virtual const mep::SettleReport* settle_report() const { return nullptr; }
+  /// The model and the optimizer's whole state, for --checkpoint / --resume.
+  virtual void save(torch::serialize::OutputArchive& archive) const = 0;
+  virtual void load(torch::serialize::InputArchive& archive) = 0;
+
+ protected:
+  static void save_pair(torch::serialize::OutputArchive& archive, const torch::nn::Sequential& model,
+                        const torch::optim::Optimizer& opt) {
+    torch::serialize::OutputArchive m, o;
+    model->save(m);
+    opt.save(o);
+    archive.write("model", m);
+    archive.write("optimizer", o);
+  }
+  static void load_pair(torch::serialize::InputArchive& archive, torch::nn::Sequential& model,
+                        torch::optim::Optimizer& opt) {
+    torch::serialize::InputArchive m, o;
+    archive.read("model", m);
+    archive.read("optimizer", o);
+    model->load(m);
+    opt.load(o);
+  }
 };
 
 using TrainerFactory = std::function<std::unique_ptr<Trainer>(torch::nn::Sequential, const TrainerConfig&)>;
@@ -61,6 +82,9 @@ class BackpropTrainer final : public Trainer {
  public:
   BackpropTrainer(torch::nn::Sequential model, const typename Opt::Options& options)
       : model_(std::move(model)), opt_(model_->parameters(), options) {}
+
+  void save(torch::serialize::OutputArchive& archive) const override { save_pair(archive, model_, opt_); }
+  void load(torch::serialize::InputArchive& archive) override { load_pair(archive, model_, opt_); }
 
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override {
     opt_.zero_grad();
@@ -91,6 +115,11 @@ class ModelStepTrainer final : public Trainer {
       : opt_(std::move(model), options) {}
 
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override { return opt_.step(x, y); }
+  void save(torch::serialize::OutputArchive& archive) const override { save_pair(archive, opt_.model(), opt_); }
+  void load(torch::serialize::InputArchive& archive) override {
+    auto model = opt_.model();
+    load_pair(archive, model, opt_);
+  }
 
   const mep::SettleReport* settle_report() const override {
     if constexpr (detail::has_settle_report<Opt>::value)
