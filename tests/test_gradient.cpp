@@ -602,6 +602,16 @@ TEST(Gradient, BadTargetsAndInputsAreRejectedBeforeAnyWork) {
   EXPECT_THROW(ep.compute(m, x, torch::zeros({4, 5})), mep::TargetError);
   EXPECT_THROW(ep.compute(m, x.to(torch::kFloat64), torch::zeros({4}, torch::kLong)), std::invalid_argument);
   EXPECT_THROW(ep.compute(m, torch::full({4, 6}, NAN), torch::zeros({4}, torch::kLong)), std::invalid_argument);
+  for (int repeat = 0; repeat < 2; ++repeat) {  // a failed feedforward leaves no half-built workspace behind
+    try {
+      ep.compute(m, torch::randn({4, 5}), torch::zeros({4}, torch::kLong));
+      ADD_FAILURE() << "no error for an input of the wrong width";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("does not fit the model"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("[4, 5]"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_NO_THROW(ep.compute(m, x, torch::zeros({4}, torch::kLong)));
   EXPECT_THROW(mep::EPGradient(mep::EPGradientOptions().beta(0)), mep::OptionError);
   EXPECT_THROW(mep::EPGradient(mep::EPGradientOptions().settle_steps(0)), mep::OptionError);
   EXPECT_THROW(mep::EPGradient(mep::EPGradientOptions().settle_lr(-1)), mep::OptionError);

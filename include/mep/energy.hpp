@@ -94,6 +94,16 @@ class Energy {
   /// when the batch shape, dtype or device changes) and freezes BatchNorm statistics for
   /// the step: the batch's in train mode, the running ones in eval mode.
   void feedforward(const Chain& chain, const Nudging& nudging, const torch::Tensor& x, bool analytic) {
+    try {
+      run_feedforward(chain, nudging, x, analytic);
+    } catch (...) {
+      *this = Energy();  // a half-built workspace is never reused
+      throw;
+    }
+  }
+
+ private:
+  void run_feedforward(const Chain& chain, const Nudging& nudging, const torch::Tensor& x, bool analytic) {
     torch::NoGradGuard no_grad;
     chain_ = &chain;
     nudging_ = nudging;
@@ -147,6 +157,8 @@ class Energy {
     y_ = torch::Tensor();
     tapes_at_ff_ = true;
   }
+
+ public:
 
   /// The target the nudging compares the output with (one-hot or smoothed), set once per step.
   void set_target(const torch::Tensor& target) {

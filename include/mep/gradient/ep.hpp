@@ -169,7 +169,14 @@ class BasicEPGradient {
     detail::check_input(x, chain);
     x_ = x;
     select_workspace(chain, x);
-    work().feedforward(chain, nudging_, x, analytic_);
+    try {
+      work().feedforward(chain, nudging_, x, analytic_);
+    } catch (const c10::Error& e) {
+      std::ostringstream os;
+      os << "mep: the input of shape " << x.sizes() << " does not fit the model (its first layer's weight is "
+         << chain.segments[0].weight.sizes() << "): " << e.what_without_backtrace();
+      throw std::invalid_argument(os.str());
+    }
     check_target(target, work().output.sizes());
     detail::check_finite_output(work().output, x, chain);
     work().set_target(target);
