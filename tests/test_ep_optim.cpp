@@ -146,6 +146,17 @@ TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
   expect_named([&] { mep::LocalEPMuon(model, mep::LocalEPMuonOptions().patience(0)); }, "patience");
   expect_named([&] { mep::reference::SMEP(model, mep::reference::SMEP::Options().check_every(-1)); }, "check_every");
   expect_named([&] { mep::EqProp(model, mep::EqPropOptions().tol(-1)); }, "tol");
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().beta(nan)); }, "beta");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().settle_lr(inf)); }, "settle_lr");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().temperature(inf)); }, "temperature");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().max_grad_norm(inf)); }, "max_grad_norm");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().momentum(nan)); }, "momentum");
+  expect_named([&] { mep::SMEP(model, mep::SMEPOptions().weight_decay(inf)); }, "weight_decay");
+  expect_named([&] { mep::SDMEP(model, mep::SDMEPOptions().dion_mu(nan)); }, "dion_mu");
+  expect_named([&] { mep::NaturalEPMuon(model, mep::NaturalEPMuonOptions().fisher_ema(nan)); }, "fisher_ema");
+  expect_named([&] { mep::Adam(model->parameters(), mep::AdamOptions().eps(inf)); }, "eps");
+  expect_named([&] { mep::Adam(model->parameters(), mep::AdamOptions().beta2(nan)); }, "beta2");
 }
 
 // Parameters on CUDA mean CUDA settling and updates, with the CPU's results.

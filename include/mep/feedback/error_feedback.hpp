@@ -15,6 +15,8 @@
 /// g_aug outside the low-rank update. The README measures both rules.
 
 #include <mep/options.hpp>
+
+#include <cmath>
 #include <mep/state.hpp>
 
 namespace mep {
@@ -28,7 +30,8 @@ struct ErrorFeedback {
     MEP_ARG(bool, error_projected, false)
     void validate() const {
       MEP_CHECK_OPTION(error_beta_ >= 0 && error_beta_ < 1, "error_beta", error_beta_, "a value in [0, 1)");
-      MEP_CHECK_OPTION(max_grad_norm_ > 0, "max_grad_norm", max_grad_norm_, "a value > 0");
+      MEP_CHECK_OPTION(max_grad_norm_ > 0 && std::isfinite(max_grad_norm_), "max_grad_norm", max_grad_norm_,
+                       "a finite value > 0");
     }
     template <class V>
     void visit_options(V&& v) const {

@@ -24,6 +24,8 @@
 #include <mep/gradient/backprop.hpp>
 #include <mep/loss.hpp>
 #include <mep/options.hpp>
+
+#include <cmath>
 #include <mep/settle.hpp>
 
 #include <array>
@@ -56,7 +58,7 @@ struct EPOptionsBase {
     MEP_CHECK_OPTION(beta_ > 0 && beta_ <= 1, "beta", beta_, "a value in (0, 1]");
     MEP_CHECK_OPTION(label_smoothing_ >= 0 && label_smoothing_ < 1, "label_smoothing", label_smoothing_,
                      "a value in [0, 1)");
-    MEP_CHECK_OPTION(temperature_ > 0, "temperature", temperature_, "a value > 0");
+    MEP_CHECK_OPTION(temperature_ > 0 && std::isfinite(temperature_), "temperature", temperature_, "a finite value > 0");
   }
   template <class V>
   void visit_options(V&& v) const {

@@ -22,7 +22,7 @@ struct AdamUpdate {
     void validate() const {
       MEP_CHECK_OPTION(beta1_ >= 0 && beta1_ < 1, "beta1", beta1_, "a value in [0, 1)");
       MEP_CHECK_OPTION(beta2_ >= 0 && beta2_ < 1, "beta2", beta2_, "a value in [0, 1)");
-      MEP_CHECK_OPTION(eps_ >= 0, "eps", eps_, "a value >= 0");
+      MEP_CHECK_OPTION(eps_ >= 0 && std::isfinite(eps_), "eps", eps_, "a finite value >= 0");
     }
     template <class V>
     void visit_options(V&& v) const {
