@@ -264,8 +264,6 @@ double median(std::vector<double> v) {
   return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
 }
 
-// --- checkpoints (--checkpoint DIR, --resume) ----------------------------------------------
-
 /// Writes `write(tmp)` to a temporary file beside `path` and renames it into place.
 template <class Write>
 void write_atomically(const std::string& path, const char* what, Write write) {
@@ -284,6 +282,18 @@ void write_atomically(const std::string& path, const char* what, Write write) {
                                   ec.message().c_str()));
   }
 }
+
+/// Writes the JSON atomically (for the flag `what`): never a half-written file.
+void write_json(const std::string& path, const nlohmann::ordered_json& j, const char* what = "--json") {
+  write_atomically(path, what, [&](const std::string& tmp) {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << j.dump(2) << '\n';
+    out.close();
+    if (!out) throw std::runtime_error("cannot write");
+  });
+}
+
+// --- checkpoints (--checkpoint DIR, --resume) ----------------------------------------------
 
 /// What must be equal for a run to continue another: everything but --epochs and the outputs.
 nlohmann::ordered_json run_protocol(const Options& opt, int threads, const std::vector<std::string>& names) {
@@ -304,12 +314,7 @@ void prepare_checkpoints(const Options& opt, const nlohmann::ordered_json& proto
     fs::create_directories(dir, ec);
     if (ec || !fs::is_directory(dir, ec))
       throw std::runtime_error(strf("--checkpoint %s: cannot create the directory", opt.checkpoint.c_str()));
-    write_atomically(manifest, "--checkpoint", [&](const std::string& tmp) {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << protocol.dump(2) << '\n';
-      out.close();
-      if (!out) throw std::runtime_error("cannot write");
-    });
+    write_json(manifest, protocol, "--checkpoint");
     return;
   }
   std::ifstream in(manifest);
@@ -547,27 +552,6 @@ void prepare_output(const std::string& path) {
   if (!existed) fs::remove(p, ec);
 }
 
-/// Writes the JSON to a temporary file beside `path` and renames it over `path`, so that an
-/// interrupted or failed write never leaves a half-written file.
-void write_json(const std::string& path, const nlohmann::ordered_json& j) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << j.dump(2) << '\n';
-    out.close();
-    if (!out) {
-      std::error_code ec;
-      fs::remove(tmp, ec);
-      throw std::runtime_error(strf("--json %s: write failed", path.c_str()));
-    }
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    throw std::runtime_error(strf("--json %s: cannot rename the written file into place", path.c_str()));
-  }
-}
 
 // --- command line -----------------------------------------------------------------------
 

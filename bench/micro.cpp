@@ -152,6 +152,76 @@ void BM_Update_TorchSGD(benchmark::State& state) {
 BENCHMARK(BM_Update_MepSGD)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Update_TorchSGD)->Unit(benchmark::kMicrosecond);
 
+// The cnn's second convolution (32 → 64 channels, 3×3, 14×14, batch 128) as the settling
+// loop needs it: forward and input VJP by ATen's kernels (what the engine runs; they return
+// new tensors), against im2col_out + bmm_out into buffers kept between calls (allocation-free).
+struct Conv2 {
+  torch::Tensor in = torch::randn({kBatch, 32, 14, 14}), w = torch::randn({64, 32, 3, 3}), e = torch::randn({kBatch, 64, 14, 14});
+  torch::Tensor cols = torch::empty({kBatch, 288, 196}), out = torch::empty({kBatch, 64, 196});
+  torch::Tensor cols_grad = torch::empty({kBatch, 288, 196}), in_grad = torch::empty({kBatch, 32, 14, 14});
+};
+void BM_Conv2_ATen(benchmark::State& state) {
+  torch::set_num_threads(threads());
+  torch::NoGradGuard no_grad;
+  Conv2 c;
+  for (auto _ : state) {
+    if (state.range(0) == 0) benchmark::DoNotOptimize(at::conv2d(c.in, c.w, {}, 1, 1));
+    else
+      benchmark::DoNotOptimize(at::convolution_backward(c.e, c.in, c.w, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false,
+                                                        {0, 0}, 1, {true, false, false}));
+  }
+  state.SetLabel(state.range(0) == 0 ? "cnn conv2 forward, ATen" : "cnn conv2 input VJP, ATen");
+}
+void BM_Conv2_Im2col(benchmark::State& state) {
+  torch::set_num_threads(threads());
+  torch::NoGradGuard no_grad;
+  Conv2 c;
+  auto w = c.w.reshape({64, 288}).expand({kBatch, 64, 288});
+  auto wt = c.w.reshape({64, 288}).t().expand({kBatch, 288, 64});
+  auto e = c.e.reshape({kBatch, 64, 196});
+  for (auto _ : state) {
+    if (state.range(0) == 0) {
+      at::im2col_out(c.cols, c.in, {3, 3}, {1, 1}, {1, 1}, {1, 1});
+      at::bmm_out(c.out, w, c.cols);
+    } else {
+      at::bmm_out(c.cols_grad, wt, e);
+      at::col2im_out(c.in_grad, c.cols_grad, {14, 14}, {3, 3}, {1, 1}, {1, 1}, {1, 1});
+    }
+  }
+  state.SetLabel(state.range(0) == 0 ? "cnn conv2 forward, im2col + bmm" : "cnn conv2 input VJP, bmm + col2im");
+}
+BENCHMARK(BM_Conv2_ATen)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Conv2_Im2col)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
+
+// The cnn's first max pooling (2×2 on [128, 32, 28, 28]): ATen's functional kernels against
+// the engine's op, which runs the same kernels into its workspace.
+void BM_MaxPool1(benchmark::State& state) {
+  torch::set_num_threads(threads());
+  torch::NoGradGuard no_grad;
+  auto chain = mep::Chain::from(mep::models::cnn());
+  const mep::Op& pool = chain.segments[1].pre[1];
+  auto in = torch::randn({kBatch, 32, 28, 28}), grad = torch::randn({kBatch, 32, 14, 14});
+  mep::OpTape tape;
+  pool.prepare(in, tape);
+  pool.forward(in, tape);
+  auto [out, indices] = at::max_pool2d_with_indices(in, {2, 2}, {2, 2});
+  for (auto _ : state) {
+    switch (state.range(0)) {
+      case 0: benchmark::DoNotOptimize(at::max_pool2d_with_indices(in, {2, 2}, {2, 2})); break;
+      case 1: benchmark::DoNotOptimize(pool.forward(in, tape)); break;
+      case 2:
+        benchmark::DoNotOptimize(
+            at::max_pool2d_with_indices_backward(grad, in, {2, 2}, {2, 2}, {0, 0}, {1, 1}, false, indices));
+        break;
+      default: benchmark::DoNotOptimize(pool.vjp(grad, in, tape));
+    }
+  }
+  const char* labels[] = {"cnn pool1 forward, ATen with indices", "cnn pool1 forward, mep::Op into the workspace",
+                          "cnn pool1 VJP, ATen", "cnn pool1 VJP, mep::Op into the workspace"};
+  state.SetLabel(labels[state.range(0)]);
+}
+BENCHMARK(BM_MaxPool1)->DenseRange(0, 3)->Unit(benchmark::kMicrosecond);
+
 }  // namespace
 
 BENCHMARK_MAIN();

@@ -37,7 +37,6 @@ enum class Activation { ReLU, LeakyReLU, Sigmoid, Tanh, GELU, GELUTanh, SiLU, EL
 /// Per-step buffers of one op: its output, what its VJP needs, its VJP's result.
 struct OpTape {
   torch::Tensor out, aux, grad;
-  torch::Tensor mask;  // tiling max pool: scratch
   // BatchNorm: statistics frozen for the step, the affine map they make, and the number
   // of values per channel they came from (0: nothing for the running statistics to take in).
   torch::Tensor mean, var, scale, shift;
@@ -60,17 +59,6 @@ struct Op {
   std::vector<int64_t> normalized_shape;  // LayerNorm
 
   torch::Tensor weight, bias;             // norms: affine parameters (undefined without)
-
-  /// Max pooling whose windows tile the input exactly (kernel = stride, no padding,
-  /// dilation 1): forward and VJP by strided views, without ATen's index-producing kernel.
-  bool tiling_max_pool(const torch::Tensor& in) const {
-    if (kind != OpKind::MaxPool) return false;
-    for (size_t d = 0; d < kernel.size(); ++d) {
-      const int64_t extent = in.size(in.dim() - static_cast<int64_t>(kernel.size()) + static_cast<int64_t>(d));
-      if (kernel[d] != stride[d] || padding[d] != 0 || dilation[d] != 1 || extent % kernel[d] != 0) return false;
-    }
-    return true;
-  }
 
   /// The op as a function (allocates); BatchNorm uses the frozen statistics of `t`.
   torch::Tensor forward(const torch::Tensor& x, const OpTape& t) const {
@@ -115,14 +103,7 @@ struct Op {
     }
     t.out = torch::empty_like(out, torch::MemoryFormat::Contiguous);
     t.grad = torch::empty_like(in, torch::MemoryFormat::Contiguous);
-    if (kind == OpKind::MaxPool) {
-      if (tiling_max_pool(in)) {
-        t.aux = torch::empty_like(t.out);
-        t.mask = torch::empty(t.out.sizes(), in.options().dtype(torch::kBool));
-      } else {
-        t.aux = torch::empty(as2d(t.out).sizes(), in.options().dtype(torch::kLong));
-      }
-    }
+    if (kind == OpKind::MaxPool) t.aux = torch::empty(as2d(t.out).sizes(), in.options().dtype(torch::kLong));
   }
 
   /// out = op(in), into the tape (a view of `in` for Flatten, `in` itself for Dropout).
@@ -143,14 +124,11 @@ struct Op {
         t.out = std::get<0>(r), t.mean = std::get<1>(r), t.var = std::get<2>(r);  // var holds rstd
         return t.out;
       }
-      case OpKind::MaxPool:
-        if (tiling_max_pool(in)) {
-          tiled_max_forward(in, t);
-        } else {
-          auto out2 = as2d(t.out);
-          at::max_pool2d_with_indices_out(out2, t.aux, as2d(in), kernel, stride, padding, dilation, ceil_mode);
-        }
+      case OpKind::MaxPool: {
+        auto out2 = as2d(t.out);
+        at::max_pool2d_with_indices_out(out2, t.aux, as2d(in), kernel, stride, padding, dilation, ceil_mode);
         return t.out;
+      }
       case OpKind::AvgPool: {
         auto out2 = as2d(t.out);
         at::avg_pool2d_out(out2, as2d(in), kernel, stride, padding, ceil_mode, count_include_pad, divisor);
@@ -177,15 +155,12 @@ struct Op {
         t.grad = std::get<0>(at::native_layer_norm_backward(grad, in, normalized_shape, t.mean, t.var, weight, bias,
                                                             {true, false, false}));
         return t.grad;
-      case OpKind::MaxPool:
-        if (tiling_max_pool(in)) {
-          tiled_max_vjp(grad, t);
-        } else {
-          auto g2 = as2d(t.grad);
-          at::max_pool2d_with_indices_backward_out(g2, as2d(grad), as2d(in), kernel, stride, padding, dilation,
-                                                   ceil_mode, t.aux);
-        }
+      case OpKind::MaxPool: {
+        auto g2 = as2d(t.grad);
+        at::max_pool2d_with_indices_backward_out(g2, as2d(grad), as2d(in), kernel, stride, padding, dilation,
+                                                 ceil_mode, t.aux);
         return t.grad;
+      }
       case OpKind::AvgPool: {
         auto g2 = as2d(t.grad);
         at::avg_pool2d_backward_out(g2, as2d(grad), as2d(in), kernel, stride, padding, ceil_mode, count_include_pad,
@@ -268,42 +243,6 @@ struct Op {
       case Activation::SiLU: at::silu_backward_out(t.grad, g, s); break;
       case Activation::ELU: at::elu_backward_out(t.grad, g, a, 1, 1, false, s); break;
       case Activation::Softplus: at::softplus_backward_out(t.grad, g, s, a, b); break;
-    }
-  }
-
-  // The window offsets of a tiling max pool, in the order ATen scans them (row-major), as
-  // strided views of `x` whose shape is the pooled output's.
-  std::vector<torch::Tensor> windows(const torch::Tensor& x) const {
-    std::vector<torch::Tensor> out;
-    const int64_t w = x.dim() - 1;
-    if (kernel.size() == 1) {
-      for (int64_t j = 0; j < kernel[0]; ++j) out.push_back(x.slice(w, j, c10::nullopt, kernel[0]));
-      return out;
-    }
-    for (int64_t i = 0; i < kernel[0]; ++i)
-      for (int64_t j = 0; j < kernel[1]; ++j)
-        out.push_back(x.slice(w - 1, i, c10::nullopt, kernel[0]).slice(w, j, c10::nullopt, kernel[1]));
-    return out;
-  }
-
-  // out = max over the window, aux = the offset of its first maximum (ties: the earliest,
-  // as ATen's kernel picks them).
-  void tiled_max_forward(const torch::Tensor& in, OpTape& t) const {
-    auto views = windows(in);
-    t.out.copy_(views[0]);
-    t.aux.zero_();
-    for (size_t j = 1; j < views.size(); ++j) {
-      at::gt_out(t.mask, views[j], t.out);
-      t.aux.masked_fill_(t.mask, static_cast<double>(j));
-      at::maximum_out(t.out, t.out, views[j]);
-    }
-  }
-
-  void tiled_max_vjp(const torch::Tensor& grad, OpTape& t) const {
-    auto views = windows(t.grad);
-    for (size_t j = 0; j < views.size(); ++j) {
-      at::eq_out(views[j], t.aux, static_cast<double>(j));
-      views[j].mul_(grad);
     }
   }
 };

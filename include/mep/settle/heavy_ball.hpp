@@ -44,7 +44,7 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
     for (auto& t : v) t.zero_();
     e.evaluate(beta);
     detail::StopRule rule(c, e.s[0]);
-    if (c.adaptive && rule.every() > 1) return settle_on_device(e, beta, v);
+    if (c.adaptive && rule.every() > 1) return settle_on_device(e, beta, v, rule);
     double lr = c.lr, energy = 0;
     if (rule.watching()) {
       energy = e.mean(beta);
@@ -86,10 +86,9 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
   // adapted with tensor operations, and the host reads the energy and the stopping rule's
   // count only every check_every steps (settling then stops at the first check after the rule
   // was met). The same rule as the host path above, which reads the energy after every step.
-  PhaseReport settle_on_device(Energy& e, double beta, std::vector<torch::Tensor>& v) const {
+  PhaseReport settle_on_device(Energy& e, double beta, std::vector<torch::Tensor>& v, detail::StopRule& rule) const {
     const SettleConfig& c = config;
     const size_t L = e.size();
-    detail::StopRule rule(c, e.s[0]);
     const auto scalar = [&](double value) { return torch::full({}, value, e.s[0].options().dtype(torch::kDouble)); };
     auto lr = scalar(c.lr), shrink = scalar(kShrink), grow = scalar(kGrow), factor = scalar(1), calm = scalar(0);
     auto energy = scalar(0), next = scalar(0), change = scalar(0), bound = scalar(0);
