@@ -99,6 +99,7 @@ struct Options {
   std::string error_feedback = "off";
   std::string settling = "default";
   double lr = 0;  // 0: each optimizer's own (the reference's) learning rate
+  std::string lr_schedule = "constant";  // or "cosine": lr·½(1 + cos(π·(epoch − 1)/epochs)) per epoch
   std::string json;
   std::string checkpoint;  // directory: save after every epoch
   bool resume = false;     // continue the run saved in `checkpoint`
@@ -295,13 +296,17 @@ void write_json(const std::string& path, const nlohmann::ordered_json& j, const 
 
 // --- checkpoints (--checkpoint DIR, --resume) ----------------------------------------------
 
-/// What must be equal for a run to continue another: everything but --epochs and the outputs.
+/// What must be equal for a run to continue another: everything but the outputs and --epochs
+/// (which a cosine schedule anneals over, so that it must be equal too).
 nlohmann::ordered_json run_protocol(const Options& opt, int threads, const std::vector<std::string>& names) {
-  return {{"model", opt.model},     {"data", opt.data},       {"train", opt.train},
-          {"test", opt.test},       {"batch", opt.batch},     {"seed", opt.seed},
-          {"threads", threads},     {"device", opt.device},   {"loss", opt.loss},
-          {"error_feedback", opt.error_feedback},             {"settling", opt.settling},
-          {"lr", opt.lr},           {"optimizers", join(names, ",")}};
+  nlohmann::ordered_json p = {{"model", opt.model},     {"data", opt.data},       {"train", opt.train},
+                              {"test", opt.test},       {"batch", opt.batch},     {"seed", opt.seed},
+                              {"threads", threads},     {"device", opt.device},   {"loss", opt.loss},
+                              {"error_feedback", opt.error_feedback},             {"settling", opt.settling},
+                              {"lr", opt.lr},           {"lr_schedule", opt.lr_schedule},
+                              {"optimizers", join(names, ",")}};
+  if (opt.lr_schedule == "cosine") p["epochs"] = opt.epochs;
+  return p;
 }
 
 /// --checkpoint: creates DIR and its run.json; with --resume, checks that DIR holds a run
@@ -436,6 +441,10 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
     const std::string prefix = strf("[%-10s] epoch %*lld/%lld", entry.name.c_str(),
                                     static_cast<int>(std::to_string(opt.epochs).size()),
                                     static_cast<long long>(epoch), static_cast<long long>(opt.epochs));
+    if (opt.lr_schedule == "cosine") {
+      const double factor = 0.5 * (1 + std::cos(std::acos(-1.0) * static_cast<double>(epoch - 1) / static_cast<double>(opt.epochs)));
+      for (auto& group : trainer->optimizer().param_groups()) group.options().set_lr(config.lr * factor);
+    }
     auto perm = torch::randperm(n, torch::TensorOptions().dtype(torch::kLong));
     if (cuda) perm = perm.to(device);
     double loss_sum = 0;
@@ -515,7 +524,7 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
   nlohmann::ordered_json j;
   j["protocol"] = {{"model", opt.model}, {"epochs", opt.epochs}, {"train", opt.train},   {"test", opt.test},
                    {"batch", opt.batch}, {"seed", opt.seed},     {"threads", threads}, {"device", opt.device},
-                   {"settling", opt.settling}};
+                   {"settling", opt.settling}, {"lr_schedule", opt.lr_schedule}};
   auto& rs = j["results"] = nlohmann::ordered_json::array();
   for (const auto& r : results) {
     nlohmann::ordered_json o;
@@ -655,6 +664,11 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--lr", opt.lr, "learning rate of every selected optimizer (default: each one's own, the Learning Rate column)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--lr-schedule", opt.lr_schedule,
+                 "learning rate per epoch: constant (the seed protocol) or cosine, lr * (1 + cos(pi * (epoch - 1) "
+                 "/ epochs)) / 2, annealed over --epochs")
+      ->check(CLI::IsMember({"constant", "cosine"}))
+      ->capture_default_str();
   app.add_option("--settling", opt.settling,
                  "settling of the EP family: the library default (mep::DefaultSettling) or the reference's "
                  "(HeavyBall, 10 steps of 0.05, adaptive)")

@@ -45,6 +45,8 @@ class Trainer {
   /// The model and the optimizer's whole state, for --checkpoint / --resume.
   virtual void save(torch::serialize::OutputArchive& archive) const = 0;
   virtual void load(torch::serialize::InputArchive& archive) = 0;
+  /// The optimizer, for what a schedule changes between epochs (the groups' learning rates).
+  virtual torch::optim::Optimizer& optimizer() = 0;
 
  protected:
   static void save_pair(torch::serialize::OutputArchive& archive, const torch::nn::Sequential& model,
@@ -85,6 +87,7 @@ class BackpropTrainer final : public Trainer {
 
   void save(torch::serialize::OutputArchive& archive) const override { save_pair(archive, model_, opt_); }
   void load(torch::serialize::InputArchive& archive) override { load_pair(archive, model_, opt_); }
+  torch::optim::Optimizer& optimizer() override { return opt_; }
 
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override {
     opt_.zero_grad();
@@ -115,6 +118,7 @@ class ModelStepTrainer final : public Trainer {
       : opt_(std::move(model), options) {}
 
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override { return opt_.step(x, y); }
+  torch::optim::Optimizer& optimizer() override { return opt_; }
   void save(torch::serialize::OutputArchive& archive) const override { save_pair(archive, opt_.model(), opt_); }
   void load(torch::serialize::InputArchive& archive) override {
     auto model = opt_.model();

@@ -5,10 +5,13 @@
 
 #include "support.hpp"
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <map>
 #include <limits>
+#include <map>
+#include <set>
+#include <sstream>
 
 namespace {
 
@@ -60,12 +63,20 @@ torch::nn::Sequential tiny() {
 
 using mep_test::copy_parameters;
 
+torch::nn::Sequential tiny_with_batchnorm() {
+  return torch::nn::Sequential(torch::nn::Linear(20, 32), torch::nn::BatchNorm1d(32), torch::nn::ReLU(),
+                               torch::nn::Dropout(0.1), torch::nn::Linear(32, 10));
+}
+
+// Four steps, torch::save of model and optimizer, torch::load into a fresh model and an
+// optimizer built with another learning rate, four more steps: parameters and BatchNorm's
+// running statistics equal those of eight straight steps, bit for bit.
 template <class Opt>
 void expect_bit_identical_resume(typename Opt::Options options, const char* name) {
   torch::manual_seed(9);
   auto x = torch::randn({32, 20});
   auto y = torch::randint(0, 10, {32}, torch::kLong);
-  auto a = tiny(), b = tiny();
+  auto a = tiny_with_batchnorm(), b = tiny_with_batchnorm();
   copy_parameters(a, b);
   Opt straight(a, options), first(b, options);
   // Same dropout masks for both runs (the backprop presets apply dropout in train mode).
@@ -76,14 +87,28 @@ void expect_bit_identical_resume(typename Opt::Options options, const char* name
     other.step(x, y);
   };
   for (int s = 0; s < 4; ++s) paired_step(straight, first, s);
-  const auto path = (std::filesystem::temp_directory_path() / "mep_test_ep_state.pt").string();
-  torch::save(first, path);
-  Opt resumed(b, options);
-  torch::load(resumed, path);
-  std::remove(path.c_str());
+  const auto dir = std::filesystem::temp_directory_path();
+  const auto model_path = (dir / "mep_test_resume_model.pt").string();
+  const auto opt_path = (dir / "mep_test_resume_optimizer.pt").string();
+  torch::save(b, model_path);
+  torch::save(first, opt_path);
+  torch::manual_seed(1234);
+  auto c = tiny_with_batchnorm();  // other initial weights and fresh statistics
+  torch::load(c, model_path);
+  auto other = options;
+  other.lr(options.lr() * 3);  // restored from the checkpoint
+  Opt resumed(c, other);
+  torch::load(resumed, opt_path);
+  std::remove(model_path.c_str());
+  std::remove(opt_path.c_str());
+  EXPECT_DOUBLE_EQ(static_cast<const typename Opt::Options&>(resumed.param_groups()[0].options()).lr(), options.lr())
+      << name;
   for (int s = 4; s < 8; ++s) paired_step(straight, resumed, s);
-  auto pa = a->parameters(), pb = b->parameters();
-  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i], pb[i])) << name << " parameter " << i;
+  auto pa = a->parameters(), pc = c->parameters();
+  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i], pc[i])) << name << " parameter " << i;
+  auto ba = a->buffers(), bc = c->buffers();
+  ASSERT_EQ(ba.size(), 3u);  // running mean, running variance, batches tracked
+  for (size_t i = 0; i < ba.size(); ++i) EXPECT_TRUE(torch::equal(ba[i], bc[i])) << name << " buffer " << i;
 }
 
 TEST(EPOptim, SaveLoadResumesBitIdenticallyForAllEight) {
@@ -157,6 +182,112 @@ TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
   expect_named([&] { mep::NaturalEPMuon(model, mep::NaturalEPMuonOptions().fisher_ema(nan)); }, "fisher_ema");
   expect_named([&] { mep::Adam(model->parameters(), mep::AdamOptions().eps(inf)); }, "eps");
   expect_named([&] { mep::Adam(model->parameters(), mep::AdamOptions().beta2(nan)); }, "beta2");
+}
+
+// OPTION_SETTER(name): set_name(o, v, 0) sets option `name` of options `o` to v (converted to
+// its type) and returns true, or returns false where that options type has no such option.
+#define OPTION_SETTER(name)                                                     \
+  template <class O>                                                            \
+  auto set_##name(O& o, double v, int)->decltype(o.name(), bool()) {            \
+    using T = std::decay_t<decltype(o.name())>;                                 \
+    if constexpr (std::is_enum_v<T>) o.name(static_cast<T>(static_cast<int>(v))); \
+    else o.name(static_cast<T>(v));                                             \
+    return true;                                                                \
+  }                                                                             \
+  template <class O>                                                            \
+  bool set_##name(O&, double, long) {                                           \
+    return false;                                                               \
+  }
+#define MEP_NUMERIC_OPTIONS(X)                                                                                        \
+  X(lr) X(momentum) X(dampening) X(weight_decay) X(gamma) X(power_iter) X(error_beta) X(max_grad_norm) X(beta1)     \
+  X(beta2) X(eps) X(rank_frac) X(dion_thresh) X(dion_mu) X(fisher_damping) X(fisher_ema) X(ns_steps)                \
+  X(ns_coefficients) X(ns_scale) X(loss) X(beta) X(label_smoothing) X(temperature) X(mode) X(settle_steps)         \
+  X(settle_lr) X(tol) X(patience) X(check_every)
+MEP_NUMERIC_OPTIONS(OPTION_SETTER)
+
+template <class O>
+bool set_option(O& o, const std::string& name, double v) {
+#define SET_IF_NAMED(n) \
+  if (name == #n) return set_##n(o, v, 0);
+  MEP_NUMERIC_OPTIONS(SET_IF_NAMED)
+#undef SET_IF_NAMED
+  return false;
+}
+
+// Every option of `Opt`, common and policy: each non-boolean one is set to each value its
+// rule excludes, in the optimizer's options and in a parameter group's. Both are refused
+// with an OptionError that names the option and the value. An option missing from the
+// table below fails the test, so that a new option cannot go unvalidated.
+template <class Opt>
+void expect_every_option_validated(const char* optimizer) {
+  using O = typename Opt::Options;
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  const std::map<std::string, std::vector<double>> invalid = {
+      {"lr", {0, -1, nan, inf}},          {"momentum", {-0.1, 1, nan}},      {"dampening", {-0.1, 1.5, nan}},
+      {"weight_decay", {-1, nan, inf}},   {"gamma", {0, 1.5, nan}},          {"power_iter", {0, -2}},
+      {"error_beta", {-0.1, 1, nan}},     {"max_grad_norm", {0, inf, nan}},  {"beta1", {-0.1, 1, nan}},
+      {"beta2", {-0.1, 1, nan}},          {"eps", {-1, inf, nan}},           {"rank_frac", {0, 1.5, nan}},
+      {"dion_thresh", {-1}},              {"dion_mu", {-0.1, 1, nan}},       {"fisher_damping", {0, inf, nan}},
+      {"fisher_ema", {-0.1, 1, nan}},     {"ns_steps", {-1}},                {"ns_coefficients", {-1, 7}},
+      {"ns_scale", {-1, 7}},              {"loss", {-1, 7}},                 {"beta", {0, 1.5, nan}},
+      {"label_smoothing", {-0.1, 1, nan}}, {"temperature", {0, inf, nan}},   {"mode", {-1, 7}},
+      {"settle_steps", {0, -1}},          {"settle_lr", {0, inf, nan}},      {"tol", {-1, inf, nan}},
+      {"patience", {0}},                  {"check_every", {-1}}};
+  const std::set<std::string> booleans = {"nesterov", "symmetric", "free_phase", "analytic", "adaptive",
+                                          "error_feedback", "error_projected", "amsgrad", "fisher_diagonal",
+                                          "skip_nonfinite"};
+  std::vector<std::string> names = {"lr", "momentum", "dampening", "nesterov", "weight_decay"};
+  for (const auto& [name, value] : O().policy_values()) names.push_back(name);
+  auto model = tiny();
+  auto params = model->parameters();
+  auto shown = [](double v) {
+    std::ostringstream os;
+    if (std::isfinite(v) && v == std::floor(v)) os << static_cast<int64_t>(v);
+    else os << v;
+    return os.str();
+  };
+  auto expect_refused = [&](auto&& make, const std::string& name, double v, const char* where) {
+    try {
+      make();
+      ADD_FAILURE() << optimizer << ": no error for " << name << " = " << v << " " << where;
+    } catch (const mep::OptionError& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find(name + " = " + shown(v)), std::string::npos) << optimizer << " " << where << ": " << what;
+    }
+  };
+  for (const auto& name : names) {
+    if (booleans.count(name)) continue;
+    auto it = invalid.find(name);
+    if (it == invalid.end()) {
+      ADD_FAILURE() << optimizer << ": option " << name << " has no invalid values in this test";
+      continue;
+    }
+    for (double v : it->second) {
+      O bad;
+      ASSERT_TRUE(set_option(bad, name, v)) << optimizer << " has no setter for " << name;
+      expect_refused([&] { Opt opt(params, bad); }, name, v, "in the options");
+      expect_refused(
+          [&] {
+            std::vector<torch::optim::OptimizerParamGroup> groups;
+            groups.emplace_back(std::vector<torch::Tensor>{params[0], params[1]});
+            groups.emplace_back(std::vector<torch::Tensor>{params[2], params[3]}, std::make_unique<O>(bad));
+            Opt opt(std::move(groups), O());
+          },
+          name, v, "in parameter group 1");
+    }
+  }
+}
+
+TEST(EPOptim, EveryOptionOfEveryOptimizerIsValidated) {
+  expect_every_option_validated<mep::SGD>("SGD");
+  expect_every_option_validated<mep::Adam>("Adam");
+  expect_every_option_validated<mep::Muon>("Muon");
+  expect_every_option_validated<mep::EqProp>("EqProp");
+  expect_every_option_validated<mep::SMEP>("SMEP");
+  expect_every_option_validated<mep::SDMEP>("SDMEP");
+  expect_every_option_validated<mep::LocalEPMuon>("LocalEPMuon");
+  expect_every_option_validated<mep::NaturalEPMuon>("NaturalEPMuon");
+  expect_every_option_validated<mep::reference::SMEP>("reference::SMEP");
 }
 
 // Parameters on CUDA mean CUDA settling and updates, with the CPU's results.

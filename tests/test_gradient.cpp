@@ -387,6 +387,85 @@ TEST(Gradient, SettlingPoliciesReachTheSameEquilibrium) {
   EXPECT_LE(err, 0.05);
 }
 
+// Weights with ‖W‖ = 3 make the plain sweep step multiply the error by JᵀJ (up to 9×): it
+// drives the energy from 0.46 to about 20 here. The step scaled by ρ = 1/σ² lowers the
+// energy with every sweep and reaches the equilibrium HeavyBall finds.
+TEST(Gradient, LayerSweepContractsWhereTheNextLayerAmplifies) {
+  torch::manual_seed(61);
+  auto m = scaled(nn::Sequential(nn::Linear(6, 12), nn::Tanh(), nn::Linear(12, 12), nn::Tanh(), nn::Linear(12, 4)), 1.0);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : m->parameters())
+      if (p.dim() == 2 && p.size(1) == 12) p.mul_(3.0 / at::linalg_svdvals(p).max().item<double>());
+  }
+  auto x = torch::randn({16, 6}, torch::kFloat64);
+  auto y = torch::randint(0, 4, {16}, torch::kLong);
+  double previous = std::numeric_limits<double>::infinity();
+  std::vector<torch::Tensor> g;
+  for (int64_t sweeps : {1, 2, 5, 20, 100, 3000}) {
+    mep::EPGradient ep{mep::EPGradientOptions().beta(0.1).settle_steps(sweeps).tol(0)};
+    ep.compute(m, x, y);
+    const auto& r = ep.report();
+    std::cout << "[ measured ] LayerSweep, ‖W‖ = 3: " << sweeps << " sweeps, energy " << r.energy() << ", residual "
+              << r.residual() << "\n";
+    EXPECT_LE(r.energy(), previous + 1e-12) << sweeps << " sweeps";
+    previous = r.energy();
+    if (sweeps == 3000) {
+      EXPECT_LT(r.residual(), 1e-9);
+      for (auto& p : m->parameters()) g.push_back(p.grad().clone());
+    }
+  }
+  auto options = mep::BasicEPGradientOptions<mep::HeavyBall>().beta(0.1).settle_steps(5000).settle_lr(0.05).tol(0).adaptive(false);
+  mep::BasicEPGradient<mep::HeavyBall> hb(options);
+  hb.compute(m, x, y);
+  std::vector<torch::Tensor> h;
+  for (auto& p : m->parameters()) h.push_back(p.grad().clone());
+  EXPECT_LE(relative_error(g, h), 1e-6);
+}
+
+// The bound behind ρ: Segment::jacobian_norm is at least the spectral norm of each segment's
+// Jacobian, per sample, for the ops whose bounds it multiplies (overlapping pools, strided
+// convolutions, norms with statistics, activations steeper than 1).
+TEST(Gradient, JacobianNormBoundsEverySegmentsJacobian) {
+  torch::manual_seed(62);
+  auto conv = nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 3, 3).padding(1)), nn::GELU(),
+                             nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)),
+                             nn::Conv2d(nn::Conv2dOptions(3, 4, 3).stride(2).padding(1)), nn::SiLU(),
+                             nn::AvgPool2d(nn::AvgPool2dOptions(3).stride(1).padding(1).count_include_pad(false)),
+                             nn::Conv2d(nn::Conv2dOptions(4, 3, 2).dilation(2)), nn::LeakyReLU(nn::LeakyReLUOptions().negative_slope(1.5)),
+                             nn::AdaptiveAvgPool2d(nn::AdaptiveAvgPool2dOptions({3, 2})), nn::Flatten(), nn::Linear(18, 5));
+  auto norms = nn::Sequential(nn::Linear(6, 9), nn::BatchNorm1d(9), nn::ELU(nn::ELUOptions().alpha(2.0)), nn::Linear(9, 8),
+                              nn::LayerNorm(nn::LayerNormOptions({8})), nn::Softmax(1), nn::Linear(8, 5));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : norms->parameters())
+      if (p.dim() == 1) p.uniform_(-2, 2);  // norms' affine parameters away from 1 and 0
+  }
+  struct Model { const char* name; nn::Sequential m; std::vector<int64_t> input; };
+  for (auto& [name, m, input] : std::vector<Model>{{"conv", conv, {3, 2, 9, 9}}, {"norms", norms, {4, 6}}}) {
+    m->to(torch::kFloat64);
+    auto x = torch::randn(input, torch::kFloat64) * 2;
+    mep::EPGradient ep{mep::EPGradientOptions()};
+    ep.compute(m, x, torch::randint(0, 5, {x.size(0)}, torch::kLong));
+    const auto& e = ep.energy();
+    for (size_t l = 1; l < e.size(); ++l) {
+      const auto& seg = e.chain().segments[l];
+      const double bound = e.jacobian_norm(l, 500).item<double>();
+      double actual = 0;
+      for (int64_t b = 0; b < x.size(0); ++b) {  // the Jacobian of sample b, row by row
+        auto leaf = e.s[l - 1].narrow(0, b, 1).detach().clone().requires_grad_(true);
+        auto out = seg.forward(leaf, e.tape[l].ops).flatten();
+        std::vector<torch::Tensor> rows;
+        for (int64_t i = 0; i < out.numel(); ++i)
+          rows.push_back(torch::autograd::grad({out[i]}, {leaf}, {}, /*retain_graph=*/true)[0].flatten());
+        actual = std::max(actual, at::linalg_svdvals(torch::stack(rows)).max().item<double>());
+      }
+      std::cout << "[ measured ] " << name << " segment " << l << ": ‖J‖ " << actual << ", bound " << bound << "\n";
+      EXPECT_GE(bound, actual * (1 - 1e-9)) << name << " segment " << l;
+    }
+  }
+}
+
 // Adaptive mode undoes a step (sweep) that raised the energy and halves the step size: from
 // a step size too large to converge, it still reaches the equilibrium's energy.
 TEST(Gradient, AdaptiveSettlingUndoesStepsThatRaiseTheEnergy) {

@@ -273,6 +273,11 @@ class Energy {
     else g[l].copy_(tape[l].delta);
   }
 
+  /// An estimate of ‖J_l‖₂ for segment l ≥ 1 at its recorded point (Segment::jacobian_norm).
+  torch::Tensor jacobian_norm(size_t l, int64_t iters) const {
+    return chain_->segments[l].jacobian_norm(s[l - 1], tape[l], iters);
+  }
+
   /// ∂E/∂s for every state at the current states: forward, errors, VJPs.
   void evaluate(double beta) {
     forward_all();

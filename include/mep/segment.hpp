@@ -25,6 +25,8 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -174,6 +176,66 @@ struct Op {
       }
     }
     return grad;
+  }
+
+  /// An upper bound of ‖∂op/∂in‖₂ at the point recorded in `t`, for input `in` (a 0-dim
+  /// tensor for the norms, whose bound depends on their statistics; otherwise undefined and
+  /// the bound is `gain`):
+  ///   activations sup|a′| (ReLU, tanh, softplus 1; sigmoid ¼; GELU 1.129; SiLU 1.100;
+  ///   leaky ReLU and ELU max(1, |a|)); Softmax 1 (‖diag p − ppᵀ‖ ≤ max p); Flatten, Dropout 1;
+  ///   pooling √(‖J‖₁‖J‖_∞): max √m, m = the most windows sharing one input; average √(m/k)
+  ///   with k taps per window (√m where border windows divide by less, √(m·k)/d with divisor d);
+  ///   BatchNorm max_c |γ_c|/√(σ²_c + ε) (frozen statistics); LayerNorm max|γ|·max_b 1/σ_b.
+  double gain(const torch::Tensor& in) const {
+    switch (kind) {
+      case OpKind::Dropout:
+      case OpKind::Flatten:
+      case OpKind::BatchNorm:
+      case OpKind::LayerNorm:
+      case OpKind::Softmax: return 1.0;
+      case OpKind::Activation:
+        switch (act) {
+          case Activation::Sigmoid: return 0.25;
+          case Activation::GELU:
+          case Activation::GELUTanh: return 1.129;
+          case Activation::SiLU: return 1.1;
+          case Activation::LeakyReLU:
+          case Activation::ELU: return std::max(1.0, std::abs(a));
+          default: return 1.0;
+        }
+      case OpKind::MaxPool:
+      case OpKind::AvgPool: {
+        double m = 1, taps = 1;
+        for (size_t d = 0; d < kernel.size(); ++d) {
+          const int64_t dil = kind == OpKind::MaxPool ? dilation[d] : 1;
+          m *= static_cast<double>(std::min(kernel[d], ((kernel[d] - 1) * dil + stride[d]) / stride[d]));
+          taps *= static_cast<double>(kernel[d]);
+        }
+        if (kind == OpKind::MaxPool) return std::sqrt(m);
+        if (divisor.has_value()) return std::sqrt(m * taps) / static_cast<double>(*divisor);
+        return count_include_pad && !ceil_mode ? std::sqrt(m / taps) : std::sqrt(m);
+      }
+      case OpKind::AdaptiveAvgPool: {
+        const auto x = as2d(in);
+        const auto out = adaptive_size(in);
+        double c = 1;
+        for (size_t d = 0; d < 2; ++d) {
+          const int64_t n = x.size(x.dim() - 2 + static_cast<int64_t>(d));
+          const int64_t o = out[d];
+          if (n % o == 0) c /= static_cast<double>(n / o);        // disjoint windows of n/o
+          else if (n > o) c *= 2.0 / static_cast<double>(n / o);  // at most two windows, each ≥ ⌊n/o⌋ wide
+          else c *= static_cast<double>((o + n - 1) / n + 1);     // at most ⌈o/n⌉ + 1 windows
+        }
+        return std::sqrt(c);
+      }
+    }
+    return 1.0;
+  }
+  torch::Tensor norm_gain(const OpTape& t) const {
+    if (kind == OpKind::BatchNorm) return t.scale.abs().max();
+    if (kind != OpKind::LayerNorm) return torch::Tensor();
+    auto g = t.var.max();  // native_layer_norm's rstd per sample
+    return weight.defined() ? g * weight.abs().max() : g;
   }
 
   /// Gradients of the norm's weight and bias for `grad` at its output (undefined when the
@@ -362,6 +424,34 @@ struct Segment {
     for (size_t j = pre.size(); j-- > 0;) g = pre[j].vjp(g, j == 0 ? s : op_input(s, t, j), t.ops[j]);
     t.back = g;
     return t.back;
+  }
+
+  /// An estimate of ‖J_l‖₂ = ‖∂f_l/∂s_{l−1}‖₂ at the point recorded in `t` (after forward or
+  /// feedforward), as a 0-dim tensor on the weight's device: the ops' bounds (Op::gain,
+  /// Op::norm_gain) times ‖W‖₂ for a Linear layer, ‖W‖₂·√m for a convolution, W viewed as
+  /// out × (in/groups · kernel) and m = Π_d min(k_d, ⌈((k_d − 1)·dilation_d + 1)/stride_d⌉)
+  /// the most patches one input element enters. ‖W‖₂ comes from `iters` power iterations
+  /// from a fixed start vector: deterministic, and an estimate from below.
+  torch::Tensor jacobian_norm(const torch::Tensor& s, const SegmentTape& t, int64_t iters) const {
+    torch::NoGradGuard no_grad;
+    const auto w = weight.flatten(1);
+    auto v = torch::ones({w.size(1), 1}, w.options());
+    for (int64_t k = 0; k < iters; ++k) {
+      v = torch::mm(w.t(), torch::mm(w, v));
+      v.div_(v.norm().clamp_min(1e-30));
+    }
+    auto bound = torch::mm(w, v).norm();
+    double fixed = 1;
+    for (size_t d = 0; d + 2 < static_cast<size_t>(weight.dim()); ++d)
+      fixed *= static_cast<double>(std::min(weight.size(static_cast<int64_t>(d) + 2),
+                                            ((weight.size(static_cast<int64_t>(d) + 2) - 1) * dilation[d] + stride[d]) / stride[d]));
+    fixed = std::sqrt(fixed);
+    for (size_t j = 0; j < pre.size(); ++j) {
+      fixed *= pre[j].gain(op_input(s, t, j));
+      auto g = pre[j].norm_gain(t.ops[j]);
+      if (g.defined()) bound = bound * g;
+    }
+    return bound * fixed;
   }
 
   /// The input of op j (the output of op j−1; `s` for j = 0).

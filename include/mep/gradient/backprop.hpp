@@ -44,7 +44,10 @@ struct BackpropGradient {
     /// A step whose gradients hold NaN or inf is skipped (counted by the optimizer's
     /// `skipped_steps()`) instead of throwing; either way no parameter or state changes.
     MEP_ARG(bool, skip_nonfinite, false)
-    void validate() const {}
+    void validate() const {
+      MEP_CHECK_OPTION(loss_ == Loss::MSE || loss_ == Loss::CrossEntropy, "loss", static_cast<int>(loss_),
+                       "Loss::MSE or Loss::CrossEntropy");
+    }
     template <class V>
     void visit_options(V&& v) const {
       v("loss", loss_), v("skip_nonfinite", skip_nonfinite_);

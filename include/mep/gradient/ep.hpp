@@ -59,6 +59,10 @@ struct EPOptionsBase {
     MEP_CHECK_OPTION(label_smoothing_ >= 0 && label_smoothing_ < 1, "label_smoothing", label_smoothing_,
                      "a value in [0, 1)");
     MEP_CHECK_OPTION(temperature_ > 0 && std::isfinite(temperature_), "temperature", temperature_, "a finite value > 0");
+    MEP_CHECK_OPTION(loss_ == Loss::MSE || loss_ == Loss::CrossEntropy, "loss", static_cast<int>(loss_),
+                     "Loss::MSE or Loss::CrossEntropy");
+    MEP_CHECK_OPTION(mode_ == Mode::EP || mode_ == Mode::Backprop, "mode", static_cast<int>(mode_),
+                     "Mode::EP or Mode::Backprop");
   }
   template <class V>
   void visit_options(V&& v) const {

@@ -5,8 +5,15 @@
 ///
 ///   s_L ← s_L − η·∂E/∂s_L / (1 + 2β)         (MSE nudging: with η = 1 the exact minimiser
 ///                                              (f_L + 2β·y)/(1 + 2β) of the last layer's energy)
-///   s_l ← s_l − η·(ε_l − J_{l+1}ᵀ·ε_{l+1})    for l = L−1, …, 1   (η = settle_lr; η = 1 gives the
-///                                              fixed-point form s_l = f_l + J_{l+1}ᵀ·ε_{l+1})
+///   s_l ← s_l − η·ρ_l·(ε_l − J_{l+1}ᵀ·ε_{l+1})    for l = L−1, …, 1   (η = settle_lr; η = 1 gives
+///                                              the fixed-point form s_l = f_l + J_{l+1}ᵀ·ε_{l+1})
+///   ρ_l = min(1, 1/σ_{l+1}²),  σ_{l+1} ≈ ‖J_{l+1}‖₂ (Segment::jacobian_norm)
+///
+/// Near the equilibrium the energy in s_l has Hessian I + J_{l+1}ᵀJ_{l+1}, so the plain step
+/// (ρ = 1) multiplies the error by J_{l+1}ᵀJ_{l+1}: it contracts only while ‖J_{l+1}‖ < 1.
+/// ρ keeps it contracting (by max(1 − 1/σ², 1/σ²)) for larger weights, as an unconstrained
+/// EqProp reaches in long runs, and is exactly 1 below: spectrally constrained weights
+/// (γ < 1) settle as with the plain step.
 ///
 /// (the last layer takes a plain step of η for cross-entropy nudging or ops after it).
 /// Asynchronous, layer-wise updates of the same fixed point as gradient descent: Scellier et
@@ -29,7 +36,8 @@ struct LayerSweepDefaults {
 };
 
 struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
-  static constexpr double kShrink = 0.5;  // adaptive: η after a rejected sweep
+  static constexpr double kShrink = 0.5;         // adaptive: η after a rejected sweep
+  static constexpr int64_t kPowerIterations = 8;  // for σ_{l+1}: ‖W‖₂ of the weights
 
   using SettlingPolicy<LayerSweepDefaults>::SettlingPolicy;
 
@@ -38,6 +46,10 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
     const SettleConfig& c = config;
     e.start();
     detail::StopRule rule(c, e.s[0]);
+    // ρ_l from the weights and the feedforward point, once per phase.
+    std::vector<torch::Tensor> rho(e.size());
+    for (size_t l = 0; l + 1 < e.size(); ++l)
+      rho[l] = e.jacobian_norm(l + 1, kPowerIterations).square().reciprocal().clamp_max(1.0);
     double lr = c.lr, energy = 0;
     int64_t k = 0;
     bool converged = false;
@@ -67,7 +79,7 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
       }
       if (c.adaptive)
         for (size_t l = 0; l < e.size(); ++l) e.scratch(0)[l].copy_(e.s[l]);
-      sweep(e, beta, lr);
+      sweep(e, beta, lr, rho);
     }
     const int64_t taken = converged ? k - 1 : c.steps;
     e.evaluate(beta);
@@ -91,7 +103,7 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
   }
 
   // One top-down sweep; the segments' predictions describe the current states on entry.
-  static void sweep(Energy& e, double beta, double lr) {
+  static void sweep(Energy& e, double beta, double lr, const std::vector<torch::Tensor>& rho) {
     const size_t L = e.size();
     e.errors(L - 1, beta);
     const double curvature = e.last_curvature(beta);
@@ -101,7 +113,7 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
       e.backproject(l + 1);
       e.errors(l, beta);
       e.gradient(l);
-      e.s[l].sub_(e.g[l], lr);
+      e.s[l].addcmul_(e.g[l], rho[l], -lr);
     }
   }
 };

@@ -107,7 +107,14 @@ struct NewtonSchulz {
     MEP_ARG(int64_t, ns_steps, 5)
     MEP_ARG(NSCoefficients, ns_coefficients, NSCoefficients::Cubic)
     MEP_ARG(NSScale, ns_scale, NSScale::None)
-    void validate() const { MEP_CHECK_OPTION(ns_steps_ >= 0, "ns_steps", ns_steps_, "a value >= 0"); }
+    void validate() const {
+      MEP_CHECK_OPTION(ns_steps_ >= 0, "ns_steps", ns_steps_, "a value >= 0");
+      MEP_CHECK_OPTION(ns_coefficients_ == NSCoefficients::Cubic || ns_coefficients_ == NSCoefficients::Quintic ||
+                           ns_coefficients_ == NSCoefficients::PolarExpress,
+                       "ns_coefficients", static_cast<int>(ns_coefficients_), "Cubic, Quintic or PolarExpress");
+      MEP_CHECK_OPTION(ns_scale_ == NSScale::None || ns_scale_ == NSScale::Muon || ns_scale_ == NSScale::AdamW,
+                       "ns_scale", static_cast<int>(ns_scale_), "None, Muon or AdamW");
+    }
     template <class V>
     void visit_options(V&& v) const {
       v("ns_steps", ns_steps_), v("ns_coefficients", ns_coefficients_), v("ns_scale", ns_scale_);
