@@ -256,10 +256,16 @@ TEST(Gradient, AnalyticAndAutogradSettlingGradientsAgree) {
 }
 
 // Counts CPU allocations while installed (LibTorch's default allocator underneath).
+// LibTorch 2.3 made Allocator::allocate non-const and added copy_data.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+#define MEP_TEST_ALLOCATE_CONST
+#else
+#define MEP_TEST_ALLOCATE_CONST const
+#endif
 class CountingAllocator : public c10::Allocator {
  public:
   explicit CountingAllocator(c10::Allocator* base) : base_(base) {}
-  c10::DataPtr allocate(size_t n) const override {
+  c10::DataPtr allocate(size_t n) MEP_TEST_ALLOCATE_CONST override {
     ++count;
     return base_->allocate(n);
   }

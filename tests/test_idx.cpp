@@ -1,6 +1,8 @@
 // Tests for mep/data/idx.hpp: IDX parsing, validation errors and normalisation.
 #include <mep/data/idx.hpp>
 
+#include "posix_dir.hpp"
+
 #include <gtest/gtest.h>
 #include <zlib.h>
 
@@ -80,10 +82,7 @@ class Idx : public ::testing::Test {
            ("mep_idx_test_" + std::to_string(stamp) + "_" + std::to_string(rd()));
     fs::create_directories(dir_);
   }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
+  void TearDown() override { mep_test::remove_tree(dir_.string()); }
 
   std::string write(const std::string& name, const Bytes& bytes) const {
     const fs::path p = dir_ / name;
