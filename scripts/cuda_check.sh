@@ -1,0 +1,439 @@
+#!/usr/bin/env bash
+# CUDA check: builds mep against the CUDA LibTorch of an installed PyTorch (pip wheel) on a
+# GPU machine without network access, runs the test suite and a few mep_bench runs on the
+# GPU, and collects everything needed to diagnose the result in one go. A failing step is
+# logged and the script goes on, so that one call gathers all the information.
+#
+#   bash scripts/cuda_check.sh            the check (steps below), outputs into $OUT
+#   bash scripts/cuda_check.sh --stage    (on a Debian 12 machine with mep's packages, see
+#                                         scripts/setup.sh) fills .device/ from the system
+#
+# Steps: info (GPU, compilers, CMake, PyTorch), deps (GoogleTest and Google Benchmark from
+# the sources in .device/, into /tmp), configure (build-cuda/, Ninja, Release; retried once
+# with fallback CUDA flags), build (all targets, -k 0: every compile error in one log), ctest
+# (timeout 240 s), bench (mep_bench --device cuda on data/mnist: mlp_small 2 epochs and cnn
+# 1 epoch, all optimizers; the same on the CPU for comparison), summary. Exit status: that
+# of the build (of the configure when the build step is not run).
+#
+# The machine needs python3 with a CUDA build of torch, nvcc, CMake, a C++ compiler and
+# (preferably) Ninja. Everything else comes from .device/ (not in git; made by --stage):
+#   .device/googletest/         GoogleTest sources (Debian's /usr/src/googletest, 1.12)
+#   .device/benchmark/          Google Benchmark sources (v1.7.1: CMakeLists.txt cmake include src)
+#   .device/benchmark-debian/   Debian's prebuilt libbenchmark (shared), fallback prefix
+#   .device/prefix/             CLI11 and nlohmann_json headers + CMake configs (relocatable)
+#   .device/zlib/               zlib.h, zconf.h and a static libz.a
+# and the MNIST subset in data/mnist (data/make_datasets.sh).
+#
+# Outputs in $OUT (at most 6 files): check.log (everything printed), configure.log
+# (dependency builds and the CMake configure runs), build.log, ctest.log, bench.log,
+# bench.json (all mep_bench JSON results, keyed by run).
+#
+# Environment:
+#   OUT                 output directory (default: ./cuda-out)
+#   MEP_BUILD_DIR       build directory (default: build-cuda)
+#   MEP_DEVICE_DIR      staged dependencies (default: .device)
+#   MEP_CHECK_JOBS      parallel jobs (default: the online cores; not nproc, which obeys OMP_NUM_THREADS)
+#   MEP_CHECK_BUDGET    wall-clock budget in seconds; later steps shrink or are skipped to
+#                       stay within it (default: 510)
+#   MEP_CHECK_STEPS     steps to run (default: "info deps configure build ctest bench")
+#   MEP_CHECK_NO_GPU=1  dry run on a machine without GPU: no nvidia-smi, no torch query,
+#                       no CUDA flags (CMake finds whatever LibTorch it finds), CPU bench only
+#   MEP_BENCH_TRAIN / MEP_BENCH_TEST   samples of the mlp_small runs (default: 8000 / 2000)
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+ROOT="$(pwd)"
+
+# ---------------------------------------------------------------------------- --stage
+if [[ "${1:-}" == "--stage" ]]; then
+  set -e
+  dev="${MEP_DEVICE_DIR:-$ROOT/.device}"
+  arch="$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)"
+  lib="/usr/lib/$arch"
+  echo "stage: $dev (from the system packages; multiarch $arch)"
+  rm -rf "$dev"
+  mkdir -p "$dev/prefix/include" "$dev/prefix/share/cmake" "$dev/zlib/include" "$dev/zlib/lib" \
+    "$dev/benchmark-debian/include" "$dev/benchmark-debian/lib/$arch/cmake"
+  cp -a /usr/src/googletest "$dev/googletest"
+  cp -a /usr/include/CLI /usr/include/nlohmann "$dev/prefix/include/"
+  cp -a /usr/share/cmake/CLI11 /usr/share/cmake/nlohmann_json "$dev/prefix/share/cmake/"
+  cp /usr/include/zlib.h /usr/include/zconf.h "$dev/zlib/include/"
+  cp "$lib/libz.a" "$dev/zlib/lib/"
+  # Debian's benchmark is a shared library: copy it under its real name and its soname.
+  cp -a /usr/include/benchmark "$dev/benchmark-debian/include/"
+  cp -a "$lib/cmake/benchmark" "$dev/benchmark-debian/lib/$arch/cmake/"
+  cp "$lib/libbenchmark_main.a" "$dev/benchmark-debian/lib/$arch/"
+  real="$(readlink -f "$lib/libbenchmark.so")"
+  soname="$(objdump -p "$real" | awk '/SONAME/ {print $2}')"
+  cp "$real" "$dev/benchmark-debian/lib/$arch/"
+  cp "$real" "$dev/benchmark-debian/lib/$arch/$soname"
+  # Google Benchmark sources: BENCHMARK_SRC (a checkout of google/benchmark, v1.7.1 = Debian's).
+  if [[ -n "${BENCHMARK_SRC:-}" ]]; then
+    mkdir -p "$dev/benchmark"
+    (cd "$BENCHMARK_SRC" && cp -a CMakeLists.txt cmake include src LICENSE "$dev/benchmark/")
+  else
+    echo "stage: BENCHMARK_SRC not set: no .device/benchmark (the check uses benchmark-debian)"
+  fi
+  # The CMake package files must find their files relative to themselves, not under /usr.
+  if grep -rlE '"/usr/(include|lib)' "$dev/prefix/share/cmake" "$dev/benchmark-debian/lib" \
+      | xargs -r grep -LE '_IMPORT_PREFIX|PACKAGE_PREFIX_DIR' | grep .; then
+    echo "stage: WARNING: the files above hard-code /usr"
+  fi
+  find "$dev" -type l -print -delete
+  du -sh "$dev"
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------- setup
+OUT="${OUT:-./cuda-out}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+DEV="${MEP_DEVICE_DIR:-$ROOT/.device}"
+BUILD="${MEP_BUILD_DIR:-build-cuda}"
+JOBS="${MEP_CHECK_JOBS:-$(getconf _NPROCESSORS_ONLN)}"
+BUDGET="${MEP_CHECK_BUDGET:-510}"
+STEPS=" ${MEP_CHECK_STEPS:-info deps configure build ctest bench} "
+NO_GPU="${MEP_CHECK_NO_GPU:-0}"
+WORK="/tmp/mep-cuda-check"
+GTEST_PREFIX=/tmp/gtest-prefix
+BENCH_PREFIX=/tmp/benchmark-prefix
+T0=$(date +%s)
+
+rm -rf "$WORK" && mkdir -p "$WORK/json"
+rm -f "$OUT"/{check.log,configure.log,build.log,ctest.log,bench.log,bench.json}
+exec > >(tee -a "$OUT/check.log") 2>&1
+TEE_PID=$!
+finish() {
+  exec 1>&- 2>&-
+  wait "$TEE_PID" 2>/dev/null
+}
+trap finish EXIT
+
+elapsed() { echo $(($(date +%s) - T0)); }
+remaining() { echo $((BUDGET - $(elapsed))); }
+log() { printf '[%s +%4ds] %s\n' "$(date +%T)" "$(elapsed)" "$*"; }
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+min() { if (($1 < $2)); then echo "$1"; else echo "$2"; fi; }
+
+declare -a SUMMARY=()
+STEP_NAME="" STEP_T0=0
+begin() { STEP_NAME="$1"; STEP_T0=$(date +%s); log "==== $1: $2"; }
+end() {  # end <status text>
+  local secs=$(($(date +%s) - STEP_T0))
+  log "==== $STEP_NAME: $1 (${secs}s)"
+  SUMMARY+=("$(printf '%-10s %-48s %5ss' "$STEP_NAME" "$1" "$secs")")
+}
+
+# ---------------------------------------------------------------------------- info
+TORCH_PREFIX="" TORCH_ABI="" NVCC="" CUDA_ROOT="" NVTX_DIR=""
+GEN="Ninja"
+command -v ninja >/dev/null || GEN="Unix Makefiles"
+
+if want info; then
+  begin info "machine, compilers, CMake, PyTorch, CUDA"
+  echo "repo: $ROOT ($(git rev-parse --short HEAD 2>/dev/null || echo 'no git'))  out: $OUT  jobs: $JOBS  budget: ${BUDGET}s"
+  uname -srm
+  grep -h PRETTY_NAME /etc/os-release 2>/dev/null
+  ldd --version 2>/dev/null | head -1
+  echo "cores: $(nproc)  memory: $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB"}')  /tmp free: $(df -h /tmp | awk 'NR==2 {print $4}')"
+  if [[ "$NO_GPU" != 1 ]]; then
+    nvidia-smi -L || echo "nvidia-smi -L failed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>/dev/null
+  fi
+  for c in c++ g++ gcc clang++; do
+    command -v "$c" >/dev/null && echo "$c: $(command -v "$c") -> $("$c" --version | head -1)"
+  done
+  echo "cmake: $(command -v cmake) $(cmake --version | head -1)"
+  echo "ctest: $(ctest --version | head -1)"
+  echo "generator: $GEN $(command -v ninja >/dev/null && ninja --version)"
+  echo "python3: $(command -v python3) $(python3 --version 2>&1)"
+  echo "staged dependencies: $(du -sh "$DEV" 2>/dev/null | cut -f1) in $DEV ($(ls "$DEV" 2>/dev/null | tr '\n' ' '))"
+  echo "data/mnist: $(ls data/mnist 2>/dev/null | tr '\n' ' ')"
+  end "done"
+fi
+
+if [[ "$NO_GPU" != 1 ]]; then
+  begin torch "PyTorch (python3) and the CUDA toolkit (nvcc)"
+  # PyTorch: version, CUDA, C++ ABI and the CMake prefix of its LibTorch.
+  python3 - >"$WORK/torch.txt" 2>&1 <<'EOF'
+import torch
+print("torch_version=" + torch.__version__)
+print("torch_cuda=" + str(torch.version.cuda))
+print("torch_cudnn=" + str(torch.backends.cudnn.version()))
+print("torch_cxx11_abi=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI)))
+print("torch_cuda_available=" + str(torch.cuda.is_available()))
+if torch.cuda.is_available():
+    print("torch_device=" + torch.cuda.get_device_name(0) + " sm_%d%d" % torch.cuda.get_device_capability(0))
+print("torch_prefix=" + torch.utils.cmake_prefix_path)
+EOF
+  cat "$WORK/torch.txt"
+  TORCH_PREFIX="$(sed -n 's/^torch_prefix=//p' "$WORK/torch.txt")"
+  TORCH_ABI="$(sed -n 's/^torch_cxx11_abi=//p' "$WORK/torch.txt")"
+  [[ -n "$TORCH_PREFIX" && -d "$TORCH_PREFIX/Torch" ]] || log "WARNING: no Torch CMake package under '$TORCH_PREFIX'"
+
+  # nvcc and the toolkit around it.
+  for c in "${CUDACXX:-}" "$(command -v nvcc 2>/dev/null)" "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" \
+           /usr/local/cuda/bin/nvcc /usr/local/cuda-13*/bin/nvcc /opt/cuda/bin/nvcc; do
+    if [[ -n "$c" && -x "$c" ]]; then NVCC="$c"; break; fi
+  done
+  if [[ -n "$NVCC" ]]; then
+    CUDA_ROOT="$(dirname "$(dirname "$NVCC")")"
+    for d in "$CUDA_ROOT/include" "$CUDA_ROOT/targets/x86_64-linux/include"; do
+      [[ -d "$d/nvtx3" ]] && { NVTX_DIR="$d"; break; }
+    done
+    echo "nvcc: $NVCC -> $(readlink -f "$NVCC")"
+    "$NVCC" --version | tail -2
+    echo "CUDA root: $CUDA_ROOT  nvtx3 headers: ${NVTX_DIR:-not found}"
+    # The CUDA settings CMake reads from the environment: also seen by the nested configure
+    # of the install.consumer test, which gets no -D flags for them.
+    export CUDACXX="$NVCC" CUDA_HOME="$CUDA_ROOT" CUDA_PATH="$CUDA_ROOT" CUDAToolkit_ROOT="$CUDA_ROOT" \
+      CUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT"
+    export CUDAARCHS=90 TORCH_CUDA_ARCH_LIST=9.0 PATH="$CUDA_ROOT/bin:$PATH"
+  else
+    log "WARNING: no nvcc found (PATH, CUDACXX, CUDA_HOME, /usr/local/cuda*)"
+  fi
+  end "LibTorch: $([[ -d "$TORCH_PREFIX/Torch" ]] && echo found || echo MISSING), nvcc: $([[ -n "$NVCC" ]] && echo found || echo MISSING)"
+fi
+export ZLIB_ROOT="$DEV/zlib"               # find_package(ZLIB) of install.consumer
+export CMAKE_POLICY_VERSION_MINIMUM=3.5    # CMake 4 and old cmake_minimum_required()s
+ABI_FLAG=""
+[[ -n "$TORCH_ABI" ]] && ABI_FLAG="-D_GLIBCXX_USE_CXX11_ABI=$TORCH_ABI"
+
+# ---------------------------------------------------------------------------- deps
+if want deps; then
+  begin deps "GoogleTest -> $GTEST_PREFIX, Google Benchmark -> $BENCH_PREFIX (Release, -j$JOBS)"
+  build_dep() {  # build_dep <name> <source> <prefix> <cmake args...>
+    local name="$1" src="$2" prefix="$3"; shift 3
+    rm -rf "$WORK/$name-build" "$prefix"
+    {
+      cmake -S "$src" -B "$WORK/$name-build" -G "$GEN" -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_INSTALL_PREFIX="$prefix" -DCMAKE_INSTALL_LIBDIR=lib -DCMAKE_POSITION_INDEPENDENT_CODE=ON \
+        ${ABI_FLAG:+"-DCMAKE_CXX_FLAGS=$ABI_FLAG"} "$@" &&
+        cmake --build "$WORK/$name-build" -j "$JOBS" &&
+        cmake --install "$WORK/$name-build"
+    } >"$WORK/$name.log" 2>&1
+  }
+  gtest_rc=1 bench_rc=1
+  if [[ -f "$DEV/googletest/CMakeLists.txt" ]]; then
+    build_dep gtest "$DEV/googletest" "$GTEST_PREFIX" -DBUILD_GMOCK=OFF &
+    gtest_pid=$!
+  else
+    echo "no $DEV/googletest" >"$WORK/gtest.log"; gtest_pid=""
+  fi
+  if [[ -f "$DEV/benchmark/CMakeLists.txt" ]]; then
+    build_dep benchmark "$DEV/benchmark" "$BENCH_PREFIX" -DBENCHMARK_ENABLE_TESTING=OFF \
+      -DBENCHMARK_ENABLE_GTEST_TESTS=OFF -DBENCHMARK_ENABLE_WERROR=OFF -DBENCHMARK_INSTALL_DOCS=OFF \
+      -DBENCHMARK_ENABLE_LIBPFM=OFF -DBENCHMARK_ENABLE_LTO=OFF -DBUILD_SHARED_LIBS=OFF &
+    bench_pid=$!
+  else
+    echo "no $DEV/benchmark" >"$WORK/benchmark.log"; bench_pid=""
+  fi
+  [[ -n "$gtest_pid" ]] && { wait "$gtest_pid"; gtest_rc=$?; }
+  [[ -n "$bench_pid" ]] && { wait "$bench_pid"; bench_rc=$?; }
+  for name in gtest benchmark; do
+    { echo "######## $name build ($WORK/$name.log)"; cat "$WORK/$name.log"; } >>"$OUT/configure.log"
+  done
+  ((gtest_rc == 0)) || { log "GoogleTest build FAILED:"; tail -25 "$WORK/gtest.log"; }
+  if ((bench_rc != 0)); then
+    log "Google Benchmark build FAILED (falling back to $DEV/benchmark-debian):"
+    tail -25 "$WORK/benchmark.log"
+    BENCH_PREFIX="$DEV/benchmark-debian"
+  fi
+  end "gtest rc=$gtest_rc benchmark rc=$bench_rc"
+fi
+[[ -d "$BENCH_PREFIX" ]] || BENCH_PREFIX="$DEV/benchmark-debian"
+
+# ---------------------------------------------------------------------------- configure
+configured=0
+if want configure; then
+  begin configure "$BUILD ($GEN, Release)"
+  prefix_path="$GTEST_PREFIX;$BENCH_PREFIX;$DEV/prefix"
+  [[ -n "$TORCH_PREFIX" ]] && prefix_path="$TORCH_PREFIX;$prefix_path"
+  common=(-S . -B "$BUILD" -G "$GEN" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=$prefix_path"
+    "-DZLIB_INCLUDE_DIR=$DEV/zlib/include" "-DZLIB_LIBRARY=$DEV/zlib/lib/libz.a"
+    -DMEP_BUILD_TESTS=ON -DMEP_BUILD_BENCH=ON -DMEP_BUILD_EXAMPLES=ON)
+  cuda1=() cuda2=()
+  if [[ -n "$NVCC" ]]; then
+    cuda1=("-DCMAKE_CUDA_COMPILER=$NVCC" "-DCUDAToolkit_ROOT=$CUDA_ROOT" "-DCUDA_TOOLKIT_ROOT_DIR=$CUDA_ROOT"
+      -DCMAKE_CUDA_ARCHITECTURES=90 -DTORCH_CUDA_ARCH_LIST=9.0)
+    [[ -n "$NVTX_DIR" ]] && cuda1+=("-Dnvtx3_dir=$NVTX_DIR")
+    # Fallback: the toolkit behind any symlink, nvcc told to accept the host compiler, an
+    # explicit host compiler, NVTX3 from the toolkit.
+    nvcc_real="$(readlink -f "$NVCC")"
+    root_real="$(dirname "$(dirname "$nvcc_real")")"
+    cuda2=("-DCMAKE_CUDA_COMPILER=$nvcc_real" "-DCUDA_NVCC_EXECUTABLE=$nvcc_real" "-DCUDAToolkit_ROOT=$root_real"
+      "-DCUDA_TOOLKIT_ROOT_DIR=$root_real" "-DCMAKE_CUDA_HOST_COMPILER=$(command -v g++ || command -v c++)"
+      -DCMAKE_CUDA_FLAGS=-allow-unsupported-compiler -DCMAKE_CUDA_ARCHITECTURES=90 -DTORCH_CUDA_ARCH_LIST=9.0
+      -DUSE_SYSTEM_NVTX=ON)
+    [[ -n "$NVTX_DIR" ]] && cuda2+=("-Dnvtx3_dir=$NVTX_DIR")
+  fi
+  for attempt in 1 2; do
+    if ((attempt == 1)); then flags=("${cuda1[@]+"${cuda1[@]}"}"); else flags=("${cuda2[@]+"${cuda2[@]}"}"); fi
+    rm -rf "$BUILD/CMakeCache.txt" "$BUILD/CMakeFiles"
+    {
+      echo "######## mep configure, attempt $attempt"
+      echo "cmake ${common[*]} ${flags[*]}"
+    } >>"$OUT/configure.log"
+    log "configure attempt $attempt: cmake ${common[*]} ${flags[*]}"
+    cmake "${common[@]}" "${flags[@]+"${flags[@]}"}" >"$WORK/configure$attempt.log" 2>&1
+    rc=$?
+    cat "$WORK/configure$attempt.log" >>"$OUT/configure.log"
+    grep -E 'Caffe2|PyTorch:|CUDA|Torch' "$WORK/configure$attempt.log" | grep -v '^--.*Looking for' | head -20
+    if ((rc == 0)); then configured=$attempt; break; fi
+    log "configure attempt $attempt FAILED (rc=$rc); errors:"
+    grep -n -A12 -E 'CMake Error' "$WORK/configure$attempt.log" | head -60
+    [[ -n "$NVCC" ]] || break
+  done
+  if ((configured)); then
+    echo "-- what was found (CMakeCache.txt):"
+    grep -E '^(Torch_DIR|Caffe2_DIR|CMAKE_CUDA_COMPILER|CUDAToolkit_ROOT|CUDA_TOOLKIT_ROOT_DIR|GTest_DIR|benchmark_DIR|CLI11_DIR|nlohmann_json_DIR|ZLIB_INCLUDE_DIR|ZLIB_LIBRARY[A-Z_]*|CMAKE_CXX_COMPILER|CMAKE_GENERATOR|nvtx3_dir):' \
+      "$BUILD/CMakeCache.txt"
+    echo "-- CMake warnings in the configure: $(grep -c 'CMake Warning' "$WORK/configure$configured.log")"
+    grep -A4 'CMake Warning' "$WORK/configure$configured.log" | head -30
+    end "OK (attempt $configured)"
+  else
+    end "FAILED"
+  fi
+fi
+
+# ---------------------------------------------------------------------------- build
+build_rc=1
+root_re="$(printf '%s' "$ROOT" | sed 's/[][\.*^$|+?(){}]/\\&/g')"
+if want build && { ((configured)) || { ! want configure && [[ -f "$BUILD/CMakeCache.txt" ]]; }; }; then
+  limit=$(($(remaining) - 120))
+  ((limit < 60)) && limit=60
+  begin build "cmake --build $BUILD -j $JOBS (keep going; limit ${limit}s)"
+  keep=(-k 0)
+  [[ "$GEN" == Ninja ]] || keep=(-k)
+  timeout -k 10 "$limit" cmake --build "$BUILD" -j "$JOBS" -- "${keep[@]}" >"$OUT/build.log" 2>&1
+  build_rc=$?
+  ((build_rc == 124)) && log "build TIMED OUT after ${limit}s"
+  n_err=$(grep -cE ': (fatal )?error[: ]|undefined reference' "$OUT/build.log")
+  n_failed=$(grep -c '^FAILED: ' "$OUT/build.log")
+  ours="^(${root_re}/|(\.\./)+)?(include/mep|bench|tests|examples)/[^ :]+:[0-9]+(:[0-9]+)?: warning:"
+  n_warn=$(grep -cE "$ours" "$OUT/build.log")
+  n_warn_unique=$(grep -E "$ours" "$OUT/build.log" | sort -u | wc -l)
+  n_warn_all=$(grep -cE ': warning:' "$OUT/build.log")
+  echo "build rc=$build_rc  error lines: $n_err  failed edges: $n_failed  warnings: $n_warn_all in all, $n_warn in mep's files ($n_warn_unique distinct)"
+  if ((n_err + n_failed > 0)); then
+    echo "-- first 60 error lines:"
+    grep -E ': (fatal )?error[: ]|undefined reference|^FAILED: |collect2: error|ninja: build stopped' "$OUT/build.log" |
+      sed "s|$ROOT/||g" | cut -c1-400 | head -60
+  fi
+  if ((n_warn > 0)); then
+    echo "-- mep's warnings (distinct, first 20):"
+    grep -E "$ours" "$OUT/build.log" | sed "s|$ROOT/||g" | sort | uniq -c | sort -rn | cut -c1-300 | head -20
+  fi
+  tail -3 "$OUT/build.log" | cut -c1-300
+  if [[ -x "$BUILD/bench/mep_bench" ]]; then
+    echo "-- mep_bench links (LibTorch, CUDA runtime, anything not found):"
+    ldd "$BUILD/bench/mep_bench" | grep -E 'not found|libtorch|libc10|cudart|libz|benchmark' | sed 's/ (0x.*//'
+  fi
+  end "rc=$build_rc errors=$n_err failed=$n_failed ours_warn=$n_warn"
+fi
+
+# ---------------------------------------------------------------------------- ctest
+built_any() {  # any of the main executables built?
+  local f
+  for f in tests/mep_tests tests/mep_gradient_tests bench/mep_bench examples/quickstart; do
+    [[ -f "$BUILD/$f" && -x "$BUILD/$f" ]] && return 0
+  done
+  return 1
+}
+if want ctest && [[ -f "$BUILD/CTestTestfile.cmake" ]] && built_any; then
+  limit=$(min 240 $(($(remaining) - 60)))
+  if ((limit < 30)); then
+    SUMMARY+=("ctest      skipped: out of time budget")
+  else
+    begin ctest "ctest -j8 --timeout 300, 2 threads per test (limit ${limit}s)"
+    (cd "$BUILD" && MEP_SOURCE_DIR="$ROOT" OMP_NUM_THREADS=2 timeout -k 10 "$limit" ctest -j8 --output-on-failure --timeout 300) \
+      >"$OUT/ctest.log" 2>&1
+    rc=$?
+    ((rc == 124)) && log "ctest TIMED OUT after ${limit}s"
+    grep -E 'tests passed|tests failed|Total Test time' "$OUT/ctest.log"
+    failed="$(sed -n '/The following tests FAILED:/,/^$/p' "$OUT/ctest.log" | grep -vE 'FAILED:|^$' | sed 's/^[[:space:]]*//')"
+    [[ -n "$failed" ]] && { echo "-- failing tests:"; echo "$failed"; }
+    grep -E 'Skipped|SKIPPED' "$OUT/ctest.log" | head -10
+    ((rc == 124)) && tail -15 "$OUT/ctest.log"
+    end "rc=$rc $(grep -oE '[0-9]+% tests passed, [0-9]+ tests failed out of [0-9]+' "$OUT/ctest.log")"
+  fi
+elif want ctest; then
+  SUMMARY+=("ctest      skipped: no test binaries in $BUILD")
+fi
+
+# ---------------------------------------------------------------------------- bench
+BENCH_BIN="$BUILD/bench/mep_bench"
+merge_json() {
+  python3 - "$WORK/json" "$OUT/bench.json" <<'EOF' || cp "$WORK"/json/*.json "$OUT/" 2>/dev/null
+import glob, json, os, sys
+runs = {}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    try:
+        runs[os.path.basename(f)[:-5]] = json.load(open(f))
+    except Exception as e:
+        runs[os.path.basename(f)[:-5]] = {"error": str(e)}
+json.dump(runs, open(sys.argv[2], "w"), indent=1)
+EOF
+}
+run_bench() {  # run_bench <name> <limit s> <mep_bench args...>
+  local name="$1" limit="$2"; shift 2
+  local left=$(($(remaining) - 15))
+  if ((left < 30)); then
+    log "bench $name: skipped (out of time budget)"; SUMMARY+=("bench      $name skipped: out of time"); return
+  fi
+  limit=$(min "$limit" "$left")
+  begin "bench" "$name: mep_bench $* (limit ${limit}s)"
+  timeout -k 5 "$limit" "$BENCH_BIN" --data data/mnist --json "$WORK/json/$name.json" "$@" >"$WORK/$name.txt" 2>&1
+  local rc=$?
+  { echo "######## $name (rc=$rc): mep_bench $*"; cat "$WORK/$name.txt"; } >>"$OUT/bench.log"
+  grep -E '^\|' "$WORK/$name.txt" || tail -8 "$WORK/$name.txt"
+  merge_json
+  end "$name rc=$rc"
+}
+if want bench && [[ -x "$BENCH_BIN" ]]; then
+  "$BENCH_BIN" --help | grep -E -- '^ *--(optimizers|device) ' | sed 's/^ *//'
+  train="${MEP_BENCH_TRAIN:-8000}" test="${MEP_BENCH_TEST:-2000}"
+  small=(--model mlp_small --epochs 2 --train "$train" --test "$test")
+  cnn=(--model cnn --epochs 1 --train 1024 --test 500)
+  if [[ "$NO_GPU" != 1 ]]; then
+    run_bench mlp_small_cuda 150 "${small[@]}" --device cuda
+    run_bench cnn_cuda 150 "${cnn[@]}" --device cuda
+  fi
+  run_bench mlp_small_cpu 90 "${small[@]}" --device cpu --threads "$JOBS"
+  [[ "$NO_GPU" != 1 ]] && run_bench cnn_cpu 90 "${cnn[@]}" --device cpu --threads "$JOBS"
+elif want bench; then
+  SUMMARY+=("bench      skipped: no $BENCH_BIN")
+fi
+
+# ---------------------------------------------------------------------------- summary
+log "==== summary"
+printf '%s\n' "${SUMMARY[@]+"${SUMMARY[@]}"}"
+[[ -f "$WORK/torch.txt" ]] && grep -E '^torch_(version|cuda|device|cuda_available)=' "$WORK/torch.txt" | tr '\n' ' ' && echo
+if [[ -f "$OUT/bench.json" ]]; then
+  python3 - "$OUT/bench.json" <<'EOF'
+import json, sys
+runs = json.load(open(sys.argv[1]))
+names = [n for n in runs if "results" in runs[n]]
+if names:
+    opts = []
+    for n in names:
+        for r in runs[n]["results"]:
+            if r["optimizer"] not in opts:
+                opts.append(r["optimizer"])
+    print("mep_bench: step_ms / best_val_acc per run")
+    print("%-11s" % "optimizer" + "".join("%20s" % n for n in names))
+    for o in opts:
+        cells = []
+        for n in names:
+            r = next((r for r in runs[n]["results"] if r["optimizer"] == o), None)
+            cells.append("%20s" % ("-" if r is None else "%.2f ms / %.3f" % (r.get("step_ms", float("nan")), r.get("best_val_acc", float("nan")))))
+        print("%-11s" % o + "".join(cells))
+EOF
+fi
+echo "outputs in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+log "total $(elapsed)s"
+if want build; then
+  exit "$build_rc"
+elif want configure; then
+  ((configured)) && exit 0 || exit 1
+fi
+exit 0
