@@ -13,6 +13,7 @@
 //
 // Every error is one line on stderr starting with "mep_bench: " and a non-zero exit.
 
+#include "svg_chart.hpp"
 #include "trainers.hpp"
 
 #include <CLI/CLI.hpp>
@@ -22,6 +23,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -32,6 +34,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <set>
 #include <stdexcept>
@@ -93,6 +96,7 @@ struct Options {
   int64_t test = 500;
   int64_t batch = 128;
   uint64_t seed = 0;
+  std::vector<uint64_t> seeds;  // --seeds: one run of every optimizer per seed (default: {seed})
   int threads = 0;
   std::string device = "cpu";
   std::string loss = "mse";
@@ -100,7 +104,12 @@ struct Options {
   std::string settling = "default";
   double lr = 0;  // 0: each optimizer's own (the reference's) learning rate
   std::string lr_schedule = "constant";  // or "cosine": lr·½(1 + cos(π·(epoch − 1)/epochs)) per epoch
+  mep_bench::OptionTexts shared_options;  // --beta, --ns-steps, …: (option, text), where an optimizer has it
+  std::vector<std::array<std::string, 3>> sets;  // --set NAME.OPTION=VALUE: {name, option, text}
+  std::string protocol = "seed";  // seed: the first --train/--test samples; full: every sample of the files
   std::string json;
+  std::string csv;
+  std::string svg;
   std::string checkpoint;  // directory: save after every epoch
   bool resume = false;     // continue the run saved in `checkpoint`
 };
@@ -136,7 +145,9 @@ struct SettleStats {
 
 struct Result {
   const mep_bench::OptimizerEntry* entry = nullptr;
+  uint64_t seed = 0;
   double lr = 0;
+  mep_bench::OptionTexts options;  // every option it ran with
   std::vector<EpochRecord> epochs;
   double best_val_acc = 0, final_train_acc = 0, median_epoch_s = 0, step_ms = 0;
 };
@@ -284,14 +295,20 @@ void write_atomically(const std::string& path, const char* what, Write write) {
   }
 }
 
-/// Writes the JSON atomically (for the flag `what`): never a half-written file.
-void write_json(const std::string& path, const nlohmann::ordered_json& j, const char* what = "--json") {
+/// Writes a text file atomically through `write(stream)` (for the flag `what`).
+template <class Write>
+void write_text(const std::string& path, const char* what, Write write) {
   write_atomically(path, what, [&](const std::string& tmp) {
     std::ofstream out(tmp, std::ios::trunc);
-    out << j.dump(2) << '\n';
+    write(out);
     out.close();
     if (!out) throw std::runtime_error("cannot write");
   });
+}
+
+/// Writes the JSON atomically (for the flag `what`): never a half-written file.
+void write_json(const std::string& path, const nlohmann::ordered_json& j, const char* what = "--json") {
+  write_text(path, what, [&](std::ostream& out) { out << j.dump(2) << '\n'; });
 }
 
 // --- checkpoints (--checkpoint DIR, --resume) ----------------------------------------------
@@ -300,11 +317,14 @@ void write_json(const std::string& path, const nlohmann::ordered_json& j, const 
 /// (which a cosine schedule anneals over, so that it must be equal too).
 nlohmann::ordered_json run_protocol(const Options& opt, int threads, const std::vector<std::string>& names) {
   nlohmann::ordered_json p = {{"model", opt.model},     {"data", opt.data},       {"train", opt.train},
-                              {"test", opt.test},       {"batch", opt.batch},     {"seed", opt.seed},
+                              {"test", opt.test},       {"batch", opt.batch},     {"seeds", opt.seeds},
                               {"threads", threads},     {"device", opt.device},   {"loss", opt.loss},
                               {"error_feedback", opt.error_feedback},             {"settling", opt.settling},
                               {"lr", opt.lr},           {"lr_schedule", opt.lr_schedule},
                               {"optimizers", join(names, ",")}};
+  auto& options = p["options"] = nlohmann::ordered_json::array();
+  for (const auto& [option, text] : opt.shared_options) options.push_back(option + "=" + text);
+  for (const auto& [name, option, text] : opt.sets) options.push_back(name + "." + option + "=" + text);
   if (opt.lr_schedule == "cosine") p["epochs"] = opt.epochs;
   return p;
 }
@@ -395,26 +415,52 @@ Progressed load_checkpoint(const std::string& path, const std::string& name, mep
 
 // --- one optimizer ----------------------------------------------------------------------
 
-Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt, const Split& train,
-                     const Split& test, const torch::Device& device, Progress& progress) {
-  // Same seed before building: every optimizer starts from identical weights and then
-  // draws the same shuffles.
-  torch::manual_seed(opt.seed);
-  auto model = mep::models::by_name(opt.model);
-  model->to(device);
-  model->train();
-
+/// What the command line asks of `entry`'s optimizer.
+mep_bench::TrainerConfig trainer_config(const mep_bench::OptimizerEntry& entry, const Options& opt) {
   mep_bench::TrainerConfig config;
   config.lr = opt.lr > 0 ? opt.lr : opt.settling == "reference" && entry.reference_lr > 0 ? entry.reference_lr : entry.lr;
   config.loss = opt.loss == "ce" ? mep::Loss::CrossEntropy : mep::Loss::MSE;
   config.error_feedback = opt.error_feedback != "off";
   config.error_projected = opt.error_feedback == "projected";
   config.reference_settling = opt.settling == "reference";
+  config.shared = opt.shared_options;
+  for (const auto& [name, option, text] : opt.sets)
+    if (name == entry.name) config.own.emplace_back(option, text);
+  return config;
+}
+
+/// The value of option `name` in `options` as a number (0 if absent).
+double option_number(const mep_bench::OptionTexts& options, const std::string& name) {
+  for (const auto& [option, text] : options)
+    if (option == name) return std::stod(text);
+  return 0;
+}
+
+/// The checkpoint file of one optimizer and seed ({name}.pt for a single seed).
+std::string checkpoint_path(const Options& opt, const std::string& name, uint64_t seed) {
+  if (opt.checkpoint.empty()) return {};
+  const std::string file = opt.seeds.size() > 1 ? strf("%s.seed%llu.pt", name.c_str(), static_cast<unsigned long long>(seed))
+                                                : name + ".pt";
+  return (fs::path(opt.checkpoint) / file).string();
+}
+
+Result run_optimizer(const mep_bench::OptimizerEntry& entry, uint64_t seed, const Options& opt, const Split& train,
+                     const Split& test, const torch::Device& device, Progress& progress) {
+  // Same seed before building: every optimizer starts from identical weights and then
+  // draws the same shuffles.
+  torch::manual_seed(seed);
+  auto model = mep::models::by_name(opt.model);
+  model->to(device);
+  model->train();
+
+  const auto config = trainer_config(entry, opt);
   auto trainer = entry.make(model, config);
 
   Result result;
   result.entry = &entry;
-  result.lr = config.lr;
+  result.seed = seed;
+  result.options = entry.options(config);
+  result.lr = option_number(result.options, "lr");
   const int64_t n = train.size();
   const int64_t batches = (n + opt.batch - 1) / opt.batch;
   const bool cuda = device.is_cuda();
@@ -422,8 +468,9 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
   int64_t steps = 0;
   std::vector<double> epoch_times;
   int64_t first_epoch = 1;
-  const std::string checkpoint =
-      opt.checkpoint.empty() ? std::string() : (fs::path(opt.checkpoint) / (entry.name + ".pt")).string();
+  const std::string checkpoint = checkpoint_path(opt, entry.name, seed);
+  const std::string tag =
+      opt.seeds.size() > 1 ? strf("%s seed %llu", entry.name.c_str(), static_cast<unsigned long long>(seed)) : entry.name;
   std::error_code ec;
   if (opt.resume && fs::exists(checkpoint, ec)) {
     auto p = load_checkpoint(checkpoint, entry.name, *trainer);
@@ -434,16 +481,16 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
     result.epochs = std::move(p.records);
     step_s_total = p.step_s_total, steps = p.steps, epoch_times = std::move(p.epoch_times);
     first_epoch = done + 1;
-    std::cout << strf("[%-10s] resumed after epoch %lld", entry.name.c_str(), static_cast<long long>(done)) << std::endl;
+    std::cout << strf("[%-10s] resumed after epoch %lld", tag.c_str(), static_cast<long long>(done)) << std::endl;
   }
 
   for (int64_t epoch = first_epoch; epoch <= opt.epochs; ++epoch) {
-    const std::string prefix = strf("[%-10s] epoch %*lld/%lld", entry.name.c_str(),
+    const std::string prefix = strf("[%-10s] epoch %*lld/%lld", tag.c_str(),
                                     static_cast<int>(std::to_string(opt.epochs).size()),
                                     static_cast<long long>(epoch), static_cast<long long>(opt.epochs));
     if (opt.lr_schedule == "cosine") {
       const double factor = 0.5 * (1 + std::cos(std::acos(-1.0) * static_cast<double>(epoch - 1) / static_cast<double>(opt.epochs)));
-      for (auto& group : trainer->optimizer().param_groups()) group.options().set_lr(config.lr * factor);
+      for (auto& group : trainer->optimizer().param_groups()) group.options().set_lr(result.lr * factor);
     }
     auto perm = torch::randperm(n, torch::TensorOptions().dtype(torch::kLong));
     if (cuda) perm = perm.to(device);
@@ -463,7 +510,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
         step_s_total += seconds_since(step_start);
         loss = l.item<double>();
       } catch (const std::exception& e) {
-        throw std::runtime_error(strf("%s, epoch %lld, batch %lld/%lld: %s", entry.name.c_str(),
+        throw std::runtime_error(strf("%s, epoch %lld, batch %lld/%lld: %s", tag.c_str(),
                                       static_cast<long long>(epoch), static_cast<long long>(b + 1),
                                       static_cast<long long>(batches), message(e).c_str()));
       }
@@ -473,7 +520,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
       if (const auto* report = trainer->settle_report(); report && !report->phases.empty()) settle.add(*report);
       if (!std::isfinite(loss))
         throw std::runtime_error(strf("%s, epoch %lld, batch %lld/%lld: non-finite training loss (%g)",
-                                      entry.name.c_str(), static_cast<long long>(epoch),
+                                      tag.c_str(), static_cast<long long>(epoch),
                                       static_cast<long long>(b + 1), static_cast<long long>(batches), loss));
       loss_sum += loss;
       progress.batch(prefix, b + 1, batches, loss_sum / static_cast<double>(b + 1));
@@ -505,35 +552,92 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, const Options& opt,
 
 // --- reports ----------------------------------------------------------------------------
 
-void print_table(std::vector<Result> results) {
-  std::stable_sort(results.begin(), results.end(),
-                   [](const Result& a, const Result& b) { return a.best_val_acc > b.best_val_acc; });
-  std::cout << "\n| Rank | Optimizer | Best Test Acc | Final Train Acc | Time/Epoch | ms/step | Learning Rate |\n"
+/// One optimizer's runs over the seeds.
+struct Summary {
+  const mep_bench::OptimizerEntry* entry = nullptr;
+  std::vector<double> best;  // best test accuracy per seed
+  double mean = 0, sd = 0, final_train = 0, epoch_s = 0, step_ms = 0, lr = 0;
+};
+
+std::vector<Summary> summarize(const std::vector<Result>& results) {
+  std::vector<Summary> out;
+  for (const auto& r : results) {
+    auto it = std::find_if(out.begin(), out.end(), [&](const Summary& s) { return s.entry == r.entry; });
+    if (it == out.end()) it = out.insert(out.end(), Summary{r.entry});
+    it->best.push_back(r.best_val_acc);
+  }
+  for (auto& s : out) {
+    std::vector<double> train, epoch_s, step_ms;
+    for (const auto& r : results)
+      if (r.entry == s.entry) train.push_back(r.final_train_acc), epoch_s.push_back(r.median_epoch_s),
+                              step_ms.push_back(r.step_ms), s.lr = r.lr;
+    const double n = static_cast<double>(s.best.size());
+    for (double b : s.best) s.mean += b / n;
+    for (double b : s.best) s.sd += (b - s.mean) * (b - s.mean);
+    s.sd = s.best.size() > 1 ? std::sqrt(s.sd / (n - 1)) : 0.0;  // sample standard deviation
+    for (double t : train) s.final_train += t / n;
+    s.epoch_s = median(epoch_s), s.step_ms = median(step_ms);
+  }
+  std::stable_sort(out.begin(), out.end(), [](const Summary& a, const Summary& b) { return a.mean > b.mean; });
+  return out;
+}
+
+/// The Markdown table: with several seeds, best test accuracy as mean ± sample standard
+/// deviation (then each seed's), final train accuracy as the mean, times as medians.
+void print_table(const std::vector<Result>& results, const std::vector<uint64_t>& seeds) {
+  const auto rows = summarize(results);
+  const bool many = seeds.size() > 1;
+  std::vector<std::string> seed_names;
+  for (auto s : seeds) seed_names.push_back(std::to_string(s));
+  const std::string acc_header = many ? "Best Test Acc (mean ± sd; seeds " + join(seed_names, ", ") + ")" : "Best Test Acc";
+  std::cout << "\n| Rank | Optimizer | " << acc_header << " | Final Train Acc | Time/Epoch | ms/step | Learning Rate |\n"
             << "|------|-----------|---------------|-----------------|------------|---------|---------------|\n";
   size_t rank = 0;
-  for (size_t i = 0; i < results.size(); ++i) {
-    const auto& r = results[i];
-    if (i == 0 || r.best_val_acc != results[i - 1].best_val_acc) rank = i + 1;  // ties share a rank
-    std::cout << strf("| %zu | %s | %.2f%% | %.2f%% | %.2fs | %.2f | %g |\n", rank, r.entry->label.c_str(),
-                      100 * r.best_val_acc, 100 * r.final_train_acc, r.median_epoch_s, r.step_ms, r.lr);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const auto& r = rows[i];
+    if (i == 0 || r.mean != rows[i - 1].mean) rank = i + 1;  // ties share a rank
+    std::string acc = strf("%.2f%%", 100 * r.mean);
+    if (many) {
+      std::vector<std::string> each;
+      for (double b : r.best) each.push_back(strf("%.1f", 100 * b));
+      acc = strf("%.2f ± %.2f%% (%s)", 100 * r.mean, 100 * r.sd, join(each, " / ").c_str());
+    }
+    std::cout << strf("| %zu | %s | %s | %.2f%% | %.2fs | %.2f | %g |\n", rank, r.entry->label.c_str(), acc.c_str(),
+                      100 * r.final_train, r.epoch_s, r.step_ms, r.lr);
   }
   std::cout << std::flush;
+}
+
+/// An option's text as JSON: true/false as booleans, numbers as numbers, names as strings.
+nlohmann::ordered_json option_json(const std::string& text) {
+  if (text == "true" || text == "false") return text == "true";
+  try {
+    size_t used = 0;
+    const double v = std::stod(text, &used);
+    if (used == text.size()) return v;
+  } catch (const std::exception&) {
+  }
+  return text;
 }
 
 nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vector<Result>& results) {
   nlohmann::ordered_json j;
   j["protocol"] = {{"model", opt.model}, {"epochs", opt.epochs}, {"train", opt.train},   {"test", opt.test},
-                   {"batch", opt.batch}, {"seed", opt.seed},     {"threads", threads}, {"device", opt.device},
-                   {"settling", opt.settling}, {"lr_schedule", opt.lr_schedule}};
+                   {"batch", opt.batch}, {"seed", opt.seeds.front()}, {"seeds", opt.seeds},
+                   {"threads", threads}, {"device", opt.device}, {"settling", opt.settling},
+                   {"lr_schedule", opt.lr_schedule}};
   auto& rs = j["results"] = nlohmann::ordered_json::array();
   for (const auto& r : results) {
     nlohmann::ordered_json o;
     o["optimizer"] = r.entry->name;
+    o["seed"] = r.seed;
     o["best_val_acc"] = r.best_val_acc;
     o["final_train_acc"] = r.final_train_acc;
     o["epoch_s"] = r.median_epoch_s;
     o["step_ms"] = r.step_ms;
     o["lr"] = r.lr;
+    auto& os = o["options"] = nlohmann::ordered_json::object();
+    for (const auto& [name, text] : r.options) os[name] = option_json(text);
     auto& es = o["epochs"] = nlohmann::ordered_json::array();
     for (const auto& e : r.epochs) es.push_back(epoch_json(e));
     rs.push_back(std::move(o));
@@ -541,22 +645,73 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
   return j;
 }
 
+/// The --svg picture: every optimizer in the order it ran, its test accuracy per epoch over
+/// the seeds (mean ± sample standard deviation) and its median ms/step against SGD's.
+std::string chart(const Options& opt, const std::vector<Result>& results) {
+  std::vector<mep_bench::Curve> curves;
+  std::vector<mep_bench::Bar> bars;
+  std::vector<const mep_bench::OptimizerEntry*> order;
+  for (const auto& r : results)
+    if (std::find(order.begin(), order.end(), r.entry) == order.end()) order.push_back(r.entry);
+  for (const auto* entry : order) {
+    std::vector<const Result*> runs;
+    std::vector<double> ms;
+    for (const auto& r : results)
+      if (r.entry == entry) runs.push_back(&r), ms.push_back(r.step_ms);
+    mep_bench::Curve c;
+    c.label = entry->label;
+    c.band = runs.size() > 1;
+    for (size_t e = 0; e < runs.front()->epochs.size(); ++e) {
+      double mean = 0, var = 0;
+      const double n = static_cast<double>(runs.size());
+      for (const auto* r : runs) mean += r->epochs[e].val_acc / n;
+      for (const auto* r : runs) var += (r->epochs[e].val_acc - mean) * (r->epochs[e].val_acc - mean);
+      const double sd = runs.size() > 1 ? std::sqrt(var / (n - 1)) : 0.0;
+      c.mean.push_back(mean), c.low.push_back(mean - sd), c.high.push_back(mean + sd);
+    }
+    curves.push_back(std::move(c));
+    bars.push_back({entry->label, median(ms)});
+  }
+  std::vector<std::string> seed_names;
+  for (auto seed : opt.seeds) seed_names.push_back(std::to_string(seed));
+  const std::string title = strf("%s, %lld/%lld samples, %lld epochs, batch %lld, seed%s %s", opt.model.c_str(),
+                                 static_cast<long long>(opt.train), static_cast<long long>(opt.test),
+                                 static_cast<long long>(opt.epochs), static_cast<long long>(opt.batch),
+                                 opt.seeds.size() > 1 ? "s" : "", join(seed_names, ",").c_str());
+  return mep_bench::accuracy_speed_svg(title, curves, bars, "SGD");
+}
+
+/// One row per optimizer, seed and epoch, with every number the JSON has per epoch.
+void write_csv(std::ostream& out, const std::vector<Result>& results) {
+  out << "optimizer,seed,epoch,train_loss,train_acc,test_loss,test_acc,epoch_s,settle_steps,settle_residual,"
+         "settle_converged,lr,step_ms\n";
+  out.precision(10);
+  for (const auto& r : results)
+    for (const auto& e : r.epochs) {
+      out << r.entry->name << ',' << r.seed << ',' << e.epoch << ',' << e.train_loss << ',' << e.train_acc << ','
+          << e.val_loss << ',' << e.val_acc << ',' << e.epoch_s << ',';
+      if (e.has_settle) out << e.settle_steps << ',' << e.settle_residual << ',' << e.settle_converged;
+      else out << ",,";
+      out << ',' << r.lr << ',' << r.step_ms << '\n';
+    }
+}
+
 /// Creates the parent directories of `path` and checks that it can be written, so that a
 /// bad --json fails before the training rather than after it.
-void prepare_output(const std::string& path) {
+void prepare_output(const std::string& path, const char* flag) {
   const fs::path p(path);
   std::error_code ec;
   if (p.has_parent_path()) {
     fs::create_directories(p.parent_path(), ec);
     if (ec)
-      throw std::runtime_error(strf("--json %s: cannot create directory %s: %s", path.c_str(),
+      throw std::runtime_error(strf("%s %s: cannot create directory %s: %s", flag, path.c_str(),
                                     p.parent_path().string().c_str(), ec.message().c_str()));
   }
-  if (fs::is_directory(p, ec)) throw std::runtime_error(strf("--json %s: is a directory", path.c_str()));
+  if (fs::is_directory(p, ec)) throw std::runtime_error(strf("%s %s: is a directory", flag, path.c_str()));
   const bool existed = fs::exists(p, ec);
   {
     std::ofstream probe(path, std::ios::app);
-    if (!probe) throw std::runtime_error(strf("--json %s: cannot open for writing", path.c_str()));
+    if (!probe) throw std::runtime_error(strf("%s %s: cannot open for writing", flag, path.c_str()));
   }
   if (!existed) fs::remove(p, ec);
 }
@@ -635,17 +790,27 @@ int run(int argc, char** argv) {
   auto* optimizers_flag = app.add_option("--optimizers", opt.optimizers,
                  "comma-separated optimizers to run (default: all of this build: " + join(available, ",") +
                      "; planned: " + join(mep_bench::known_names(), ",") + ")");
+  app.add_option("--protocol", opt.protocol,
+                 "seed: the first --train training and --test test samples (the seed tables); full: every "
+                 "sample of the data files (not with --train/--test)")
+      ->check(CLI::IsMember({"seed", "full"}))
+      ->capture_default_str();
   app.add_option("--epochs", opt.epochs, "training epochs")->check(integer_at_least(1))->capture_default_str();
-  app.add_option("--train", opt.train, "training samples (the first N of the file)")
-      ->check(integer_at_least(1))
-      ->capture_default_str();
-  app.add_option("--test", opt.test, "test samples (the first N of the file)")
-      ->check(integer_at_least(1))
-      ->capture_default_str();
+  auto* train_flag = app.add_option("--train", opt.train, "training samples (the first N of the file)")
+                         ->check(integer_at_least(1))
+                         ->capture_default_str();
+  auto* test_flag = app.add_option("--test", opt.test, "test samples (the first N of the file)")
+                        ->check(integer_at_least(1))
+                        ->capture_default_str();
   app.add_option("--batch", opt.batch, "training batch size")->check(integer_at_least(1))->capture_default_str();
-  app.add_option("--seed", opt.seed, "seed for initial weights, shuffles and dropout")
-      ->check(integer_at_least(0))
-      ->capture_default_str();
+  auto* seed_flag = app.add_option("--seed", opt.seed, "seed for initial weights, shuffles and dropout")
+                        ->check(integer_at_least(0))
+                        ->capture_default_str();
+  app.add_option("--seeds", opt.seeds,
+                 "comma-separated seeds: every optimizer runs once per seed, and the table shows the mean and "
+                 "standard deviation of the best test accuracy (the JSON keeps every run)")
+      ->delimiter(',')
+      ->excludes(seed_flag);
   app.add_option("--threads", opt.threads, "intra-op threads (default: all cores)")
       ->check(integer_at_least(1))
       ->capture_default_str();
@@ -669,6 +834,36 @@ int run(int argc, char** argv) {
                  "/ epochs)) / 2, annealed over --epochs")
       ->check(CLI::IsMember({"constant", "cosine"}))
       ->capture_default_str();
+  // Optimizer options, each applied to every selected optimizer that has it.
+  struct SharedFlag {
+    const char* flag;
+    const char* option;
+    const char* help;
+  };
+  static const SharedFlag shared_flags[] = {
+      {"--beta", "beta", "nudging strength beta of the EP family"},
+      {"--settle-steps", "settle_steps", "settling steps (layer sweeps, or heavy-ball steps) of the EP family"},
+      {"--settle-lr", "settle_lr", "settling step size of the EP family"},
+      {"--ns-steps", "ns_steps", "Newton-Schulz iterations of the orthogonalising optimizers"},
+      {"--ns-coefficients", "ns_coefficients", "Newton-Schulz polynomial: cubic, quintic or polar_express"},
+      {"--rank-frac", "rank_frac", "Dion's rank as a fraction of the smaller weight dimension"},
+      {"--gamma", "gamma", "bound of the spectral constraint"},
+      {"--momentum", "momentum", "momentum"},
+      {"--weight-decay", "weight_decay", "weight decay"}};
+  std::map<std::string, std::string> shared_values;
+  std::vector<std::pair<const char*, CLI::Option*>> shared_given;
+  for (const auto& f : shared_flags)
+    shared_given.emplace_back(f.option, app.add_option(f.flag, shared_values[f.option],
+                                                       std::string(f.help) + " (option " + f.option +
+                                                           "), in every selected optimizer that has it")
+                                            ->type_name("VALUE"));
+  bool symmetric = false;
+  app.add_flag("--symmetric", symmetric, "symmetric (two-sided) EP estimate in the EP family (option symmetric)");
+  std::vector<std::string> sets;
+  app.add_option("--set", sets,
+                 "one optimizer's option, by the library's option name (repeatable): e.g. --set smep.lr=0.02 "
+                 "--set sdmep.ns_coefficients=polar_express")
+      ->type_name("NAME.OPTION=VALUE");
   app.add_option("--settling", opt.settling,
                  "settling of the EP family: the library default (mep::DefaultSettling) or the reference's "
                  "(HeavyBall, 10 steps of 0.05, adaptive)")
@@ -684,6 +879,13 @@ int run(int argc, char** argv) {
       ->needs(checkpoint_flag);
   app.add_option("--json", opt.json, "also write the results as JSON to FILE (parent directories are created)")
       ->type_name("FILE");
+  app.add_option("--svg", opt.svg,
+                 "also draw test accuracy per epoch (mean and band over the seeds) and ms/step (x SGD) into an "
+                 "SVG FILE")
+      ->type_name("FILE");
+  app.add_option("--csv", opt.csv,
+                 "also write one CSV row per optimizer, seed and epoch to FILE (parent directories are created)")
+      ->type_name("FILE");
 
   try {
     app.parse(argc, argv);
@@ -694,6 +896,41 @@ int run(int argc, char** argv) {
   if (optimizers_flag->count() > 0 && opt.optimizers.empty())
     throw std::runtime_error("--optimizers: empty list (available: " + join(available, ", ") + ")");
   const auto selected = select_optimizers(opt.optimizers);
+  if (opt.protocol == "full") {
+    if (train_flag->count() > 0 || test_flag->count() > 0)
+      throw std::runtime_error("--protocol full uses every sample: it takes no --train or --test");
+    opt.train = opt.test = -1;
+  }
+  std::vector<std::string> names;
+  for (const auto* e : selected) names.push_back(e->name);
+  if (opt.seeds.empty()) opt.seeds = {opt.seed};
+  if (std::set<uint64_t>(opt.seeds.begin(), opt.seeds.end()).size() != opt.seeds.size())
+    throw std::runtime_error("--seeds: a seed is listed twice");
+  for (const auto& [option, flag] : shared_given)
+    if (flag->count() > 0) opt.shared_options.emplace_back(option, shared_values[option]);
+  if (symmetric) opt.shared_options.emplace_back("symmetric", "true");
+  for (const auto& s : sets) {
+    const size_t dot = s.find('.'), eq = s.find('=');
+    if (dot == std::string::npos || eq == std::string::npos || dot == 0 || eq < dot + 2)
+      throw std::runtime_error("--set " + s + ": expected NAME.OPTION=VALUE, e.g. smep.lr=0.02");
+    const std::string name = s.substr(0, dot);
+    if (std::find(names.begin(), names.end(), name) == names.end())
+      throw std::runtime_error("--set " + s + ": " + name + " is not among the selected optimizers (" + join(names, ",") + ")");
+    opt.sets.push_back({name, s.substr(dot + 1, eq - dot - 1), s.substr(eq + 1)});
+  }
+  // Every optimizer's options, before any training: an unknown or invalid option fails here.
+  std::set<std::string> held;
+  for (const auto* e : selected) {
+    try {
+      for (const auto& [option, text] : e->options(trainer_config(*e, opt))) held.insert(option);
+    } catch (const std::exception& ex) {
+      throw std::runtime_error(e->name + ": " + message(ex));
+    }
+  }
+  for (const auto& [option, text] : opt.shared_options)
+    if (!held.count(option))
+      throw std::runtime_error("option " + option + ": none of the selected optimizers (" + join(names, ",") +
+                               ") has it");
   if (opt.device == "cuda" && !torch::cuda::is_available())
     throw std::runtime_error("--device cuda: CUDA is not available (this LibTorch has no CUDA support or sees no GPU)");
   const torch::Device device(opt.device == "cuda" ? torch::kCUDA : torch::kCPU);
@@ -703,37 +940,50 @@ int run(int argc, char** argv) {
       throw std::runtime_error("--data " + opt.data +
                                ": no such directory (make the datasets with data/make_datasets.sh, or pass --data DIR)");
   }
-  if (!opt.json.empty()) prepare_output(opt.json);
+  if (!opt.json.empty()) prepare_output(opt.json, "--json");
+  if (!opt.csv.empty()) prepare_output(opt.csv, "--csv");
+  if (!opt.svg.empty()) prepare_output(opt.svg, "--svg");
 
   torch::set_num_threads(opt.threads);
   const int threads = torch::get_num_threads();
-  torch::manual_seed(opt.seed);
-
-  std::vector<std::string> names;
-  for (const auto* e : selected) names.push_back(e->name);
   if (!opt.checkpoint.empty()) prepare_checkpoints(opt, run_protocol(opt, threads, names));
-  std::cout << strf("mep_bench: model %s | data %s (train %lld, test %lld) | epochs %lld | batch %lld | seed %llu | "
-                    "threads %d | device %s | settling %s | optimizers %s",
+  std::vector<std::string> seed_names, option_names;
+  for (auto seed : opt.seeds) seed_names.push_back(std::to_string(seed));
+  for (const auto& [option, text] : opt.shared_options) option_names.push_back(option + "=" + text);
+  for (const auto& [name, option, text] : opt.sets) option_names.push_back(name + "." + option + "=" + text);
+  std::cout << strf("mep_bench: model %s | data %s (train %lld, test %lld) | epochs %lld | batch %lld | seed%s %s | "
+                    "threads %d | device %s | settling %s | optimizers %s%s%s",
                     opt.model.c_str(), opt.data.c_str(), static_cast<long long>(opt.train),
                     static_cast<long long>(opt.test), static_cast<long long>(opt.epochs),
-                    static_cast<long long>(opt.batch), static_cast<unsigned long long>(opt.seed), threads,
-                    opt.device.c_str(), opt.settling.c_str(), join(names, ",").c_str())
+                    static_cast<long long>(opt.batch), opt.seeds.size() > 1 ? "s" : "", join(seed_names, ",").c_str(),
+                    threads, opt.device.c_str(), opt.settling.c_str(), join(names, ",").c_str(),
+                    option_names.empty() ? "" : " | options ", join(option_names, " ").c_str())
             << std::endl;
 
   const Split train = load(opt.data, true, opt.train, device);
   const Split test = load(opt.data, false, opt.test, device);
+  opt.train = train.size(), opt.test = test.size();  // --protocol full: what the files hold
 
   Progress progress(isatty(STDOUT_FILENO) != 0);
   g_progress = &progress;
   std::vector<Result> results;
-  for (const auto* entry : selected) results.push_back(run_optimizer(*entry, opt, train, test, device, progress));
+  for (auto seed : opt.seeds)
+    for (const auto* entry : selected) results.push_back(run_optimizer(*entry, seed, opt, train, test, device, progress));
   g_progress = nullptr;
 
   check_interrupt();
-  print_table(results);
+  print_table(results, opt.seeds);
   if (!opt.json.empty()) {
     write_json(opt.json, to_json(opt, threads, results));
     std::cout << "wrote " << opt.json << std::endl;
+  }
+  if (!opt.svg.empty()) {
+    write_text(opt.svg, "--svg", [&](std::ostream& out) { out << chart(opt, results); });
+    std::cout << "wrote " << opt.svg << std::endl;
+  }
+  if (!opt.csv.empty()) {
+    write_text(opt.csv, "--csv", [&](std::ostream& out) { write_csv(out, results); });
+    std::cout << "wrote " << opt.csv << std::endl;
   }
   return 0;
 }

@@ -3,8 +3,10 @@
 /// The optimizers the benchmarks can run, behind one interface.
 ///
 /// A `Trainer` owns a model and an optimizer and runs one training step on a batch.
-/// `registry()` lists every optimizer of this build as {name, label, lr, factory}: adding
-/// an optimizer is adding one entry there. Two trainer kinds cover the library:
+/// `registry()` lists every optimizer of this build (`backprop_entry`, `model_step_entry`):
+/// adding an optimizer is adding one line there. Each entry builds its trainer and lists the
+/// options it would run with, the command line's (`TrainerConfig::shared`, `::own`) applied
+/// by name (`mep::OptimizerOptions::set`). Two trainer kinds cover the library:
 ///  - backprop family (SGD, Adam, Muon): zero_grad, cross-entropy on the logits,
 ///    backward, step();
 ///  - model-owning family (the EP optimizers): the optimizer is built from the model and
@@ -24,6 +26,9 @@
 
 namespace mep_bench {
 
+/// Options by name and text, in the order they apply.
+using OptionTexts = std::vector<std::pair<std::string, std::string>>;
+
 /// What a factory may take from the command line.
 struct TrainerConfig {
   double lr = 0.01;                ///< the entry's learning rate
@@ -31,6 +36,8 @@ struct TrainerConfig {
   bool error_feedback = false;      ///< error feedback where the optimizer has it (--error-feedback)
   bool error_projected = false;     ///< its projected residual (--error-feedback projected)
   bool reference_settling = false;  ///< EP family: the reference's settling (HeavyBall), not the default (--settling)
+  OptionTexts shared;  ///< set where the optimizer has the option (--beta, --ns-steps, …)
+  OptionTexts own;     ///< this optimizer's (--set NAME.OPTION=VALUE): each must exist
 };
 
 /// One optimizer bound to one model.
@@ -68,6 +75,8 @@ class Trainer {
 };
 
 using TrainerFactory = std::function<std::unique_ptr<Trainer>(torch::nn::Sequential, const TrainerConfig&)>;
+/// Every option the trainer a factory builds for `config` runs with, as (name, text).
+using OptionLister = std::function<OptionTexts(const TrainerConfig&)>;
 
 /// One row of the registry.
 struct OptimizerEntry {
@@ -75,6 +84,7 @@ struct OptimizerEntry {
   std::string label;    ///< as printed in the tables
   double lr;            ///< the learning rate the benchmark uses (the library's default)
   TrainerFactory make;  ///< builds the trainer for a freshly initialised model
+  OptionLister options;  ///< what `make` would configure, without building anything
   double reference_lr = 0;  ///< with --settling reference, where it differs: the reference's (mep 0.1's)
 };
 
@@ -146,36 +156,74 @@ struct has_error_feedback_option : std::false_type {};
 template <class O>
 struct has_error_feedback_option<O, std::void_t<decltype(std::declval<O&>().error_feedback(true))>>
     : std::true_type {};
-}  // namespace detail
 
-/// A backprop-family trainer with the given options.
-template <class Opt>
-std::unique_ptr<Trainer> backprop(torch::nn::Sequential model, const typename Opt::Options& options) {
-  return std::make_unique<BackpropTrainer<Opt>>(std::move(model), options);
+/// `options` with the command line's options on top: the shared ones where they exist, then
+/// this optimizer's own, each of which must exist.
+template <class O>
+O with_command_line(O options, const TrainerConfig& config, const std::string& name) {
+  for (const auto& [option, text] : config.shared) options.set(option, text);
+  for (const auto& [option, text] : config.own)
+    if (!options.set(option, text))
+      throw std::invalid_argument("--set " + name + "." + option + ": " + name + " has no option " + option);
+  return options;
 }
 
-namespace detail {
-/// `model_step` for one optimizer type (no settling choice).
+/// The options of a model-owning optimizer: library defaults, the entry's learning rate,
+/// --loss and --error-feedback where it has them, then the command line's options.
 template <class Opt>
-std::unique_ptr<Trainer> model_step_of(torch::nn::Sequential model, const TrainerConfig& config) {
+typename Opt::Options model_step_options(const TrainerConfig& config, const std::string& name) {
   typename Opt::Options options(config.lr);
   if constexpr (has_loss_option<typename Opt::Options>::value) options.loss(config.loss);
   if constexpr (has_error_feedback_option<typename Opt::Options>::value)
     options.error_feedback(config.error_feedback).error_projected(config.error_projected);
-  return std::make_unique<ModelStepTrainer<Opt>>(std::move(model), options);
+  return with_command_line(options, config, name);
 }
 }  // namespace detail
 
-/// Factory for a model-owning optimizer with its library defaults, the entry's learning
-/// rate and, where its options have one, the --loss setting; with
-/// `config.reference_settling`, the same optimizer with the reference's settling
-/// (`mep::with_settling_t<Opt, mep::HeavyBall>`). Usable directly as a registry entry's
-/// factory: `{"smep", "SMEP", 0.01, mep_bench::model_step<mep::SMEP>}`.
+/// A backprop-family entry: zero_grad, cross-entropy, backward, step() with `Opt`, whose
+/// options are `defaults(lr)` with the command line's on top.
 template <class Opt>
-std::unique_ptr<Trainer> model_step(torch::nn::Sequential model, const TrainerConfig& config) {
-  if (config.reference_settling)
-    return detail::model_step_of<mep::with_settling_t<Opt, mep::HeavyBall>>(std::move(model), config);
-  return detail::model_step_of<Opt>(std::move(model), config);
+OptimizerEntry backprop_entry(std::string name, std::string label, double lr,
+                              std::function<typename Opt::Options(double)> defaults) {
+  auto options = [name, defaults](const TrainerConfig& c) {
+    return detail::with_command_line(defaults(c.lr), c, name);
+  };
+  OptimizerEntry e;
+  e.name = name, e.label = std::move(label), e.lr = lr;
+  e.make = [options](torch::nn::Sequential model, const TrainerConfig& c) -> std::unique_ptr<Trainer> {
+    return std::make_unique<BackpropTrainer<Opt>>(std::move(model), options(c));
+  };
+  e.options = [options](const TrainerConfig& c) {
+    const auto o = options(c);
+    o.validate();
+    return o.texts();
+  };
+  return e;
+}
+
+/// A model-owning (EP family) entry: `Opt` with its library defaults, or with
+/// `config.reference_settling` the same optimizer with the reference's settling
+/// (`mep::with_settling_t<Opt, mep::HeavyBall>`, then at `reference_lr` where it is set).
+template <class Opt>
+OptimizerEntry model_step_entry(std::string name, std::string label, double lr, double reference_lr = 0) {
+  using Reference = mep::with_settling_t<Opt, mep::HeavyBall>;
+  OptimizerEntry e;
+  e.name = name, e.label = std::move(label), e.lr = lr, e.reference_lr = reference_lr;
+  e.make = [name](torch::nn::Sequential model, const TrainerConfig& c) -> std::unique_ptr<Trainer> {
+    if (c.reference_settling)
+      return std::make_unique<ModelStepTrainer<Reference>>(std::move(model),
+                                                           detail::model_step_options<Reference>(c, name));
+    return std::make_unique<ModelStepTrainer<Opt>>(std::move(model), detail::model_step_options<Opt>(c, name));
+  };
+  e.options = [name](const TrainerConfig& c) {
+    auto texts = [](const auto& o) {
+      o.validate();
+      return o.texts();
+    };
+    return c.reference_settling ? texts(detail::model_step_options<Reference>(c, name))
+                                : texts(detail::model_step_options<Opt>(c, name));
+  };
+  return e;
 }
 
 /// Every optimizer name the benchmark knows of, whether or not this build has it.
@@ -187,25 +235,17 @@ inline const std::vector<std::string>& known_names() {
 
 /// The optimizers of this build, in the order the benchmark runs them by default.
 inline const std::vector<OptimizerEntry>& registry() {
-  using Model = torch::nn::Sequential;
-  using Config = TrainerConfig;
   static const std::vector<OptimizerEntry> entries = {
-      {"sgd", "SGD", 0.1,
-       [](Model m, const Config& c) {
-         return backprop<mep::SGD>(std::move(m), mep::SGDOptions(c.lr).momentum(0.9).weight_decay(5e-4));
-       }},
-      {"adam", "Adam", 1e-3,
-       [](Model m, const Config& c) {
-         return backprop<mep::Adam>(std::move(m), mep::AdamOptions(c.lr).weight_decay(5e-4));
-       }},
-      {"muon", "Muon", 0.02,
-       [](Model m, const Config& c) { return backprop<mep::Muon>(std::move(m), mep::MuonOptions(c.lr)); }},
+      backprop_entry<mep::SGD>("sgd", "SGD", 0.1,
+                               [](double lr) { return mep::SGDOptions(lr).momentum(0.9).weight_decay(5e-4); }),
+      backprop_entry<mep::Adam>("adam", "Adam", 1e-3, [](double lr) { return mep::AdamOptions(lr).weight_decay(5e-4); }),
+      backprop_entry<mep::Muon>("muon", "Muon", 0.02, [](double lr) { return mep::MuonOptions(lr); }),
       // The EP family, one line each (learning rates: SPEC §8).
-      {"eqprop", "EqProp", 0.05, model_step<mep::EqProp>, 0.01},
-      {"smep", "SMEP", 0.01, model_step<mep::SMEP>},
-      {"sdmep", "SDMEP", 0.01, model_step<mep::SDMEP>},
-      {"local_ep", "LocalEP", 0.01, model_step<mep::LocalEPMuon>},
-      {"natural_ep", "NaturalEP", 0.01, model_step<mep::NaturalEPMuon>},
+      model_step_entry<mep::EqProp>("eqprop", "EqProp", 0.05, 0.01),
+      model_step_entry<mep::SMEP>("smep", "SMEP", 0.01),
+      model_step_entry<mep::SDMEP>("sdmep", "SDMEP", 0.01),
+      model_step_entry<mep::LocalEPMuon>("local_ep", "LocalEP", 0.01),
+      model_step_entry<mep::NaturalEPMuon>("natural_ep", "NaturalEP", 0.01),
   };
   return entries;
 }

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Gathers mep_bench JSON files of the same protocol (one per seed) into the README's table:
-best test accuracy per seed, mean ± standard deviation, final train accuracy (mean), the median
-of the seeds' ms/step, and the EP family's mean settling steps and residual per step.
+"""Gathers mep_bench JSON runs of the same protocol (one file per seed, or files written with
+--seeds) into the README's table: best test accuracy per seed, mean ± standard deviation, final
+train accuracy (mean), the median of the seeds' ms/step, and the EP family's mean settling
+steps and residual per step.
 
     python3 scripts/seeds_table.py results/mlp_seed0.json results/mlp_seed1.json results/mlp_seed2.json
+    python3 scripts/seeds_table.py results/mlp_seeds.json      (mep_bench --seeds 0,1,2 --json ...)
 """
 import json
 import statistics as st
@@ -13,19 +15,25 @@ import sys
 def main(paths):
     if not paths:
         sys.exit("usage: seeds_table.py RESULTS.json...")
-    runs = [json.load(open(p)) for p in paths]
-    seeds = [str(r["protocol"]["seed"]) for r in runs]
+    by_optimizer = {}  # optimizer -> [(seed, run)], in the order of first appearance
+    for path in paths:
+        data = json.load(open(path))
+        for run in data["results"]:
+            seed = run.get("seed", data["protocol"]["seed"])
+            by_optimizer.setdefault(run["optimizer"], []).append((seed, run))
+    seed_lists = {tuple(seed for seed, _ in runs) for runs in by_optimizer.values()}
+    if len(seed_lists) != 1:
+        sys.exit("seeds_table.py: the optimizers were not all run with the same seeds")
+    seeds = [str(seed) for seed in seed_lists.pop()]
     rows = []
-    for i, first in enumerate(runs[0]["results"]):
-        res = [r["results"][i] for r in runs]
-        if any(x["optimizer"] != first["optimizer"] for x in res):
-            sys.exit("seeds_table.py: the files list different optimizers")
+    for name, runs in by_optimizer.items():
+        res = [run for _, run in runs]
         acc = [100 * x["best_val_acc"] for x in res]
         epochs = [x["epochs"] for x in res]
         steps = [st.mean(e.get("settle_steps", 0) for e in ep) for ep in epochs]
         resid = [st.mean(e.get("settle_residual", 0) for e in ep) for ep in epochs]
-        rows.append((st.mean(acc), first["optimizer"], acc, [100 * x["final_train_acc"] for x in res],
-                     [x["step_ms"] for x in res], steps, resid, first["lr"]))
+        rows.append((st.mean(acc), name, acc, [100 * x["final_train_acc"] for x in res],
+                     [x["step_ms"] for x in res], steps, resid, res[0]["lr"]))
     rows.sort(key=lambda r: -r[0])
     print(f"| Optimizer | Best test acc (seeds {', '.join(seeds)}) | mean ± sd | Final train acc (mean) "
           "| ms/step (median) | settling: steps, residual | lr |")

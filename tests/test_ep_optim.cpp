@@ -278,6 +278,48 @@ void expect_every_option_validated(const char* optimizer) {
   }
 }
 
+// Options by name, as the command line sets them: every option's text reads back to the same
+// value; enums by name; an unknown name is false; a malformed value names option and text.
+template <class O>
+void expect_options_round_trip_by_name(O changed, const char* optimizer) {
+  O fresh;
+  for (const auto& [name, text] : changed.texts()) EXPECT_TRUE(fresh.set(name, text)) << optimizer << " " << name;
+  EXPECT_EQ(fresh.texts(), changed.texts()) << optimizer;
+  EXPECT_FALSE(fresh.set("no_such_option", "1")) << optimizer;
+}
+
+TEST(EPOptim, OptionsAreSetAndReadByName) {
+  expect_options_round_trip_by_name(mep::SGDOptions(0.3).momentum(0.25).nesterov(true), "SGD");
+  expect_options_round_trip_by_name(mep::AdamOptions().eps(1e-12).amsgrad(true), "Adam");
+  expect_options_round_trip_by_name(mep::MuonOptions().ns_coefficients(mep::NSCoefficients::Cubic), "Muon");
+  expect_options_round_trip_by_name(mep::EqPropOptions().beta(0.1).symmetric(true).loss(mep::Loss::CrossEntropy), "EqProp");
+  expect_options_round_trip_by_name(mep::SMEPOptions().settle_steps(7).settle_lr(0.3).gamma(0.5), "SMEP");
+  expect_options_round_trip_by_name(mep::SDMEPOptions().rank_frac(1.0 / 3).dion_thresh(123), "SDMEP");
+  expect_options_round_trip_by_name(mep::LocalEPMuonOptions().mode(mep::Mode::Backprop), "LocalEPMuon");
+  expect_options_round_trip_by_name(mep::NaturalEPMuonOptions().fisher_diagonal(true).fisher_ema(0.9), "NaturalEPMuon");
+
+  mep::SMEPOptions o;
+  EXPECT_TRUE(o.set("ns_coefficients", "polar_express"));
+  EXPECT_EQ(o.ns_coefficients(), mep::NSCoefficients::PolarExpress);
+  EXPECT_TRUE(o.set("symmetric", "on"));
+  EXPECT_TRUE(o.symmetric());
+  EXPECT_TRUE(o.set("settle_steps", "12"));
+  EXPECT_EQ(o.settle_steps(), 12);
+  EXPECT_TRUE(o.set("lr", "2.5e-3"));
+  EXPECT_DOUBLE_EQ(o.lr(), 2.5e-3);
+  EXPECT_FALSE(mep::SGDOptions().set("beta", "0.5"));  // SGD has no β
+  for (const auto& [name, text] : std::vector<std::pair<std::string, std::string>>{
+           {"settle_steps", "1.5"}, {"beta", "half"}, {"symmetric", "maybe"}, {"ns_coefficients", "septic"}, {"lr", ""}}) {
+    try {
+      o.set(name, text);
+      ADD_FAILURE() << "no error for " << name << " = " << text;
+    } catch (const mep::OptionError& e) {
+      EXPECT_NE(std::string(e.what()).find(name + " = '" + text + "'"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(o.settle_steps(), 12);  // a refused text changes nothing
+}
+
 TEST(EPOptim, EveryOptionOfEveryOptimizerIsValidated) {
   expect_every_option_validated<mep::SGD>("SGD");
   expect_every_option_validated<mep::Adam>("Adam");

@@ -10,12 +10,20 @@
 
 #include <sstream>
 #include <stdexcept>
+#include <utility>
+#include <vector>
 
 namespace mep {
 
 enum class Loss { MSE, CrossEntropy };
 
 inline const char* to_string(Loss loss) { return loss == Loss::MSE ? "mse" : "ce"; }
+
+/// The names of the losses in options set by name (OptimizerOptions::set) and in records.
+inline const std::vector<std::pair<Loss, const char*>>& enum_names(Loss) {
+  static const std::vector<std::pair<Loss, const char*>> names = {{Loss::MSE, "mse"}, {Loss::CrossEntropy, "ce"}};
+  return names;
+}
 
 /// Thrown for a target that does not fit the model's output.
 class TargetError : public std::invalid_argument {

@@ -140,6 +140,72 @@ struct OptionChecker {
   }
 };
 
+/// An option's value as text: numbers in the shortest form that reads back exactly, booleans
+/// as true/false, enums by the names `enum_names` gives them.
+template <class T>
+std::string option_text(const T& value) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return value ? "true" : "false";
+  } else if constexpr (std::is_enum_v<T>) {
+    for (const auto& [v, name] : enum_names(value))
+      if (v == value) return name;
+    return std::to_string(static_cast<int64_t>(value));
+  } else if constexpr (std::is_integral_v<T>) {
+    return std::to_string(value);
+  } else {
+    std::ostringstream os;
+    for (int precision = 6; precision <= 17; ++precision) {
+      os.str("");
+      os.precision(precision);
+      os << value;
+      if (std::stod(os.str()) == value || !std::isfinite(value)) break;
+    }
+    return os.str();
+  }
+}
+
+/// Reads `text` as a value of T (what option_text writes; booleans also 1/0, on/off, yes/no).
+/// False when it is not one.
+template <class T>
+bool parse_option(const std::string& text, T& out) {
+  if constexpr (std::is_same_v<T, bool>) {
+    for (const char* t : {"true", "1", "on", "yes"})
+      if (text == t) return out = true, true;
+    for (const char* f : {"false", "0", "off", "no"})
+      if (text == f) return out = false, true;
+    return false;
+  } else if constexpr (std::is_enum_v<T>) {
+    for (const auto& [v, name] : enum_names(T{}))
+      if (text == name) return out = v, true;
+    return false;
+  } else {
+    try {
+      size_t used = 0;
+      if constexpr (std::is_integral_v<T>) out = static_cast<T>(std::stoll(text, &used));
+      else out = static_cast<T>(std::stod(text, &used));
+      return used == text.size();
+    } catch (const std::exception&) {
+      return false;
+    }
+  }
+}
+
+/// What values an option of type T takes, for error messages.
+template <class T>
+std::string option_kind() {
+  if constexpr (std::is_same_v<T, bool>) {
+    return "true or false";
+  } else if constexpr (std::is_enum_v<T>) {
+    std::string names;
+    for (const auto& [v, name] : enum_names(T{})) names += (names.empty() ? "" : ", ") + std::string(name);
+    return "one of " + names;
+  } else if constexpr (std::is_integral_v<T>) {
+    return "an integer";
+  } else {
+    return "a number";
+  }
+}
+
 /// Collects the visited options as (name, number).
 struct OptionCollector {
   std::vector<std::pair<std::string, double>>& out;
@@ -192,6 +258,43 @@ class OptimizerOptions
     Update::template Options<Self>::visit_options(v);
     Constraint::template Options<Self>::visit_options(v);
     Feedback::template Options<Self>::visit_options(v);
+  }
+
+  /// Every option, the common ones (lr, momentum, dampening, nesterov, weight_decay) first,
+  /// then the policies': v(name, value).
+  template <class V>
+  void visit_all_options(V&& v) const {
+    v("lr", this->lr_), v("momentum", this->momentum_), v("dampening", this->dampening_);
+    v("nesterov", this->nesterov_), v("weight_decay", this->weight_decay_);
+    visit_policy_options(v);
+  }
+
+  /// Sets the option called `name` from its text ("0.02", "5", "true", "polar_express"; enums
+  /// by the names in `enum_names`). Returns false when these options have no such option;
+  /// throws OptionError when the text is not a value of the option's type. The value itself
+  /// is validated with the others when an optimizer is built from these options.
+  bool set(const std::string& name, const std::string& text) {
+    bool found = false;
+    visit_all_options([&](const char* option, const auto& value) {
+      if (found || name != option) return;
+      using T = std::decay_t<decltype(value)>;
+      T parsed{};
+      if (!detail::parse_option(text, parsed)) {
+        std::ostringstream os;
+        os << "mep: invalid option " << option << " = '" << text << "' (expected " << detail::option_kind<T>() << ")";
+        throw OptionError(os.str());
+      }
+      const_cast<T&>(value) = parsed;  // a member of *this, which is not const here
+      found = true;
+    });
+    return found;
+  }
+
+  /// Every option as (name, text), in visit_all_options' order: what `set` reads back.
+  std::vector<std::pair<std::string, std::string>> texts() const {
+    std::vector<std::pair<std::string, std::string>> out;
+    visit_all_options([&](const char* name, const auto& value) { out.emplace_back(name, detail::option_text(value)); });
+    return out;
   }
 
   /// The policy options as (name, value) pairs.

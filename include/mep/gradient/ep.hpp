@@ -40,6 +40,12 @@ namespace mep {
 /// the same loss, for comparisons on the same optimizer (the reference's SMEP `mode`).
 enum class Mode { EP, Backprop };
 
+/// The names of the modes in options set by name and in records.
+inline const std::vector<std::pair<Mode, const char*>>& enum_names(Mode) {
+  static const std::vector<std::pair<Mode, const char*>> names = {{Mode::EP, "ep"}, {Mode::Backprop, "backprop"}};
+  return names;
+}
+
 namespace detail {
 
 /// Options of the EP gradient policies other than settling (defaults: SPEC §8).

@@ -21,11 +21,25 @@
 #include <array>
 #include <cmath>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace mep {
 
 enum class NSCoefficients { Cubic, Quintic, PolarExpress };
 enum class NSScale { None, Muon, AdamW };
+
+/// The names of the coefficient schedules and scalings in options set by name and in records.
+inline const std::vector<std::pair<NSCoefficients, const char*>>& enum_names(NSCoefficients) {
+  static const std::vector<std::pair<NSCoefficients, const char*>> names = {
+      {NSCoefficients::Cubic, "cubic"}, {NSCoefficients::Quintic, "quintic"}, {NSCoefficients::PolarExpress, "polar_express"}};
+  return names;
+}
+inline const std::vector<std::pair<NSScale, const char*>>& enum_names(NSScale) {
+  static const std::vector<std::pair<NSScale, const char*>> names = {
+      {NSScale::None, "none"}, {NSScale::Muon, "muon"}, {NSScale::AdamW, "adamw"}};
+  return names;
+}
 
 inline std::ostream& operator<<(std::ostream& os, NSCoefficients c) {
   return os << (c == NSCoefficients::Cubic ? "cubic" : c == NSCoefficients::Quintic ? "quintic" : "polar_express");
