@@ -435,12 +435,14 @@ struct Segment {
   torch::Tensor jacobian_norm(const torch::Tensor& s, const SegmentTape& t, int64_t iters) const {
     torch::NoGradGuard no_grad;
     const auto w = weight.flatten(1);
-    auto v = torch::ones({w.size(1), 1}, w.options());
+    auto v = torch::ones({w.size(1)}, w.options());
+    auto u = torch::empty({w.size(0)}, w.options());
     for (int64_t k = 0; k < iters; ++k) {
-      v = torch::mm(w.t(), torch::mm(w, v));
-      v.div_(v.norm().clamp_min(1e-30));
+      at::mv_out(u, w, v);
+      at::mv_out(v, w.t(), u);
+      if (k % 2 == 1 || k + 1 == iters) v.div_(v.norm().clamp_min(1e-30));  // (WᵀW)² scales by ≤ σ⁴
     }
-    auto bound = torch::mm(w, v).norm();
+    auto bound = at::mv_out(u, w, v).norm();
     double fixed = 1;
     for (size_t d = 0; d + 2 < static_cast<size_t>(weight.dim()); ++d)
       fixed *= static_cast<double>(std::min(weight.size(static_cast<int64_t>(d) + 2),

@@ -1,0 +1,107 @@
+// Google Benchmark: one training step of every mep optimizer on each benchmark model at batch
+// 128, next to torch::optim's SGD and Adam with the same options on the same models.
+//   backprop family (mep and torch::optim): zero_grad, forward, cross-entropy, backward, step()
+//   EP family: step(x, y) (settling, EP gradient, update, constraint)
+// The optimizers use mep_bench's options (SPEC §8); the models start from seed 0 and train on
+// one fixed batch of digits (data/mnist, or MEP_DATA) in train mode, as in mep_bench.
+//
+// Run: build/bench/mep_speed (MEP_THREADS for another intra-op thread count than 2), or
+// python3 scripts/speed_table.py for the table of medians and ratios.
+#include <benchmark/benchmark.h>
+#include <mep/mep.hpp>
+
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace {
+
+constexpr int64_t kBatch = 128;
+const char* const kModels[] = {"mlp_small", "mlp", "cnn"};
+
+int threads() {
+  const char* t = std::getenv("MEP_THREADS");
+  return t ? std::atoi(t) : 2;
+}
+
+struct Batch {
+  torch::Tensor x, y;
+};
+
+const Batch& batch() {
+  static const Batch b = [] {
+    const char* dir = std::getenv("MEP_DATA");
+    auto data = mep::data::load_split(dir ? dir : "data/mnist", true, kBatch);
+    return Batch{data.images, data.labels};
+  }();
+  return b;
+}
+
+torch::nn::Sequential fresh(const char* model) {
+  torch::manual_seed(0);
+  auto m = mep::models::by_name(model);
+  m->train();
+  return m;
+}
+
+// zero_grad, forward, cross-entropy, backward, step() with an optimizer over the parameters.
+template <class Opt, class Options>
+void backprop_step(benchmark::State& state, const char* model, const Options& options) {
+  torch::set_num_threads(threads());
+  auto m = fresh(model);
+  Opt opt(m->parameters(), options);
+  const auto& b = batch();
+  for (auto _ : state) {
+    opt.zero_grad();
+    auto loss = torch::nn::functional::cross_entropy(m->forward(b.x), b.y);
+    loss.backward();
+    opt.step();
+    benchmark::DoNotOptimize(loss);
+  }
+}
+
+// step(x, y) of a model-owning (EP family) optimizer.
+template <class Opt>
+void model_step(benchmark::State& state, const char* model, const typename Opt::Options& options) {
+  torch::set_num_threads(threads());
+  Opt opt(fresh(model), options);
+  const auto& b = batch();
+  for (auto _ : state) benchmark::DoNotOptimize(opt.step(b.x, b.y));
+}
+
+void register_all() {
+  using Fn = std::function<void(benchmark::State&, const char*)>;
+  const std::pair<const char*, Fn> steps[] = {
+      {"sgd", [](auto& s, auto m) { backprop_step<mep::SGD>(s, m, mep::SGDOptions(0.1).momentum(0.9).weight_decay(5e-4)); }},
+      {"torch_sgd",
+       [](auto& s, auto m) {
+         backprop_step<torch::optim::SGD>(s, m, torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(5e-4));
+       }},
+      {"adam", [](auto& s, auto m) { backprop_step<mep::Adam>(s, m, mep::AdamOptions(1e-3).weight_decay(5e-4)); }},
+      {"torch_adam",
+       [](auto& s, auto m) { backprop_step<torch::optim::Adam>(s, m, torch::optim::AdamOptions(1e-3).weight_decay(5e-4)); }},
+      {"muon", [](auto& s, auto m) { backprop_step<mep::Muon>(s, m, mep::MuonOptions(0.02)); }},
+      {"eqprop", [](auto& s, auto m) { model_step<mep::EqProp>(s, m, mep::EqPropOptions(0.05)); }},
+      {"smep", [](auto& s, auto m) { model_step<mep::SMEP>(s, m, mep::SMEPOptions(0.01)); }},
+      {"sdmep", [](auto& s, auto m) { model_step<mep::SDMEP>(s, m, mep::SDMEPOptions(0.01)); }},
+      {"local_ep", [](auto& s, auto m) { model_step<mep::LocalEPMuon>(s, m, mep::LocalEPMuonOptions(0.01)); }},
+      {"natural_ep", [](auto& s, auto m) { model_step<mep::NaturalEPMuon>(s, m, mep::NaturalEPMuonOptions(0.01)); }},
+  };
+  for (const char* model : kModels)
+    for (const auto& [name, fn] : steps)
+      benchmark::RegisterBenchmark((std::string("step/") + model + "/" + name).c_str(),
+                                   [fn = fn, model](benchmark::State& s) { fn(s, model); })
+          ->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""The speed table: one training step of every optimizer on each benchmark model (batch 128),
+as medians of build/bench/mep_speed's repetitions, with ratios: mep's SGD and Adam against
+torch::optim's, every other optimizer against mep's SGD on the same model.
+
+    python3 scripts/speed_table.py                       runs build/bench/mep_speed (3 repetitions)
+    python3 scripts/speed_table.py --benchmark_filter=mlp   the same, arguments passed on
+    python3 scripts/speed_table.py speed.json            a saved --benchmark_format=json output
+"""
+import json
+import subprocess
+import sys
+
+MODELS = ["mlp_small", "mlp", "cnn"]
+ORDER = ["torch_sgd", "sgd", "torch_adam", "adam", "muon", "eqprop", "smep", "sdmep", "local_ep", "natural_ep"]
+BASE = {"sgd": "torch_sgd", "adam": "torch_adam", "torch_sgd": None, "torch_adam": None}
+
+
+def load(argv):
+    if argv and argv[0].endswith(".json"):
+        return json.load(open(argv[0]))
+    cmd = ["build/bench/mep_speed", "--benchmark_format=json", "--benchmark_repetitions=3",
+           "--benchmark_report_aggregates_only=true"] + argv
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def main(argv):
+    data = load(argv)
+    ms = {}
+    medians = [b for b in data["benchmarks"] if b.get("aggregate_name") == "median"]
+    for b in medians or [b for b in data["benchmarks"] if b.get("run_type", "iteration") == "iteration"]:
+        _, model, name = b.get("run_name", b["name"]).split("/")[:3]
+        scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b.get("time_unit", "ns")]
+        ms[(model, name)] = b["real_time"] * scale
+    models = [m for m in MODELS if any(k[0] == m for k in ms)]
+    print("| optimizer | " + " | ".join(f"{m}: ms/step · ratio" for m in models) + " |")
+    print("|---|" + "---|" * len(models))
+    for name in ORDER:
+        cells = []
+        for m in models:
+            if (m, name) not in ms:
+                cells.append("—")
+                continue
+            base = BASE.get(name, "sgd")
+            if base is None or (m, base) not in ms:
+                cells.append(f"{ms[(m, name)]:.2f}")
+            else:
+                label = "torch" if base.startswith("torch") else "SGD"
+                cells.append(f"{ms[(m, name)]:.2f} · {ms[(m, name)] / ms[(m, base)]:.2f}× {label}")
+        if any(c != "—" for c in cells):
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
