@@ -189,10 +189,13 @@ class Progress {
  public:
   explicit Progress(bool tty) : tty_(tty) {}
 
-  void batch(const std::string& prefix, int64_t i, int64_t n, double running_loss) {
+  /// On a terminal: batch i of n, the running loss, the epoch's elapsed time and its ETA.
+  void batch(const std::string& prefix, int64_t i, int64_t n, double running_loss, double elapsed_s) {
     if (!tty_) return;
-    std::cout << '\r' << prefix << strf("  batch %*lld/%lld  loss %.4f", digits(n), static_cast<long long>(i),
-                                        static_cast<long long>(n), running_loss)
+    const double eta = elapsed_s / static_cast<double>(i) * static_cast<double>(n - i);
+    std::cout << '\r' << prefix
+              << strf("  batch %*lld/%lld  loss %.4f  elapsed %.1fs  ETA %.1fs", digits(n), static_cast<long long>(i),
+                      static_cast<long long>(n), running_loss, elapsed_s, eta)
               << "\033[K" << std::flush;
     open_ = true;
   }
@@ -523,7 +526,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, uint64_t seed, cons
                                       tag.c_str(), static_cast<long long>(epoch),
                                       static_cast<long long>(b + 1), static_cast<long long>(batches), loss));
       loss_sum += loss;
-      progress.batch(prefix, b + 1, batches, loss_sum / static_cast<double>(b + 1));
+      progress.batch(prefix, b + 1, batches, loss_sum / static_cast<double>(b + 1), seconds_since(epoch_start));
     }
     EpochRecord r;
     r.epoch = epoch;
