@@ -106,6 +106,7 @@ struct Options {
   std::string lr_schedule = "constant";  // or "cosine": lr·½(1 + cos(π·(epoch − 1)/epochs)) per epoch
   mep_bench::OptionTexts shared_options;  // --beta, --ns-steps, …: (option, text), where an optimizer has it
   std::vector<std::array<std::string, 3>> sets;  // --set NAME.OPTION=VALUE: {name, option, text}
+  std::vector<double> normalize = {0.1307, 0.3081};  // pixel/255 → (x − mean)/std: MNIST's
   std::string protocol = "seed";  // seed: the first --train/--test samples; full: every sample of the files
   std::string json;
   std::string csv;
@@ -239,9 +240,10 @@ void check_interrupt() {
 
 // --- data and evaluation ----------------------------------------------------------------
 
-Split load(const std::string& dir, bool train, int64_t limit, const torch::Device& device) {
+Split load(const std::string& dir, bool train, int64_t limit, const std::vector<double>& normalize,
+           const torch::Device& device) {
   try {
-    auto ds = mep::data::load_split(dir, train, limit);
+    auto ds = mep::data::load_split(dir, train, limit, normalize[0], normalize[1]);
     return {ds.images.to(device), ds.labels.to(device)};
   } catch (const mep::data::IdxError& e) {
     throw std::runtime_error(strf("cannot load the %s split (--%s %lld): %s", train ? "training" : "test",
@@ -324,6 +326,7 @@ nlohmann::ordered_json run_protocol(const Options& opt, int threads, const std::
                               {"threads", threads},     {"device", opt.device},   {"loss", opt.loss},
                               {"error_feedback", opt.error_feedback},             {"settling", opt.settling},
                               {"lr", opt.lr},           {"lr_schedule", opt.lr_schedule},
+                              {"normalize", opt.normalize},
                               {"optimizers", join(names, ",")}};
   auto& options = p["options"] = nlohmann::ordered_json::array();
   for (const auto& [option, text] : opt.shared_options) options.push_back(option + "=" + text);
@@ -628,7 +631,7 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
   j["protocol"] = {{"model", opt.model}, {"epochs", opt.epochs}, {"train", opt.train},   {"test", opt.test},
                    {"batch", opt.batch}, {"seed", opt.seeds.front()}, {"seeds", opt.seeds},
                    {"threads", threads}, {"device", opt.device}, {"settling", opt.settling},
-                   {"lr_schedule", opt.lr_schedule}};
+                   {"lr_schedule", opt.lr_schedule}, {"normalize", opt.normalize}};
   auto& rs = j["results"] = nlohmann::ordered_json::array();
   for (const auto& r : results) {
     nlohmann::ordered_json o;
@@ -798,6 +801,12 @@ int run(int argc, char** argv) {
                  "sample of the data files (not with --train/--test)")
       ->check(CLI::IsMember({"seed", "full"}))
       ->capture_default_str();
+  app.add_option("--normalize", opt.normalize,
+                 "MEAN,STD of the pixels (in [0, 1]) for (x - MEAN) / STD: MNIST's by default; Fashion-MNIST's "
+                 "are 0.2860,0.3530")
+      ->delimiter(',')
+      ->expected(2)
+      ->capture_default_str();
   app.add_option("--epochs", opt.epochs, "training epochs")->check(integer_at_least(1))->capture_default_str();
   auto* train_flag = app.add_option("--train", opt.train, "training samples (the first N of the file)")
                          ->check(integer_at_least(1))
@@ -899,6 +908,9 @@ int run(int argc, char** argv) {
   if (optimizers_flag->count() > 0 && opt.optimizers.empty())
     throw std::runtime_error("--optimizers: empty list (available: " + join(available, ", ") + ")");
   const auto selected = select_optimizers(opt.optimizers);
+  if (!std::isfinite(opt.normalize[0]) || !std::isfinite(opt.normalize[1]) || !(opt.normalize[1] > 0))
+    throw std::runtime_error(strf("--normalize %g,%g: MEAN must be finite and STD positive and finite", opt.normalize[0],
+                                  opt.normalize[1]));
   if (opt.protocol == "full") {
     if (train_flag->count() > 0 || test_flag->count() > 0)
       throw std::runtime_error("--protocol full uses every sample: it takes no --train or --test");
@@ -949,6 +961,9 @@ int run(int argc, char** argv) {
 
   torch::set_num_threads(opt.threads);
   const int threads = torch::get_num_threads();
+  const Split train = load(opt.data, true, opt.train, opt.normalize, device);
+  const Split test = load(opt.data, false, opt.test, opt.normalize, device);
+  opt.train = train.size(), opt.test = test.size();  // --protocol full: what the files hold
   if (!opt.checkpoint.empty()) prepare_checkpoints(opt, run_protocol(opt, threads, names));
   std::vector<std::string> seed_names, option_names;
   for (auto seed : opt.seeds) seed_names.push_back(std::to_string(seed));
@@ -962,10 +977,6 @@ int run(int argc, char** argv) {
                     threads, opt.device.c_str(), opt.settling.c_str(), join(names, ",").c_str(),
                     option_names.empty() ? "" : " | options ", join(option_names, " ").c_str())
             << std::endl;
-
-  const Split train = load(opt.data, true, opt.train, device);
-  const Split test = load(opt.data, false, opt.test, device);
-  opt.train = train.size(), opt.test = test.size();  // --protocol full: what the files hold
 
   Progress progress(isatty(STDOUT_FILENO) != 0);
   g_progress = &progress;
