@@ -4,6 +4,12 @@
 //   EP family: step(x, y) (settling, EP gradient, update, constraint)
 // The optimizers use mep_bench's options (SPEC §8); the models start from seed 0 and train on
 // one fixed batch of digits (data/mnist, or MEP_DATA) in train mode, as in mep_bench.
+// At every weight shape of the benchmark models (as matrices: out × in·kernel), the Muon
+// family's directions, each next to the bare matrix products it performs (its floor):
+//   ns/SHAPE/{cubic,quintic,polar_express}   5 Newton–Schulz iterations (mep::newton_schulz)
+//   floor/SHAPE/ns       5 × (X·Xᵀ, A·A, B·X) on the small-by-large X: the quintic products
+//   dion/SHAPE           one Dion direction at rank_frac 0.3 (QR of B·Q included)
+//   floor/SHAPE/dion     B·Q, Bᵀ·P and P·Qᵀ at that rank
 //
 // Run: build/bench/mep_speed (MEP_THREADS for another intra-op thread count than 2), or
 // python3 scripts/speed_table.py for the table of medians and ratios.
@@ -11,6 +17,7 @@
 #include <mep/mep.hpp>
 
 #include <cstdlib>
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
@@ -70,6 +77,63 @@ void model_step(benchmark::State& state, const char* model, const typename Opt::
   for (auto _ : state) benchmark::DoNotOptimize(opt.step(b.x, b.y));
 }
 
+// The weight matrices of mlp_small, mlp and cnn.
+const std::pair<int64_t, int64_t> kShapes[] = {{256, 784}, {10, 256}, {512, 784}, {256, 512},
+                                               {32, 9},    {64, 288}, {128, 3136}, {10, 128}};
+
+std::string shape_name(std::pair<int64_t, int64_t> s) { return std::to_string(s.first) + "x" + std::to_string(s.second); }
+
+torch::Tensor random_matrix(std::pair<int64_t, int64_t> s) {
+  torch::manual_seed(1);
+  return torch::randn({s.first, s.second});
+}
+
+void register_directions() {
+  const std::pair<const char*, mep::NSCoefficients> schedules[] = {{"cubic", mep::NSCoefficients::Cubic},
+                                                                   {"quintic", mep::NSCoefficients::Quintic},
+                                                                   {"polar_express", mep::NSCoefficients::PolarExpress}};
+  for (auto shape : kShapes) {
+    const std::string name = shape_name(shape);
+    for (const auto& [schedule, coefficients] : schedules)
+      benchmark::RegisterBenchmark(("ns/" + name + "/" + schedule).c_str(), [shape, c = coefficients](benchmark::State& st) {
+        torch::set_num_threads(threads());
+        const auto g = random_matrix(shape);
+        for (auto _ : st) benchmark::DoNotOptimize(mep::newton_schulz(g, 5, c));
+      })->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("floor/" + name + "/ns").c_str(), [shape](benchmark::State& st) {
+      torch::set_num_threads(threads());
+      const int64_t small = std::min(shape.first, shape.second), large = std::max(shape.first, shape.second);
+      auto x = torch::randn({small, large}), a = torch::empty({small, small}), b = torch::empty({small, small});
+      auto y = torch::empty({small, large});
+      for (auto _ : st)
+        for (int k = 0; k < 5; ++k) {
+          at::mm_out(a, x, x.t());
+          at::mm_out(b, a, a);
+          at::mm_out(y, b, x);
+        }
+    })->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("dion/" + name).c_str(), [shape](benchmark::State& st) {
+      torch::set_num_threads(threads());
+      mep::Dion dion;
+      dion.thresh = 0;
+      mep::ParamState state;
+      const auto g = random_matrix(shape);
+      for (auto _ : st) benchmark::DoNotOptimize(dion.direction(g, state));
+    })->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("floor/" + name + "/dion").c_str(), [shape](benchmark::State& st) {
+      torch::set_num_threads(threads());
+      const int64_t m = shape.first, n = shape.second, r = mep::Dion().rank_for(m, n);
+      auto b = torch::randn({m, n}), q = torch::randn({n, r}), bq = torch::empty({m, r}), btp = torch::empty({n, r});
+      auto u = torch::empty({m, n});
+      for (auto _ : st) {
+        at::mm_out(bq, b, q);
+        at::mm_out(btp, b.t(), bq);
+        at::mm_out(u, bq, btp.t());
+      }
+    })->Unit(benchmark::kMillisecond);
+  }
+}
+
 void register_all() {
   using Fn = std::function<void(benchmark::State&, const char*)>;
   const std::pair<const char*, Fn> steps[] = {
@@ -99,6 +163,7 @@ void register_all() {
 
 int main(int argc, char** argv) {
   register_all();
+  register_directions();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

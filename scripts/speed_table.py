@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""The speed table: one training step of every optimizer on each benchmark model (batch 128),
-as medians of build/bench/mep_speed's repetitions, with ratios: mep's SGD and Adam against
-torch::optim's, every other optimizer against mep's SGD on the same model.
+"""The speed tables, as medians of build/bench/mep_speed's repetitions: one training step of
+every optimizer on each benchmark model (batch 128), with ratios (mep's SGD and Adam against
+torch::optim's, every other optimizer against mep's SGD on the same model); and the Muon
+family's directions at every weight shape (Newton–Schulz's three schedules, Dion) against the
+bare matrix products each performs.
 
     python3 scripts/speed_table.py                       runs build/bench/mep_speed (3 repetitions)
     python3 scripts/speed_table.py --benchmark_filter=mlp   the same, arguments passed on
@@ -29,26 +31,45 @@ def main(argv):
     ms = {}
     medians = [b for b in data["benchmarks"] if b.get("aggregate_name") == "median"]
     for b in medians or [b for b in data["benchmarks"] if b.get("run_type", "iteration") == "iteration"]:
-        _, model, name = b.get("run_name", b["name"]).split("/")[:3]
         scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b.get("time_unit", "ns")]
-        ms[(model, name)] = b["real_time"] * scale
-    models = [m for m in MODELS if any(k[0] == m for k in ms)]
-    print("| optimizer | " + " | ".join(f"{m}: ms/step · ratio" for m in models) + " |")
-    print("|---|" + "---|" * len(models))
-    for name in ORDER:
-        cells = []
-        for m in models:
-            if (m, name) not in ms:
-                cells.append("—")
-                continue
-            base = BASE.get(name, "sgd")
-            if base is None or (m, base) not in ms:
-                cells.append(f"{ms[(m, name)]:.2f}")
-            else:
-                label = "torch" if base.startswith("torch") else "SGD"
-                cells.append(f"{ms[(m, name)]:.2f} · {ms[(m, name)] / ms[(m, base)]:.2f}× {label}")
-        if any(c != "—" for c in cells):
-            print(f"| {name} | " + " | ".join(cells) + " |")
+        ms[tuple(b.get("run_name", b["name"]).split("/"))] = b["real_time"] * scale
+    steps = {k[1:]: v for k, v in ms.items() if k[0] == "step"}
+    models = [m for m in MODELS if any(k[0] == m for k in steps)]
+    if models:
+        print("| optimizer | " + " | ".join(f"{m}: ms/step · ratio" for m in models) + " |")
+        print("|---|" + "---|" * len(models))
+        for name in ORDER:
+            cells = []
+            for m in models:
+                if (m, name) not in steps:
+                    cells.append("—")
+                    continue
+                base = BASE.get(name, "sgd")
+                if base is None or (m, base) not in steps:
+                    cells.append(f"{steps[(m, name)]:.2f}")
+                else:
+                    label = "torch" if base.startswith("torch") else "SGD"
+                    cells.append(f"{steps[(m, name)]:.2f} · {steps[(m, name)] / steps[(m, base)]:.2f}× {label}")
+            if any(c != "—" for c in cells):
+                print(f"| {name} | " + " | ".join(cells) + " |")
+    shapes = []
+    for k in ms:
+        if k[0] in ("ns", "dion") and k[1] not in shapes:
+            shapes.append(k[1])
+    if shapes:
+        if models:
+            print()
+        print("| weight | NS cubic | NS quintic | NS Polar Express | quintic floor | Dion (rank 0.3) | Dion floor |")
+        print("|---|---|---|---|---|---|---|")
+        for shape in shapes:
+            ns_floor, dion_floor = ms.get(("floor", shape, "ns")), ms.get(("floor", shape, "dion"))
+            def cell(key, floor):
+                if key not in ms:
+                    return "—"
+                return f"{1e3 * ms[key]:.0f} µs" + (f" · {ms[key] / floor:.1f}×" if floor else "")
+            print(f"| {shape} | {cell(('ns', shape, 'cubic'), ns_floor)} | {cell(('ns', shape, 'quintic'), ns_floor)} "
+                  f"| {cell(('ns', shape, 'polar_express'), ns_floor)} | {1e3 * ns_floor:.0f} µs "
+                  f"| {cell(('dion', shape), dion_floor)} | {1e3 * dion_floor:.0f} µs |")
 
 
 if __name__ == "__main__":
