@@ -178,14 +178,12 @@ struct Op {
     return grad;
   }
 
-  /// An upper bound of ‖∂op/∂in‖₂ at the point recorded in `t`, for input `in` (a 0-dim
-  /// tensor for the norms, whose bound depends on their statistics; otherwise undefined and
-  /// the bound is `gain`):
+  /// An upper bound of ‖∂op/∂in‖₂ for input `in`, as far as it depends on neither learned
+  /// values nor statistics (the norms' part is `norm_gain`; here they count 1):
   ///   activations sup|a′| (ReLU, tanh, softplus 1; sigmoid ¼; GELU 1.129; SiLU 1.100;
   ///   leaky ReLU and ELU max(1, |a|)); Softmax 1 (‖diag p − ppᵀ‖ ≤ max p); Flatten, Dropout 1;
   ///   pooling √(‖J‖₁‖J‖_∞): max √m, m = the most windows sharing one input; average √(m/k)
-  ///   with k taps per window (√m where border windows divide by less, √(m·k)/d with divisor d);
-  ///   BatchNorm max_c |γ_c|/√(σ²_c + ε) (frozen statistics); LayerNorm max|γ|·max_b 1/σ_b.
+  ///   with k taps per window (√m where border windows divide by less, √(m·k)/d with divisor d).
   double gain(const torch::Tensor& in) const {
     switch (kind) {
       case OpKind::Dropout:
@@ -231,6 +229,9 @@ struct Op {
     }
     return 1.0;
   }
+  /// The norms' part of that bound at the statistics recorded in `t`, a 0-dim tensor:
+  /// BatchNorm max_c |γ_c|/√(σ²_c + ε) (frozen statistics), LayerNorm max|γ|·max_b 1/σ_b.
+  /// Undefined for the other ops.
   torch::Tensor norm_gain(const OpTape& t) const {
     if (kind == OpKind::BatchNorm) return t.scale.abs().max();
     if (kind != OpKind::LayerNorm) return torch::Tensor();
