@@ -41,6 +41,8 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -279,6 +281,22 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t m = v.size() / 2;
   return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+/// Mean and sample standard deviation (0 for a single value).
+std::pair<double, double> mean_sd(const std::vector<double>& v) {
+  const double n = static_cast<double>(v.size());
+  double mean = 0, var = 0;
+  for (double x : v) mean += x / n;
+  for (double x : v) var += (x - mean) * (x - mean);
+  return {mean, v.size() > 1 ? std::sqrt(var / (n - 1)) : 0.0};
+}
+
+/// The seeds as text, separated by `sep`.
+std::string seed_list(const std::vector<uint64_t>& seeds, const char* sep) {
+  std::vector<std::string> names;
+  for (auto seed : seeds) names.push_back(std::to_string(seed));
+  return join(names, sep);
 }
 
 /// Writes `write(tmp)` to a temporary file beside `path` and renames it into place.
@@ -565,24 +583,30 @@ struct Summary {
   double mean = 0, sd = 0, final_train = 0, epoch_s = 0, step_ms = 0, lr = 0;
 };
 
+/// Each optimizer's runs (one per seed), in the order the optimizers first ran.
+std::vector<std::pair<const mep_bench::OptimizerEntry*, std::vector<const Result*>>> runs_by_optimizer(
+    const std::vector<Result>& results) {
+  std::vector<std::pair<const mep_bench::OptimizerEntry*, std::vector<const Result*>>> out;
+  for (const auto& r : results) {
+    auto it = std::find_if(out.begin(), out.end(), [&](const auto& g) { return g.first == r.entry; });
+    if (it == out.end()) it = out.insert(out.end(), {r.entry, {}});
+    it->second.push_back(&r);
+  }
+  return out;
+}
+
 std::vector<Summary> summarize(const std::vector<Result>& results) {
   std::vector<Summary> out;
-  for (const auto& r : results) {
-    auto it = std::find_if(out.begin(), out.end(), [&](const Summary& s) { return s.entry == r.entry; });
-    if (it == out.end()) it = out.insert(out.end(), Summary{r.entry});
-    it->best.push_back(r.best_val_acc);
-  }
-  for (auto& s : out) {
+  for (const auto& [entry, runs] : runs_by_optimizer(results)) {
+    Summary s{entry};
     std::vector<double> train, epoch_s, step_ms;
-    for (const auto& r : results)
-      if (r.entry == s.entry) train.push_back(r.final_train_acc), epoch_s.push_back(r.median_epoch_s),
-                              step_ms.push_back(r.step_ms), s.lr = r.lr;
-    const double n = static_cast<double>(s.best.size());
-    for (double b : s.best) s.mean += b / n;
-    for (double b : s.best) s.sd += (b - s.mean) * (b - s.mean);
-    s.sd = s.best.size() > 1 ? std::sqrt(s.sd / (n - 1)) : 0.0;  // sample standard deviation
-    for (double t : train) s.final_train += t / n;
+    for (const auto* r : runs)
+      s.best.push_back(r->best_val_acc), train.push_back(r->final_train_acc), epoch_s.push_back(r->median_epoch_s),
+          step_ms.push_back(r->step_ms), s.lr = r->lr;
+    std::tie(s.mean, s.sd) = mean_sd(s.best);
+    s.final_train = mean_sd(train).first;
     s.epoch_s = median(epoch_s), s.step_ms = median(step_ms);
+    out.push_back(std::move(s));
   }
   std::stable_sort(out.begin(), out.end(), [](const Summary& a, const Summary& b) { return a.mean > b.mean; });
   return out;
@@ -593,9 +617,7 @@ std::vector<Summary> summarize(const std::vector<Result>& results) {
 void print_table(const std::vector<Result>& results, const std::vector<uint64_t>& seeds) {
   const auto rows = summarize(results);
   const bool many = seeds.size() > 1;
-  std::vector<std::string> seed_names;
-  for (auto s : seeds) seed_names.push_back(std::to_string(s));
-  const std::string acc_header = many ? "Best Test Acc (mean ± sd; seeds " + join(seed_names, ", ") + ")" : "Best Test Acc";
+  const std::string acc_header = many ? "Best Test Acc (mean ± sd; seeds " + seed_list(seeds, ", ") + ")" : "Best Test Acc";
   std::cout << "\n| Rank | Optimizer | " << acc_header << " | Final Train Acc | Time/Epoch | ms/step | Learning Rate |\n"
             << "|------|-----------|---------------|-----------------|------------|---------|---------------|\n";
   size_t rank = 0;
@@ -656,34 +678,25 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
 std::string chart(const Options& opt, const std::vector<Result>& results) {
   std::vector<mep_bench::Curve> curves;
   std::vector<mep_bench::Bar> bars;
-  std::vector<const mep_bench::OptimizerEntry*> order;
-  for (const auto& r : results)
-    if (std::find(order.begin(), order.end(), r.entry) == order.end()) order.push_back(r.entry);
-  for (const auto* entry : order) {
-    std::vector<const Result*> runs;
+  for (const auto& [entry, runs] : runs_by_optimizer(results)) {
     std::vector<double> ms;
-    for (const auto& r : results)
-      if (r.entry == entry) runs.push_back(&r), ms.push_back(r.step_ms);
+    for (const auto* r : runs) ms.push_back(r->step_ms);
     mep_bench::Curve c;
     c.label = entry->label;
     c.band = runs.size() > 1;
     for (size_t e = 0; e < runs.front()->epochs.size(); ++e) {
-      double mean = 0, var = 0;
-      const double n = static_cast<double>(runs.size());
-      for (const auto* r : runs) mean += r->epochs[e].val_acc / n;
-      for (const auto* r : runs) var += (r->epochs[e].val_acc - mean) * (r->epochs[e].val_acc - mean);
-      const double sd = runs.size() > 1 ? std::sqrt(var / (n - 1)) : 0.0;
+      std::vector<double> acc;
+      for (const auto* r : runs) acc.push_back(r->epochs[e].val_acc);
+      const auto [mean, sd] = mean_sd(acc);
       c.mean.push_back(mean), c.low.push_back(mean - sd), c.high.push_back(mean + sd);
     }
     curves.push_back(std::move(c));
     bars.push_back({entry->label, median(ms)});
   }
-  std::vector<std::string> seed_names;
-  for (auto seed : opt.seeds) seed_names.push_back(std::to_string(seed));
   const std::string title = strf("%s, %lld/%lld samples, %lld epochs, batch %lld, seed%s %s", opt.model.c_str(),
                                  static_cast<long long>(opt.train), static_cast<long long>(opt.test),
                                  static_cast<long long>(opt.epochs), static_cast<long long>(opt.batch),
-                                 opt.seeds.size() > 1 ? "s" : "", join(seed_names, ",").c_str());
+                                 opt.seeds.size() > 1 ? "s" : "", seed_list(opt.seeds, ",").c_str());
   return mep_bench::accuracy_speed_svg(title, curves, bars, "SGD");
 }
 
@@ -965,15 +978,14 @@ int run(int argc, char** argv) {
   const Split test = load(opt.data, false, opt.test, opt.normalize, device);
   opt.train = train.size(), opt.test = test.size();  // --protocol full: what the files hold
   if (!opt.checkpoint.empty()) prepare_checkpoints(opt, run_protocol(opt, threads, names));
-  std::vector<std::string> seed_names, option_names;
-  for (auto seed : opt.seeds) seed_names.push_back(std::to_string(seed));
+  std::vector<std::string> option_names;
   for (const auto& [option, text] : opt.shared_options) option_names.push_back(option + "=" + text);
   for (const auto& [name, option, text] : opt.sets) option_names.push_back(name + "." + option + "=" + text);
   std::cout << strf("mep_bench: model %s | data %s (train %lld, test %lld) | epochs %lld | batch %lld | seed%s %s | "
                     "threads %d | device %s | settling %s | optimizers %s%s%s",
                     opt.model.c_str(), opt.data.c_str(), static_cast<long long>(opt.train),
                     static_cast<long long>(opt.test), static_cast<long long>(opt.epochs),
-                    static_cast<long long>(opt.batch), opt.seeds.size() > 1 ? "s" : "", join(seed_names, ",").c_str(),
+                    static_cast<long long>(opt.batch), opt.seeds.size() > 1 ? "s" : "", seed_list(opt.seeds, ",").c_str(),
                     threads, opt.device.c_str(), opt.settling.c_str(), join(names, ",").c_str(),
                     option_names.empty() ? "" : " | options ", join(option_names, " ").c_str())
             << std::endl;
