@@ -10,6 +10,17 @@
 //   floor/SHAPE/ns       5 × (X·Xᵀ, A·A, B·X) on the small-by-large X: the quintic products
 //   dion/SHAPE           one Dion direction at rank_frac 0.3 (QR of B·Q included)
 //   floor/SHAPE/dion     B·Q, Bᵀ·P and P·Qᵀ at that rank
+// And each step's floor, the bare matrix products the step must perform on the model's layers
+// (Linear: matrix products into preallocated buffers; Conv2d: ATen's convolution kernels):
+//   floor/MODEL/OPTIMIZER  gradient:  backprop   forward, input and weight gradients
+//                                     EP         feedforward, then per settling sweep the
+//                                                forward of every layer but the first and one
+//                                                VJP per layer but the first, then the weight
+//                                                gradients (one-sided, free phase skipped)
+//                          direction: NS         its products per iteration on every weight
+//                                     Dion       B·Q, Bᵀ·P, P·Qᵀ (NS below dion_thresh)
+//                                     Fisher     gᵀ·g, Cholesky, the solve, then NS
+//                          constraint:           2·power_iter + 1 matrix–vector products
 //
 // Run: build/bench/mep_speed (MEP_THREADS for another intra-op thread count than 2), or
 // python3 scripts/speed_table.py for the table of medians and ratios.
@@ -18,6 +29,7 @@
 
 #include <cstdlib>
 #include <algorithm>
+#include <array>
 #include <functional>
 #include <memory>
 #include <string>
@@ -134,6 +146,170 @@ void register_directions() {
   }
 }
 
+// The matrix products of one training step on a model, as closures over preallocated
+// buffers; the layers and their inputs come from an EP feedforward of the batch.
+class Floor {
+ public:
+  explicit Floor(const char* model) : model_(fresh(model)), chain_(mep::Chain::from(model_)) {
+    mep::EPGradient ep;
+    ep.compute(model_, batch().x, batch().y);
+    for (size_t l = 0; l < chain_.size(); ++l) {
+      const auto& t = ep.energy().tape[l];
+      layers_.push_back({&chain_.segments[l], t.in.clone(), torch::randn_like(t.pred)});
+    }
+  }
+
+  void forward(size_t from = 0) {
+    for (size_t l = from; l < layers_.size(); ++l) {
+      const auto& [seg, in, out_grad] = layers_[l];
+      if (is_linear(l)) add([w = seg->weight, in = in, out = torch::empty_like(out_grad)]() mutable { at::mm_out(out, in, w.t()); });
+      else add([seg = seg, in = in] { benchmark::DoNotOptimize(at::convolution(in, seg->weight, {}, seg->stride, seg->padding, seg->dilation, false, {0, 0}, seg->groups)); });
+    }
+  }
+  void backward_input() {  // J_lᵀ·ε_l for every layer but the first
+    for (size_t l = 1; l < layers_.size(); ++l) {
+      const auto& [seg, in, out_grad] = layers_[l];
+      if (is_linear(l)) add([w = seg->weight, e = out_grad, g = torch::empty_like(in)]() mutable { at::mm_out(g, e, w); });
+      else add([seg = seg, in = in, e = out_grad] { benchmark::DoNotOptimize(conv_backward(*seg, e, in, {true, false, false})); });
+    }
+  }
+  void backward_weight() {
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const auto& [seg, in, out_grad] = layers_[l];
+      if (is_linear(l)) add([e = out_grad, in = in, g = torch::empty_like(seg->weight)]() mutable { at::mm_out(g, e.t(), in); });
+      else add([seg = seg, in = in, e = out_grad] { benchmark::DoNotOptimize(conv_backward(*seg, e, in, {false, true, false})); });
+    }
+  }
+  void backprop() { forward(), backward_input(), backward_weight(); }
+  void ep(int64_t sweeps) {
+    forward();
+    for (int64_t k = 0; k < sweeps; ++k) forward(1), backward_input();
+    backward_weight();
+  }
+
+  // Newton–Schulz: X·Xᵀ and B·X per iteration (cubic), or X·Xᵀ, A·A and B·X (quintic).
+  void newton_schulz(int64_t steps, bool cubic) {
+    for (auto [m, n] : shapes()) newton_schulz(m, n, steps, cubic);
+  }
+  void dion(int64_t steps, bool cubic) {
+    const mep::Dion d;
+    for (auto [m, n] : shapes()) {
+      if (m * n <= d.thresh) {
+        newton_schulz(m, n, steps, cubic);
+        continue;
+      }
+      const int64_t r = d.rank_for(m, n);
+      add([b = torch::randn({m, n}), q = torch::randn({n, r}), bq = torch::empty({m, r}), btp = torch::empty({n, r}),
+           u = torch::empty({m, n})]() mutable {
+        at::mm_out(bq, b, q);
+        at::mm_out(btp, b.t(), bq);
+        at::mm_out(u, bq, btp.t());
+      });
+    }
+  }
+  void fisher() {
+    for (auto [m, n] : shapes())
+      add([g = torch::randn({m, n}), f = torch::empty({n, n}), m = m]() mutable {
+        at::mm_out(f, g.t(), g);
+        f.diagonal().add_(static_cast<double>(m));  // positive definite, as F + λI
+        benchmark::DoNotOptimize(torch::cholesky_solve(g.t(), torch::linalg_cholesky(f)));
+      });
+  }
+  void spectral(int64_t power_iter) {
+    for (auto [m, n] : shapes())
+      add([w = torch::randn({m, n}), u = torch::randn({m}), v = torch::randn({n}), power_iter]() mutable {
+        for (int64_t k = 0; k < power_iter; ++k) at::mv_out(v, w.t(), u), at::mv_out(u, w, v);
+        at::mv_out(u, w, v);
+      });
+  }
+
+  void run() const {
+    for (const auto& op : ops_) op();
+  }
+
+ private:
+  struct Layer {
+    const mep::Segment* seg;
+    torch::Tensor in, out_grad;
+  };
+  bool is_linear(size_t l) const { return layers_[l].seg->kind == mep::LayerKind::Linear; }
+  static std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> conv_backward(const mep::Segment& seg, const torch::Tensor& e, const torch::Tensor& in,
+                            std::array<bool, 3> mask) {
+    return at::convolution_backward(e, in, seg.weight, c10::nullopt, seg.stride, seg.padding, seg.dilation, false,
+                                    std::vector<int64_t>(seg.stride.size(), 0), seg.groups, mask);
+  }
+  std::vector<std::pair<int64_t, int64_t>> shapes() const {
+    std::vector<std::pair<int64_t, int64_t>> out;
+    for (const auto& l : layers_) out.push_back({l.seg->weight.size(0), l.seg->weight.numel() / l.seg->weight.size(0)});
+    return out;
+  }
+  void newton_schulz(int64_t m, int64_t n, int64_t steps, bool cubic) {
+    const int64_t small = std::min(m, n), large = std::max(m, n);
+    add([x = torch::randn({small, large}), a = torch::empty({small, small}), b = torch::empty({small, small}),
+         y = torch::empty({small, large}), steps, cubic]() mutable {
+      for (int64_t k = 0; k < steps; ++k) {
+        at::mm_out(a, x, x.t());
+        if (!cubic) at::mm_out(b, a, a);
+        at::mm_out(y, cubic ? a : b, x);
+      }
+    });
+  }
+  void add(std::function<void()> op) { ops_.push_back(std::move(op)); }
+
+  torch::nn::Sequential model_;
+  mep::Chain chain_;
+  std::vector<Layer> layers_;
+  std::vector<std::function<void()>> ops_;
+};
+
+// The floor of each optimizer's step with the options of register_all.
+void register_floors() {
+  const auto sweeps = mep::LayerSweepDefaults::steps;
+  const auto ns = [](const auto& o) { return std::pair{o.ns_steps(), o.ns_coefficients() == mep::NSCoefficients::Cubic}; };
+  using Build = std::function<void(Floor&)>;
+  const std::pair<const char*, Build> floors[] = {
+      {"sgd", [](Floor& f) { f.backprop(); }},
+      {"adam", [](Floor& f) { f.backprop(); }},
+      {"muon",
+       [&](Floor& f) {
+         const mep::MuonOptions o(0.02);
+         f.backprop(), f.newton_schulz(ns(o).first, ns(o).second), f.spectral(o.power_iter());
+       }},
+      {"eqprop", [&](Floor& f) { f.ep(sweeps); }},
+      {"smep",
+       [&](Floor& f) {
+         const mep::SMEPOptions o(0.01);
+         f.ep(o.settle_steps()), f.newton_schulz(ns(o).first, ns(o).second), f.spectral(o.power_iter());
+       }},
+      {"sdmep",
+       [&](Floor& f) {
+         const mep::SDMEPOptions o(0.01);
+         f.ep(o.settle_steps()), f.dion(ns(o).first, ns(o).second), f.spectral(o.power_iter());
+       }},
+      {"local_ep",
+       [&](Floor& f) {
+         const mep::LocalEPMuonOptions o(0.01);
+         f.ep(o.settle_steps()), f.newton_schulz(ns(o).first, ns(o).second), f.spectral(o.power_iter());
+       }},
+      {"natural_ep",
+       [&](Floor& f) {
+         const mep::NaturalEPMuonOptions o(0.01);
+         f.ep(o.settle_steps()), f.fisher(), f.newton_schulz(ns(o).first, ns(o).second), f.spectral(o.power_iter());
+       }},
+  };
+  for (const char* model : kModels)
+    for (const auto& [name, build] : floors)
+      benchmark::RegisterBenchmark((std::string("floor/") + model + "/" + name).c_str(),
+                                   [build = build, model](benchmark::State& s) {
+                                     torch::set_num_threads(threads());
+                                     torch::NoGradGuard no_grad;
+                                     Floor f(model);
+                                     build(f);
+                                     for (auto _ : s) f.run();
+                                   })
+          ->Unit(benchmark::kMillisecond);
+}
+
 void register_all() {
   using Fn = std::function<void(benchmark::State&, const char*)>;
   const std::pair<const char*, Fn> steps[] = {
@@ -163,6 +339,7 @@ void register_all() {
 
 int main(int argc, char** argv) {
   register_all();
+  register_floors();
   register_directions();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

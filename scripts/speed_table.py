@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """The speed tables, as medians of build/bench/mep_speed's repetitions: one training step of
 every optimizer on each benchmark model (batch 128), with ratios (mep's SGD and Adam against
-torch::optim's, every other optimizer against mep's SGD on the same model); and the Muon
+torch::optim's, every other optimizer against mep's SGD on the same model); each step against
+its floor, the bare matrix products it must perform on the model (floor/MODEL/OPTIMIZER, where
+torch::optim's steps share mep's floors); and the Muon
 family's directions at every weight shape (Newton–Schulz's three schedules, Dion) against the
 bare matrix products each performs.
 
     python3 scripts/speed_table.py                       runs build/bench/mep_speed (3 repetitions)
     python3 scripts/speed_table.py --benchmark_filter=mlp   the same, arguments passed on
     python3 scripts/speed_table.py speed.json            a saved --benchmark_format=json output
+
+MEP_THREADS sets mep_speed's intra-op thread count (default 2).
 """
 import json
 import subprocess
@@ -50,6 +54,21 @@ def main(argv):
                 else:
                     label = "torch" if base.startswith("torch") else "SGD"
                     cells.append(f"{steps[(m, name)]:.2f} · {steps[(m, name)] / steps[(m, base)]:.2f}× {label}")
+            if any(c != "—" for c in cells):
+                print(f"| {name} | " + " | ".join(cells) + " |")
+    floors = {k[1:]: v for k, v in ms.items() if k[0] == "floor" and k[1] in MODELS}
+    if floors:
+        print()
+        print("| optimizer | " + " | ".join(f"{m}: step · floor · ratio" for m in models) + " |")
+        print("|---|" + "---|" * len(models))
+        for name in ORDER:
+            cells = []
+            for m in models:
+                floor = floors.get((m, name.removeprefix("torch_")))
+                if (m, name) not in steps or floor is None:
+                    cells.append("—")
+                else:
+                    cells.append(f"{steps[(m, name)]:.2f} · {floor:.2f} ms · {steps[(m, name)] / floor:.2f}×")
             if any(c != "—" for c in cells):
                 print(f"| {name} | " + " | ".join(cells) + " |")
     shapes = []

@@ -53,8 +53,8 @@ struct AdamUpdate {
       torch::max_out(vmax, vmax, v);
       second = vmax;
     }
-    auto denom = (second.sqrt() / std::sqrt(bc2)).add_(eps);
-    return (m / denom).div_(bc1);
+    auto u = second.sqrt().div_(std::sqrt(bc2)).add_(eps);  // the denominator, then the direction
+    return at::div_out(u, m, u).div_(bc1);
   }
 };
 
