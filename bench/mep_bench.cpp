@@ -16,6 +16,8 @@
 #include "svg_chart.hpp"
 #include "trainers.hpp"
 
+#include <mep/process_group.hpp>
+
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -115,6 +117,8 @@ struct Options {
   std::string svg;
   std::string checkpoint;  // directory: save after every epoch
   bool resume = false;     // continue the run saved in `checkpoint`
+  mep::ProcessGroupConfig dist;  // --world-size, --rank, --master-addr, --master-port (or torchrun's variables)
+  mep::ProcessGroupPtr group;    // the ranks, when dist.world_size > 1
 };
 
 struct EpochRecord {
@@ -230,6 +234,7 @@ class Progress {
 };
 
 Progress* g_progress = nullptr;
+std::string g_rank_tag;  // " (rank R)" in errors of a distributed run
 
 // SIGINT/SIGTERM: the run stops after the current step with one line and exit status 130;
 // nothing half-written is left (outputs are written at the end, by rename).
@@ -448,6 +453,7 @@ mep_bench::TrainerConfig trainer_config(const mep_bench::OptimizerEntry& entry, 
   config.error_projected = opt.error_feedback == "projected";
   config.reference_settling = opt.settling == "reference";
   config.shared = opt.shared_options;
+  config.group = opt.group;
   for (const auto& [name, option, text] : opt.sets)
     if (name == entry.name) config.own.emplace_back(option, text);
   return config;
@@ -524,8 +530,13 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, uint64_t seed, cons
     for (int64_t b = 0; b < batches; ++b) {
       const int64_t start = b * opt.batch;
       const auto idx = perm.narrow(0, start, std::min(opt.batch, n - start));
-      const auto x = train.x.index_select(0, idx);
-      const auto y = train.y.index_select(0, idx);
+      auto x = train.x.index_select(0, idx);
+      auto y = train.y.index_select(0, idx);
+      if (opt.dist.world_size > 1) {  // this rank's shard of the batch
+        const int64_t rows = x.size(0), ranks = opt.dist.world_size, r = opt.dist.rank;
+        const int64_t lo = rows * r / ranks, hi = rows * (r + 1) / ranks;
+        x = x.narrow(0, lo, hi - lo), y = y.narrow(0, lo, hi - lo);
+      }
       double loss = 0;
       try {
         const auto step_start = Clock::now();
@@ -553,8 +564,9 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, uint64_t seed, cons
     r.epoch = epoch;
     r.epoch_s = seconds_since(epoch_start);
     r.train_loss = loss_sum / static_cast<double>(batches);
-    const auto on_train = evaluate(model, train);
-    const auto on_test = evaluate(model, test);
+    // Only rank 0 reports: the others' models are identical (data_parallel.hpp).
+    const auto on_train = opt.dist.rank == 0 ? evaluate(model, train) : Eval{};
+    const auto on_test = opt.dist.rank == 0 ? evaluate(model, test) : Eval{};
     r.train_acc = on_train.acc;
     r.val_loss = on_test.loss;
     r.val_acc = on_test.acc;
@@ -653,7 +665,8 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
   j["protocol"] = {{"model", opt.model}, {"epochs", opt.epochs}, {"train", opt.train},   {"test", opt.test},
                    {"batch", opt.batch}, {"seed", opt.seeds.front()}, {"seeds", opt.seeds},
                    {"threads", threads}, {"device", opt.device}, {"settling", opt.settling},
-                   {"lr_schedule", opt.lr_schedule}, {"normalize", opt.normalize}};
+                   {"lr_schedule", opt.lr_schedule}, {"normalize", opt.normalize},
+                   {"world_size", opt.dist.world_size}};
   auto& rs = j["results"] = nlohmann::ordered_json::array();
   for (const auto& r : results) {
     nlohmann::ordered_json o;
@@ -911,6 +924,23 @@ int run(int argc, char** argv) {
   app.add_option("--csv", opt.csv,
                  "also write one CSV row per optimizer, seed and epoch to FILE (parent directories are created)")
       ->type_name("FILE");
+  app.add_option("--world-size", opt.dist.world_size,
+                 "data parallelism: the number of processes (ranks); each trains on its shard of every batch, "
+                 "gradients are averaged (Gloo on CPU, NCCL with --device cuda); scripts/distributed.sh starts them")
+      ->envname("WORLD_SIZE")
+      ->check(integer_at_least(1))
+      ->capture_default_str();
+  app.add_option("--rank", opt.dist.rank, "this process's rank, 0 .. world size - 1; only rank 0 prints and writes files")
+      ->envname("RANK")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--master-addr", opt.dist.master_addr, "address of rank 0, where the ranks meet (its TCPStore)")
+      ->envname("MASTER_ADDR")
+      ->capture_default_str();
+  app.add_option("--master-port", opt.dist.master_port, "port of rank 0's TCPStore")
+      ->envname("MASTER_PORT")
+      ->check(CLI::Range(1, 65535))
+      ->capture_default_str();
 
   try {
     app.parse(argc, argv);
@@ -959,18 +989,40 @@ int run(int argc, char** argv) {
     if (!held.count(option))
       throw std::runtime_error("option " + option + ": none of the selected optimizers (" + join(names, ",") +
                                ") has it");
+  if (opt.dist.world_size > 1) {
+    g_rank_tag = strf(" (rank %d)", opt.dist.rank);
+    if (opt.dist.rank >= opt.dist.world_size)
+      throw std::runtime_error(strf("--rank %d: expected 0 .. %d for --world-size %d", opt.dist.rank,
+                                    opt.dist.world_size - 1, opt.dist.world_size));
+    if (opt.batch < opt.dist.world_size)
+      throw std::runtime_error(strf("--batch %lld: smaller than --world-size %d (every rank needs a shard)",
+                                    static_cast<long long>(opt.batch), opt.dist.world_size));
+    if (!opt.checkpoint.empty()) throw std::runtime_error("--checkpoint: not supported with --world-size > 1");
+    opt.dist.backend = opt.device == "cuda" ? "nccl" : "gloo";
+  }
   if (opt.device == "cuda" && !torch::cuda::is_available())
     throw std::runtime_error("--device cuda: CUDA is not available (this LibTorch has no CUDA support or sees no GPU)");
-  const torch::Device device(opt.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  // Ranks on one machine take its GPUs in turn.
+  const torch::Device device = opt.device == "cuda"
+                                   ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(
+                                                                     opt.dist.rank % std::max<int64_t>(1, torch::cuda::device_count())))
+                                   : torch::Device(torch::kCPU);
   {
     std::error_code ec;
     if (!fs::is_directory(opt.data, ec))
       throw std::runtime_error("--data " + opt.data +
                                ": no such directory (make the datasets with data/make_datasets.sh, or pass --data DIR)");
   }
+  if (opt.dist.rank > 0) {  // rank 0 prints and writes; the others stay silent unless they fail
+    opt.json.clear(), opt.csv.clear(), opt.svg.clear();
+    std::cout.setstate(std::ios::badbit);
+  }
   if (!opt.json.empty()) prepare_output(opt.json, "--json");
   if (!opt.csv.empty()) prepare_output(opt.csv, "--csv");
   if (!opt.svg.empty()) prepare_output(opt.svg, "--svg");
+  if (opt.dist.world_size > 1) {
+    opt.group = mep::make_process_group(opt.dist);
+  }
 
   torch::set_num_threads(opt.threads);
   const int threads = torch::get_num_threads();
@@ -982,11 +1034,13 @@ int run(int argc, char** argv) {
   for (const auto& [option, text] : opt.shared_options) option_names.push_back(option + "=" + text);
   for (const auto& [name, option, text] : opt.sets) option_names.push_back(name + "." + option + "=" + text);
   std::cout << strf("mep_bench: model %s | data %s (train %lld, test %lld) | epochs %lld | batch %lld | seed%s %s | "
-                    "threads %d | device %s | settling %s | optimizers %s%s%s",
+                    "threads %d | device %s%s | settling %s | optimizers %s%s%s",
                     opt.model.c_str(), opt.data.c_str(), static_cast<long long>(opt.train),
                     static_cast<long long>(opt.test), static_cast<long long>(opt.epochs),
                     static_cast<long long>(opt.batch), opt.seeds.size() > 1 ? "s" : "", seed_list(opt.seeds, ",").c_str(),
-                    threads, opt.device.c_str(), opt.settling.c_str(), join(names, ",").c_str(),
+                    threads, opt.device.c_str(),
+                    opt.dist.world_size > 1 ? strf(" | ranks %d (%s)", opt.dist.world_size, opt.dist.backend.c_str()).c_str() : "",
+                    opt.settling.c_str(), join(names, ",").c_str(),
                     option_names.empty() ? "" : " | options ", join(option_names, " ").c_str())
             << std::endl;
 
@@ -1023,7 +1077,7 @@ int main(int argc, char** argv) {
     return run(argc, argv);
   } catch (const std::exception& e) {
     if (g_progress) g_progress->close();
-    std::cerr << "mep_bench: " << message(e) << std::endl;
+    std::cerr << "mep_bench" << g_rank_tag << ": " << message(e) << std::endl;
   } catch (...) {
     if (g_progress) g_progress->close();
     std::cerr << "mep_bench: unknown error" << std::endl;

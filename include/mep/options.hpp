@@ -5,6 +5,8 @@
 /// options type inherits all four mixins plus `CommonOptions`, so that
 /// `mep::SMEPOptions(0.01).beta(0.5).ns_steps(5)` chains across policies.
 
+#include <mep/data_parallel.hpp>
+
 #include <torch/torch.h>
 
 #include <cmath>
@@ -248,6 +250,15 @@ class OptimizerOptions
     Feedback::template Options<Self>::validate();
   }
 
+  /// Data parallelism (data_parallel.hpp): gradients are averaged over this process group
+  /// before every update. None by default; not saved with the options. Set it on the
+  /// optimizer's options: a parameter group may not name another.
+  Self& process_group(ProcessGroupPtr group) {
+    process_group_ = std::move(group);
+    return *this;
+  }
+  const ProcessGroupPtr& process_group() const noexcept { return process_group_; }
+
   double get_lr() const override { return this->lr(); }
   void set_lr(const double lr) override { this->lr(lr); }
 
@@ -315,6 +326,9 @@ class OptimizerOptions
     visit_policy_options(detail::OptionChecker{a});
     this->load_common(a);
   }
+
+ private:
+  ProcessGroupPtr process_group_;
 };
 
 /// A mixin with no options, for policies that take none (`Tag` keeps the bases distinct).

@@ -53,6 +53,10 @@ struct ErrorFeedback {
         max_grad_norm(o.max_grad_norm()),
         projected(o.error_projected()) {}
 
+  /// Whether g_aug can differ from g (the clamp makes the rule nonlinear in g: data
+  /// parallelism then averages whole gradients).
+  bool active() const { return enabled; }
+
   torch::Tensor accumulate(const torch::Tensor& g, ParamState& st) const {
     if (!enabled || !st.has("error_feedback")) return g;
     return g + beta * st.buffers["error_feedback"];

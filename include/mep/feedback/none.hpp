@@ -13,6 +13,8 @@ struct NoFeedback {
   NoFeedback() = default;
   template <class O>
   explicit NoFeedback(const O&) {}
+  /// Whether g_aug can differ from g (data parallelism needs to know).
+  static constexpr bool active() { return false; }
   torch::Tensor accumulate(const torch::Tensor& g, ParamState&) const { return g; }
   void remember(const torch::Tensor&, const torch::Tensor&, ParamState&) const {}
 };

@@ -28,7 +28,16 @@
 /// pass-through paths keep the optimizer's heavy-ball momentum (`owns_momentum_for`).
 /// Weight decay is decoupled. State: "dion_M" (m × n) and "dion_Q"
 /// (n × r), in the parameter's dtype (the arithmetic runs in float32 for half/bfloat16).
+///
+/// Data parallelism (data_parallel.hpp; Ahn et al. 2025, §3, the PowerSGD trick of Vogels
+/// et al. 2019): each rank keeps its own M_i and B_i = M_i + G_i, and only the factors are
+/// averaged over the N ranks,
+///   B·Q = (1/N)·Σ_i B_i·Q   (m × r),     R = (1/N)·Σ_i B_iᵀ·P   (n × r),
+/// (m + n)·r numbers instead of the gradient's m·n. Every step is linear in B, so
+/// (1/N)·Σ_i M_i stays the M of one process that sees the whole batch, and P, R, Q and u —
+/// computed from the averages — are identical on every rank.
 
+#include <mep/data_parallel.hpp>
 #include <mep/options.hpp>
 #include <mep/state.hpp>
 #include <mep/update/matrix.hpp>
@@ -102,7 +111,13 @@ struct Dion {
     return column_normalise(q).to(options);
   }
 
-  torch::Tensor direction(const torch::Tensor& g, ParamState& st) const {
+  /// Whether, with data parallelism, Dion averages its factors for this gradient instead of
+  /// the gradient being averaged (the matrices it handles).
+  bool averages_factors_of(const torch::Tensor& g) const { return owns_momentum_for(g); }
+
+  /// The direction; with `parallel`, for this rank's gradient, averaging B·Q and Bᵀ·P over
+  /// the ranks (only where averages_factors_of(g); the others take averaged gradients).
+  torch::Tensor direction(const torch::Tensor& g, ParamState& st, DataParallel* parallel = nullptr) const {
     if (!is_matrix(g)) return g;
     if (g.numel() <= thresh) return ns.direction(g, st);
 
@@ -124,8 +139,11 @@ struct Dion {
     const auto qw = q.to(work.dtype());
 
     torch::Tensor p, unused;
-    std::tie(p, unused) = torch::linalg_qr(torch::mm(b, qw), "reduced");  // m × r
-    auto r = torch::mm(b.t(), p);                                          // n × r
+    auto bq = torch::mm(b, qw);  // m × r
+    if (parallel) parallel->average({bq}, "Dion factors B·Q");
+    std::tie(p, unused) = torch::linalg_qr(bq, "reduced");  // m × r
+    auto r = torch::mm(b.t(), p);                            // n × r
+    if (parallel) parallel->average({r}, "Dion factors Bᵀ·P");
 
     b.addmm_(p, r.t(), /*beta=*/1.0, /*alpha=*/-(1.0 - mu));  // M ← B − (1 − μ)·P·Rᵀ
     if (!b.is_same(m)) m.copy_(b);
