@@ -157,6 +157,7 @@ struct Result {
   mep_bench::OptionTexts options;  // every option it ran with
   std::vector<EpochRecord> epochs;
   double best_val_acc = 0, final_train_acc = 0, median_epoch_s = 0, step_ms = 0;
+  double bytes_per_step = 0;  // --world-size > 1: bytes each rank handed to the steps' collectives
 };
 
 struct Split {
@@ -485,6 +486,7 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, uint64_t seed, cons
 
   const auto config = trainer_config(entry, opt);
   auto trainer = entry.make(model, config);
+  const int64_t bytes_at_start = trainer->data_parallel() ? trainer->data_parallel()->bytes() : 0;  // after the broadcast
 
   Result result;
   result.entry = &entry;
@@ -583,6 +585,8 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, uint64_t seed, cons
   result.final_train_acc = result.epochs.back().train_acc;
   result.median_epoch_s = median(epoch_times);
   result.step_ms = steps ? 1e3 * step_s_total / static_cast<double>(steps) : 0;
+  if (const auto* parallel = trainer->data_parallel(); parallel && parallel->active() && steps > 0)
+    result.bytes_per_step = static_cast<double>(parallel->bytes() - bytes_at_start) / static_cast<double>(steps);
   return result;
 }
 
@@ -677,6 +681,7 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
     o["epoch_s"] = r.median_epoch_s;
     o["step_ms"] = r.step_ms;
     o["lr"] = r.lr;
+    if (r.bytes_per_step > 0) o["bytes_per_step"] = r.bytes_per_step;
     auto& os = o["options"] = nlohmann::ordered_json::object();
     for (const auto& [name, text] : r.options) os[name] = option_json(text);
     auto& es = o["epochs"] = nlohmann::ordered_json::array();
@@ -941,6 +946,11 @@ int run(int argc, char** argv) {
       ->envname("MASTER_PORT")
       ->check(CLI::Range(1, 65535))
       ->capture_default_str();
+  double dist_timeout = 300;
+  app.add_option("--dist-timeout", dist_timeout,
+                 "seconds a rank waits for the others (meeting, and every collective) before it fails")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
 
   try {
     app.parse(argc, argv);
@@ -989,6 +999,7 @@ int run(int argc, char** argv) {
     if (!held.count(option))
       throw std::runtime_error("option " + option + ": none of the selected optimizers (" + join(names, ",") +
                                ") has it");
+  opt.dist.timeout = std::chrono::milliseconds(static_cast<int64_t>(std::ceil(1e3 * dist_timeout)));
   if (opt.dist.world_size > 1) {
     g_rank_tag = strf(" (rank %d)", opt.dist.rank);
     if (opt.dist.rank >= opt.dist.world_size)

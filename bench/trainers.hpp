@@ -55,6 +55,8 @@ class Trainer {
   virtual void load(torch::serialize::InputArchive& archive) = 0;
   /// The optimizer, for what a schedule changes between epochs (the groups' learning rates).
   virtual torch::optim::Optimizer& optimizer() = 0;
+  /// Its data-parallel collectives (bytes communicated), or nullptr.
+  virtual const mep::DataParallel* data_parallel() const = 0;
 
  protected:
   static void save_pair(torch::serialize::OutputArchive& archive, const torch::nn::Sequential& model,
@@ -99,6 +101,7 @@ class BackpropTrainer final : public Trainer {
   void save(torch::serialize::OutputArchive& archive) const override { save_pair(archive, model_, opt_); }
   void load(torch::serialize::InputArchive& archive) override { load_pair(archive, model_, opt_); }
   torch::optim::Optimizer& optimizer() override { return opt_; }
+  const mep::DataParallel* data_parallel() const override { return &opt_.data_parallel(); }
 
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override {
     // Through step(closure): with a process group the optimizer returns the ranks' mean loss.
@@ -134,6 +137,7 @@ class ModelStepTrainer final : public Trainer {
 
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override { return opt_.step(x, y); }
   torch::optim::Optimizer& optimizer() override { return opt_; }
+  const mep::DataParallel* data_parallel() const override { return &opt_.data_parallel(); }
   void save(torch::serialize::OutputArchive& archive) const override { save_pair(archive, opt_.model(), opt_); }
   void load(torch::serialize::InputArchive& archive) override {
     auto model = opt_.model();

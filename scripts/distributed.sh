@@ -7,7 +7,8 @@
 #   scripts/distributed.sh N [mep_bench arguments...]
 #   e.g. scripts/distributed.sh 2 --model mlp --optimizers sgd,smep --threads 1
 #
-# Environment: MASTER_PORT (default 29500), MEP_BUILD_DIR (default: build; mep_bench must be built).
+# Environment: MASTER_PORT (default 29500); MEP_BENCH, the mep_bench to run (default:
+# $MEP_BUILD_DIR/bench/mep_bench, MEP_BUILD_DIR defaulting to build; it must be built).
 # Several machines: run build/bench/mep_bench on each with --world-size, --rank,
 # --master-addr and --master-port (or torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 set -euo pipefail
@@ -19,7 +20,7 @@ if [[ $# -lt 1 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
 fi
 n=$1
 shift
-bench="${MEP_BUILD_DIR:-build}/bench/mep_bench"
+bench="${MEP_BENCH:-${MEP_BUILD_DIR:-build}/bench/mep_bench}"
 [[ -x $bench ]] || { echo "distributed.sh: $bench not found: build it first (scripts/bench.sh, or cmake --build build --target mep_bench)" >&2; exit 2; }
 
 export WORLD_SIZE=$n MASTER_ADDR=127.0.0.1 MASTER_PORT="${MASTER_PORT:-29500}"

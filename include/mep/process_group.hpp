@@ -23,6 +23,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -96,25 +97,15 @@ inline ProcessGroupPtr make_gloo_group(const c10::intrusive_ptr<c10d::Store>& st
 #endif
 }
 
-/// The process group `config` describes: rank 0 serves the TCPStore, every rank joins
-/// (waiting up to config.timeout for the others), then the backend connects the ranks.
-inline ProcessGroupPtr make_process_group(const ProcessGroupConfig& config) {
-  config.validate();
+namespace detail {
+inline ProcessGroupPtr connect(const ProcessGroupConfig& config) {
   c10d::TCPStoreOptions store_options;
   store_options.port = static_cast<std::uint16_t>(config.master_port);
   store_options.isServer = config.rank == 0;
   store_options.numWorkers = static_cast<std::size_t>(config.world_size);
   store_options.waitWorkers = true;
   store_options.timeout = config.timeout;
-  c10::intrusive_ptr<c10d::Store> store;
-  try {
-    store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, store_options);
-  } catch (const std::exception& e) {
-    const std::string what = e.what();
-    throw std::runtime_error("mep: rank " + std::to_string(config.rank) + " of " + std::to_string(config.world_size) +
-                             ": cannot meet the other ranks at " + config.master_addr + ":" +
-                             std::to_string(config.master_port) + ": " + what.substr(0, what.find('\n')));
-  }
+  c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, store_options);
   if (config.backend == "nccl") {
 #if MEP_HAS_NCCL
     auto options = c10d::ProcessGroupNCCL::Options::create();
@@ -138,6 +129,24 @@ inline ProcessGroupPtr make_process_group(const ProcessGroupConfig& config) {
   else if (config.master_addr != "127.0.0.1" && config.master_addr != "localhost")
     device = c10d::ProcessGroupGloo::createDefaultDevice();
   return make_gloo_group(store, config.rank, config.world_size, config.timeout, device);
+}
+}  // namespace detail
+
+/// The process group `config` describes: rank 0 serves the TCPStore, every rank joins and
+/// the backend connects them, each waiting up to config.timeout for the others; a failure
+/// throws std::runtime_error naming the rank and the meeting point.
+inline ProcessGroupPtr make_process_group(const ProcessGroupConfig& config) {
+  config.validate();
+  try {
+    return detail::connect(config);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    std::ostringstream os;
+    os << "mep: rank " << config.rank << " of " << config.world_size << ": cannot meet the other ranks at "
+       << config.master_addr << ":" << config.master_port << " within " << config.timeout.count() / 1000.0
+       << " s: " << what.substr(0, what.find('\n'));
+    throw std::runtime_error(os.str());
+  }
 }
 
 }  // namespace mep
