@@ -158,6 +158,7 @@ struct Result {
   std::vector<EpochRecord> epochs;
   double best_val_acc = 0, final_train_acc = 0, median_epoch_s = 0, step_ms = 0;
   double bytes_per_step = 0;  // --world-size > 1: bytes each rank handed to the steps' collectives
+  double comm_ms = 0;         // --world-size > 1: milliseconds per step rank 0 spent in them
 };
 
 struct Split {
@@ -486,7 +487,9 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, uint64_t seed, cons
 
   const auto config = trainer_config(entry, opt);
   auto trainer = entry.make(model, config);
-  const int64_t bytes_at_start = trainer->data_parallel() ? trainer->data_parallel()->bytes() : 0;  // after the broadcast
+  const auto* parallel = trainer->data_parallel();
+  const int64_t bytes_at_start = parallel ? parallel->bytes() : 0;  // after the broadcast
+  const double comm_s_at_start = parallel ? parallel->seconds() : 0;
 
   Result result;
   result.entry = &entry;
@@ -585,8 +588,10 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, uint64_t seed, cons
   result.final_train_acc = result.epochs.back().train_acc;
   result.median_epoch_s = median(epoch_times);
   result.step_ms = steps ? 1e3 * step_s_total / static_cast<double>(steps) : 0;
-  if (const auto* parallel = trainer->data_parallel(); parallel && parallel->active() && steps > 0)
+  if (parallel && parallel->active() && steps > 0) {
     result.bytes_per_step = static_cast<double>(parallel->bytes() - bytes_at_start) / static_cast<double>(steps);
+    result.comm_ms = 1e3 * (parallel->seconds() - comm_s_at_start) / static_cast<double>(steps);
+  }
   return result;
 }
 
@@ -681,7 +686,7 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
     o["epoch_s"] = r.median_epoch_s;
     o["step_ms"] = r.step_ms;
     o["lr"] = r.lr;
-    if (r.bytes_per_step > 0) o["bytes_per_step"] = r.bytes_per_step;
+    if (r.bytes_per_step > 0) o["bytes_per_step"] = r.bytes_per_step, o["comm_ms_per_step"] = r.comm_ms;
     auto& os = o["options"] = nlohmann::ordered_json::object();
     for (const auto& [name, text] : r.options) os[name] = option_json(text);
     auto& es = o["epochs"] = nlohmann::ordered_json::array();

@@ -29,6 +29,7 @@
 
 #include <torch/torch.h>
 
+#include <chrono>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -123,6 +124,8 @@ class DataParallel {
   int64_t bytes() const noexcept { return bytes_; }
   /// Collectives run so far.
   int64_t collectives() const noexcept { return collectives_; }
+  /// Seconds spent in them so far (waiting for the other ranks included).
+  double seconds() const noexcept { return seconds_; }
 
  private:
   template <class Call>
@@ -130,8 +133,10 @@ class DataParallel {
     for (const auto& t : buffer) bytes_ += t.numel() * static_cast<int64_t>(t.element_size());
     ++collectives_;
 #if MEP_HAS_C10D
+    const auto start = std::chrono::steady_clock::now();
     try {
       call(buffer)->wait();
+      seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     } catch (const std::exception& e) {
       std::ostringstream os;
       os << "mep: rank " << rank() << " of " << size() << ": the " << what
@@ -146,6 +151,7 @@ class DataParallel {
 
   ProcessGroupPtr group_;
   int64_t bytes_ = 0, collectives_ = 0;
+  double seconds_ = 0;
 };
 
 }  // namespace mep

@@ -11,6 +11,11 @@
 
 #include <mep/data_parallel.hpp>
 
+// LibTorch's CMake package defines USE_C10D_GLOO when its c10d has Gloo; ProcessGroupGloo.hpp
+// is empty without it.
+#ifndef USE_C10D_GLOO
+#error "mep/process_group.hpp needs a LibTorch with Gloo (its CMake package defines USE_C10D_GLOO)"
+#endif
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/version.h>
