@@ -265,37 +265,24 @@ class Floor {
 // The floor of each optimizer's step with the options of register_all.
 void register_floors() {
   const auto sweeps = mep::LayerSweepDefaults::steps;
-  const auto ns = [](const auto& o) { return std::pair{o.ns_steps(), o.ns_coefficients() == mep::NSCoefficients::Cubic}; };
+  // Newton–Schulz with o's iterations and polynomial, then the spectral constraint.
+  const auto ns_and_constraint = [](Floor& f, const auto& o) {
+    f.newton_schulz(o.ns_steps(), o.ns_coefficients() == mep::NSCoefficients::Cubic), f.spectral(o.power_iter());
+  };
   using Build = std::function<void(Floor&)>;
   const std::pair<const char*, Build> floors[] = {
       {"sgd", [](Floor& f) { f.backprop(); }},
       {"adam", [](Floor& f) { f.backprop(); }},
-      {"muon",
-       [&](Floor& f) {
-         const mep::MuonOptions o(0.02);
-         f.backprop(), f.newton_schulz(ns(o).first, ns(o).second), f.spectral(o.power_iter());
-       }},
+      {"muon", [&](Floor& f) { f.backprop(), ns_and_constraint(f, mep::MuonOptions(0.02)); }},
       {"eqprop", [&](Floor& f) { f.ep(sweeps); }},
-      {"smep",
-       [&](Floor& f) {
-         const mep::SMEPOptions o(0.01);
-         f.ep(o.settle_steps()), f.newton_schulz(ns(o).first, ns(o).second), f.spectral(o.power_iter());
-       }},
+      {"smep", [&](Floor& f) { f.ep(sweeps), ns_and_constraint(f, mep::SMEPOptions(0.01)); }},
       {"sdmep",
        [&](Floor& f) {
          const mep::SDMEPOptions o(0.01);
-         f.ep(o.settle_steps()), f.dion(ns(o).first, ns(o).second), f.spectral(o.power_iter());
+         f.ep(sweeps), f.dion(o.ns_steps(), o.ns_coefficients() == mep::NSCoefficients::Cubic), f.spectral(o.power_iter());
        }},
-      {"local_ep",
-       [&](Floor& f) {
-         const mep::LocalEPMuonOptions o(0.01);
-         f.ep(o.settle_steps()), f.newton_schulz(ns(o).first, ns(o).second), f.spectral(o.power_iter());
-       }},
-      {"natural_ep",
-       [&](Floor& f) {
-         const mep::NaturalEPMuonOptions o(0.01);
-         f.ep(o.settle_steps()), f.fisher(), f.newton_schulz(ns(o).first, ns(o).second), f.spectral(o.power_iter());
-       }},
+      {"local_ep", [&](Floor& f) { f.ep(sweeps), ns_and_constraint(f, mep::LocalEPMuonOptions(0.01)); }},
+      {"natural_ep", [&](Floor& f) { f.ep(sweeps), f.fisher(), ns_and_constraint(f, mep::NaturalEPMuonOptions(0.01)); }},
   };
   for (const char* model : kModels)
     for (const auto& [name, build] : floors)

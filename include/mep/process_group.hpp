@@ -83,6 +83,25 @@ struct ProcessGroupConfig {
   }
 };
 
+namespace detail {
+/// `backend` (Gloo for CPU tensors, NCCL for CUDA ones) as a process group. LibTorch 2.x
+/// splits the two: a ProcessGroup dispatches to its backends; in 1.13 the backend is the group.
+template <class Backend>
+ProcessGroupPtr as_process_group(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                                 c10::intrusive_ptr<Backend> backend, bool cuda) {
+#if TORCH_VERSION_MAJOR >= 2
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(store, rank, size);
+  const auto type = cuda ? c10d::ProcessGroup::BackendType::NCCL : c10d::ProcessGroup::BackendType::GLOO;
+  group->setBackend(cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU, type, backend);
+  group->setDefaultBackend(type);
+  return group;
+#else
+  (void)store, (void)rank, (void)size, (void)cuda;
+  return backend;
+#endif
+}
+}  // namespace detail
+
 /// Rank `rank` of a Gloo process group of `size` ranks meeting through `store`, its
 /// transport on `device` (default: the loopback address, for ranks on one machine).
 inline ProcessGroupPtr make_gloo_group(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
@@ -90,16 +109,8 @@ inline ProcessGroupPtr make_gloo_group(const c10::intrusive_ptr<c10d::Store>& st
                                        std::shared_ptr<::gloo::transport::Device> device = nullptr) {
   auto options = c10d::ProcessGroupGloo::Options::create(timeout);
   options->devices.push_back(device ? device : c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-  auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
-#if TORCH_VERSION_MAJOR >= 2
-  // LibTorch 2.x: a ProcessGroup dispatches to backends; Gloo serves CPU tensors.
-  auto group = c10::make_intrusive<c10d::ProcessGroup>(store, rank, size);
-  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
-  group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
-  return group;
-#else
-  return gloo;
-#endif
+  return detail::as_process_group(store, rank, size, c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options),
+                                  /*cuda=*/false);
 }
 
 namespace detail {
@@ -115,15 +126,9 @@ inline ProcessGroupPtr connect(const ProcessGroupConfig& config) {
 #if MEP_HAS_NCCL
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = config.timeout;
-    auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, config.rank, config.world_size, options);
-#if TORCH_VERSION_MAJOR >= 2
-    auto group = c10::make_intrusive<c10d::ProcessGroup>(store, config.rank, config.world_size);
-    group->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL, nccl);
-    group->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
-    return group;
-#else
-    return nccl;
-#endif
+    return as_process_group(store, config.rank, config.world_size,
+                            c10::make_intrusive<c10d::ProcessGroupNCCL>(store, config.rank, config.world_size, options),
+                            /*cuda=*/true);
 #endif
   }
   // Ranks on one machine talk over the loopback; across machines each binds to the
