@@ -43,7 +43,7 @@ namespace mep {
 /// A c10d process group, as optimizers take it (`options.process_group(group)`).
 using ProcessGroupPtr = c10::intrusive_ptr<c10d::ProcessGroup>;
 #else
-struct NoProcessGroup {};
+// A LibTorch without c10d: no group can be given, and DataParallel is never active.
 using ProcessGroupPtr = c10::intrusive_ptr<c10::intrusive_ptr_target>;
 #endif
 
