@@ -379,7 +379,7 @@ class Optimizer : public torch::optim::Optimizer {
     torch::Tensor g = p.grad();
     if (Update::coupled_weight_decay && o.weight_decay() != 0) g = g.add(p, o.weight_decay());
     torch::Tensor g_aug = feedback_.accumulate(g, st);
-    torch::Tensor u = averages_own_factors(g_aug) ? direction_over_ranks(g_aug, st) : update_.direction(g_aug, st);
+    torch::Tensor u = direction(g_aug, st);
     feedback_.remember(g_aug, u, st);
     if (!owns_momentum(g_aug) && o.momentum() != 0) {
       torch::Tensor& m = st.buffers["momentum"];
@@ -395,7 +395,6 @@ class Optimizer : public torch::optim::Optimizer {
     constraint_.enforce(p, st);
   }
 
-  // Whether the update policy carries its own moments for this tensor.
   // With data parallelism: whether the update averages its own factors for this gradient
   // (Dion: B·Q and Bᵀ·P) rather than taking the averaged gradient. Error feedback clamps,
   // which is not linear in g: with it on, whole gradients are averaged.
@@ -404,10 +403,13 @@ class Optimizer : public torch::optim::Optimizer {
       return parallel_.active() && !feedback_.active() && update_.averages_factors_of(g);
     return false;
   }
-  torch::Tensor direction_over_ranks(const torch::Tensor& g, ParamState& st) {
-    if constexpr (detail::has_averages_factors_of<Update>::value) return update_.direction(g, st, &parallel_);
+  // The update's direction for g; for the gradients it averages itself, over the ranks.
+  torch::Tensor direction(const torch::Tensor& g, ParamState& st) {
+    if constexpr (detail::has_averages_factors_of<Update>::value)
+      return update_.direction(g, st, averages_own_factors(g) ? &parallel_ : nullptr);
     return update_.direction(g, st);
   }
+  // Whether the update policy carries its own moments for this tensor.
   bool owns_momentum(const torch::Tensor& g) const {
     if constexpr (detail::has_owns_momentum_for<Update>::value) return update_.owns_momentum_for(g);
     return Update::owns_momentum;
