@@ -896,6 +896,8 @@ int run(int argc, char** argv) {
       {"--ns-coefficients", "ns_coefficients", "Newton-Schulz polynomial: cubic, quintic or polar_express"},
       {"--rank-frac", "rank_frac", "Dion's rank as a fraction of the smaller weight dimension"},
       {"--gamma", "gamma", "bound of the spectral constraint"},
+      {"--spectral-mode", "spectral_mode", "rule of the spectral constraint: scale (W*gamma/sigma) or clip (singular values above gamma set to gamma)"},
+      {"--bound-input-layer", "bound_input_layer", "whether the spectral constraint bounds the input layer too: true or false"},
       {"--momentum", "momentum", "momentum"},
       {"--weight-decay", "weight_decay", "weight decay"}};
   std::map<std::string, std::string> shared_values;

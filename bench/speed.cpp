@@ -10,6 +10,7 @@
 //   floor/SHAPE/ns       5 × (X·Xᵀ, A·A, B·X) on the small-by-large X: the quintic products
 //   dion/SHAPE           one Dion direction at rank_frac 0.3 (QR of B·Q included)
 //   floor/SHAPE/dion     B·Q, Bᵀ·P and P·Qᵀ at that rank
+//   spectral/SHAPE/{scale,clip}  the spectral constraint's two rules on a matrix with σ > γ
 // And each step's floor, the bare matrix products the step must perform on the model's layers
 // (Linear: matrix products into preallocated buffers; Conv2d: ATen's convolution kernels):
 //   floor/MODEL/OPTIMIZER  gradient:  backprop   forward, input and weight gradients
@@ -28,6 +29,7 @@
 #include <mep/mep.hpp>
 
 #include <cstdlib>
+#include <sstream>
 #include <algorithm>
 #include <array>
 #include <functional>
@@ -132,6 +134,24 @@ void register_directions() {
       const auto g = random_matrix(shape);
       for (auto _ : st) benchmark::DoNotOptimize(dion.direction(g, state));
     })->Unit(benchmark::kMillisecond);
+    for (auto mode : {mep::SpectralMode::Scale, mep::SpectralMode::Clip}) {
+      std::ostringstream rule;
+      rule << mode;
+      benchmark::RegisterBenchmark(("spectral/" + name + "/" + rule.str()).c_str(), [shape, mode](benchmark::State& st) {
+        torch::set_num_threads(threads());
+        mep::SpectralConstraint c;
+        c.mode = mode;
+        mep::ParamState state;
+        const auto w0 = random_matrix(shape);  // σ ≈ √m + √n, far above γ
+        auto w = w0.clone();
+        for (auto _ : st) {
+          st.PauseTiming();
+          w.copy_(w0);
+          st.ResumeTiming();
+          c.enforce(w, state);
+        }
+      })->Unit(benchmark::kMillisecond);
+    }
     benchmark::RegisterBenchmark(("floor/" + name + "/dion").c_str(), [shape](benchmark::State& st) {
       torch::set_num_threads(threads());
       const int64_t m = shape.first, n = shape.second, r = mep::Dion().rank_for(m, n);

@@ -202,7 +202,7 @@ TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
   X(lr) X(momentum) X(dampening) X(weight_decay) X(gamma) X(power_iter) X(error_beta) X(max_grad_norm) X(beta1)     \
   X(beta2) X(eps) X(rank_frac) X(dion_thresh) X(dion_mu) X(fisher_damping) X(fisher_ema) X(ns_steps)                \
   X(ns_coefficients) X(ns_scale) X(loss) X(beta) X(label_smoothing) X(temperature) X(mode) X(settle_steps)         \
-  X(settle_lr) X(tol) X(patience) X(check_every)
+  X(settle_lr) X(tol) X(patience) X(check_every) X(spectral_mode)
 MEP_NUMERIC_OPTIONS(OPTION_SETTER)
 
 template <class O>
@@ -232,10 +232,11 @@ void expect_every_option_validated(const char* optimizer) {
       {"ns_scale", {-1, 7}},              {"loss", {-1, 7}},                 {"beta", {0, 1.5, nan}},
       {"label_smoothing", {-0.1, 1, nan}}, {"temperature", {0, inf, nan}},   {"mode", {-1, 7}},
       {"settle_steps", {0, -1}},          {"settle_lr", {0, inf, nan}},      {"tol", {-1, inf, nan}},
-      {"patience", {0}},                  {"check_every", {-1}}};
-  const std::set<std::string> booleans = {"nesterov", "symmetric", "free_phase", "analytic", "adaptive",
-                                          "error_feedback", "error_projected", "amsgrad", "fisher_diagonal",
-                                          "skip_nonfinite"};
+      {"patience", {0}},                  {"check_every", {-1}},             {"spectral_mode", {-1, 7}}};
+  const std::set<std::string> booleans = {"nesterov",       "symmetric",         "free_phase", "analytic",
+                                          "adaptive",       "error_feedback",    "error_projected",
+                                          "amsgrad",        "fisher_diagonal",   "skip_nonfinite",
+                                          "bound_input_layer"};
   std::vector<std::string> names = {"lr", "momentum", "dampening", "nesterov", "weight_decay"};
   for (const auto& [name, value] : O().policy_values()) names.push_back(name);
   auto model = tiny();
@@ -294,6 +295,8 @@ TEST(EPOptim, OptionsAreSetAndReadByName) {
   expect_options_round_trip_by_name(mep::MuonOptions().ns_coefficients(mep::NSCoefficients::Cubic), "Muon");
   expect_options_round_trip_by_name(mep::EqPropOptions().beta(0.1).symmetric(true).loss(mep::Loss::CrossEntropy), "EqProp");
   expect_options_round_trip_by_name(mep::SMEPOptions().settle_steps(7).settle_lr(0.3).gamma(0.5), "SMEP");
+  expect_options_round_trip_by_name(
+      mep::SMEPOptions().spectral_mode(mep::SpectralMode::Clip).bound_input_layer(false), "SMEP");
   expect_options_round_trip_by_name(mep::SDMEPOptions().rank_frac(1.0 / 3).dion_thresh(123), "SDMEP");
   expect_options_round_trip_by_name(mep::LocalEPMuonOptions().mode(mep::Mode::Backprop), "LocalEPMuon");
   expect_options_round_trip_by_name(mep::NaturalEPMuonOptions().fisher_diagonal(true).fisher_ema(0.9), "NaturalEPMuon");
@@ -529,6 +532,61 @@ TEST(EPOptim, StateIsInLibTorchsStateMap) {
   auto w = model->parameters()[0];
   EXPECT_TRUE(opt.has_state(w));
   EXPECT_TRUE(opt.state_of(w).has("spectral_u"));
+}
+
+// The spectral bound holds every weight, the input layer's too (the reference); with
+// bound_input_layer(false) the input layer, whose W_1 never enters the settling Jacobians,
+// is left free. The input layer is the first Linear/Conv of a model (after a BatchNorm
+// here), or the first matrix of a parameter list. Both rules, scale and clip.
+TEST(EPOptim, SpectralBoundLeavesTheInputLayerFreeOnlyWhenAsked) {
+  const auto sigma = [](const torch::Tensor& w) {
+    return torch::linalg_svdvals(w.detach().to(torch::kFloat64))[0].item<double>();
+  };
+  const auto model_with_large_weights = [&] {
+    torch::manual_seed(18);
+    torch::nn::Sequential m(torch::nn::BatchNorm1d(20), torch::nn::Linear(20, 32), torch::nn::ReLU(),
+                            torch::nn::Linear(32, 32), torch::nn::ReLU(), torch::nn::Linear(32, 10));
+    torch::NoGradGuard no_grad;
+    for (auto& p : m->parameters())
+      if (p.dim() == 2) p.mul_(3.0 / sigma(p));  // σ = 3 > γ everywhere
+    return m;
+  };
+  const auto x = torch::randn({16, 20});
+  const auto y = torch::randint(0, 10, {16}, torch::kLong);
+  const double bounded = 0.95 * (1 + 1e-2);
+  EXPECT_TRUE(mep::SMEPOptions().bound_input_layer());
+  for (auto mode : {mep::SpectralMode::Scale, mep::SpectralMode::Clip})
+    for (bool bound : {false, true}) {
+      auto model = model_with_large_weights();
+      auto o = mep::SMEPOptions(1e-3).spectral_mode(mode).bound_input_layer(bound);
+      if (mode == mep::SpectralMode::Scale) o.power_iter(50);
+      mep::SMEP opt(model, o);
+      for (int i = 0; i < 3; ++i) opt.step(x, y);
+      auto params = model->parameters();  // bn.weight, bn.bias, W1, b1, W2, b2, W3, b3
+      if (bound) EXPECT_LE(sigma(params[2]), bounded);
+      else EXPECT_GT(sigma(params[2]), 2.9);  // three steps of lr 1e-3 from σ = 3, never bounded
+      EXPECT_EQ(opt.state_of(params[2]).has("spectral_u"), bound && mode == mep::SpectralMode::Scale);
+      EXPECT_LE(sigma(params[4]), bounded);
+      EXPECT_LE(sigma(params[6]), bounded);
+    }
+  // From a parameter list (Muon): the first parameter with two or more dimensions.
+  for (bool bound : {false, true}) {
+    auto model = model_with_large_weights();
+    auto params = model->parameters();
+    std::vector<torch::Tensor> list(params.begin() + 2, params.end());  // W1 first
+    mep::Muon opt(list, mep::MuonOptions().power_iter(50).bound_input_layer(bound));
+    torch::nn::functional::cross_entropy(model->forward(x), y).backward();
+    opt.step();
+    EXPECT_EQ(sigma(params[2]) <= bounded, bound);
+    EXPECT_LE(sigma(params[4]), bounded);
+  }
+  // The clip rule computes σ exactly: power_iter is refused with it, by name.
+  try {
+    mep::SMEP(model_with_large_weights(), mep::SMEPOptions().spectral_mode(mep::SpectralMode::Clip).power_iter(5));
+    ADD_FAILURE() << "no error for power_iter with spectral_mode clip";
+  } catch (const mep::OptionError& e) {
+    EXPECT_NE(std::string(e.what()).find("power_iter = 5"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -193,6 +193,52 @@ TEST(Spectral, LeavesAMatrixBelowGammaUnchanged) {
   EXPECT_TRUE(torch::equal(bias, bias_before));
 }
 
+// The clip rule is W ← U·min(Σ, γ)·Vᵀ: against an SVD in float64, for a wide, a tall and a
+// conv-shaped weight, with the singular values below γ and the vectors kept. The scale
+// rule, on the same matrix, shrinks every singular value by the same factor.
+TEST(Spectral, ClipSetsTheSingularValuesAboveGammaToGamma) {
+  torch::manual_seed(8);
+  mep::SpectralConstraint clip;
+  clip.mode = mep::SpectralMode::Clip;
+  mep::ParamState st;
+  for (std::vector<int64_t> shape : {std::vector<int64_t>{30, 50}, {50, 30}, {16, 4, 3, 3}}) {
+    // Singular values spread from 0.1 to 2.5: several above γ, several below.
+    const int64_t rows = shape[0], cols = torch::ones(shape).reshape({rows, -1}).size(1), k = std::min(rows, cols);
+    auto q1 = std::get<0>(torch::linalg_qr(torch::randn({rows, k}, torch::kFloat64)));
+    auto q2 = std::get<0>(torch::linalg_qr(torch::randn({cols, k}, torch::kFloat64)));
+    auto w = torch::mm(q1 * torch::linspace(2.5, 0.1, k, torch::kFloat64), q2.t()).reshape(shape);
+    auto [u, s, vh] = torch::linalg_svd(w.reshape({rows, -1}), false);
+    auto expected = torch::mm(u * s.clamp_max(clip.gamma), vh).reshape(shape);
+    clip.enforce(w, st);
+    EXPECT_LT((w - expected).abs().max().item<double>(), 1e-10) << shape;
+    auto after = torch::linalg_svdvals(w.reshape({shape[0], -1}));
+    EXPECT_LT(std::abs(after[0].item<double>() - clip.gamma), 1e-10);
+    EXPECT_TRUE(st.buffers.empty());  // no state
+  }
+  mep::SpectralConstraint scale;  // the same matrix: every σ times γ/σ₁
+  auto w = torch::randn({30, 50}, torch::kFloat64) * 0.4;
+  auto s = torch::linalg_svdvals(w);
+  for (int i = 0; i < 30; ++i) scale.enforce(w, st);
+  EXPECT_LT((torch::linalg_svdvals(w) - s * (scale.gamma / s[0])).abs().max().item<double>(), 1e-6);
+}
+
+TEST(Spectral, ClipLeavesAMatrixBelowGammaUnchanged) {
+  torch::manual_seed(9);
+  mep::SpectralConstraint c;
+  c.mode = mep::SpectralMode::Clip;
+  mep::ParamState st;
+  for (auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    auto w = torch::randn({40, 25}, dtype);
+    w = w / torch::linalg_svdvals(w)[0] * 0.9;
+    auto before = w.clone();
+    c.enforce(w, st);
+    EXPECT_TRUE(torch::equal(w, before)) << dtype;
+  }
+  auto w = torch::randn({40, 25}) * 10;  // float32: the bound holds to rounding
+  c.enforce(w, st);
+  EXPECT_LE(torch::linalg_svdvals(w.to(torch::kFloat64))[0].item<double>(), c.gamma * (1 + 1e-5));
+}
+
 // ---- Error feedback ----------------------------------------------------------------
 
 TEST(ErrorFeedback, FollowsItsRecurrence) {

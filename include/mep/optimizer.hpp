@@ -9,12 +9,12 @@
 ///   feedback.remember(g_aug, u)
 ///   m     ← μ·m + (1 − dampening)·u       (skipped when Update owns its moments: Adam, Dion)
 ///   W     ← W·(1 − lr·λ) − lr·m           (decoupled weight decay otherwise)
-///   constraint.enforce(W)
+///   constraint.enforce(W)                (told whether W is the input layer's weight)
 ///
 /// Policies (see each header for its rule and source):
 ///  - Gradient: `compute(model, x, target)` writes `.grad()` and returns the loss/energy.
 ///  - Update: `direction(g, state)`, with `coupled_weight_decay` and `owns_momentum`.
-///  - Constraint: `enforce(W, state)`.   - Feedback: `accumulate(g, state)`, `remember(g_aug, u, state)`.
+///  - Constraint: `enforce(W, state, input_layer)`.   - Feedback: `accumulate(g, state)`, `remember(g_aug, u, state)`.
 /// Each contributes an options mixin `Policy::Options<Derived>` to OptimizerOptions.
 ///
 /// The class derives from `torch::optim::Optimizer`: parameter groups (lr, momentum,
@@ -93,7 +93,10 @@ class Optimizer : public torch::optim::Optimizer {
     }
     std::vector<torch::Tensor> params;
     for (const auto& group : param_groups_)
-      for (const auto& p : group.params()) params.push_back(p);
+      for (const auto& p : group.params()) {
+        if (input_weight_ == nullptr && p.dim() >= 2) input_weight_ = p.unsafeGetTensorImpl();
+        params.push_back(p);
+      }
     parallel_.broadcast(params, "parameters");
   }
 
@@ -101,6 +104,7 @@ class Optimizer : public torch::optim::Optimizer {
   /// `step(input, target)` computes the gradient with the Gradient policy.
   Optimizer(torch::nn::Sequential model, const Options& options = Options())
       : Optimizer(checked_parameters(model), options) {
+    input_weight_ = input_layer_weight(model);
     model_ = std::move(model);
     parallel_.broadcast(model_->buffers(), "model's buffers");
   }
@@ -259,6 +263,18 @@ class Optimizer : public torch::optim::Optimizer {
     }
   }
 
+  // The weight of the model's first Linear/Conv layer, the one that maps the input.
+  static c10::TensorImpl* input_layer_weight(const torch::nn::Sequential& model) {
+    for (const auto& m : model->children()) {
+      torch::Tensor w;
+      if (auto lin = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) w = lin->weight;
+      else if (auto c1 = std::dynamic_pointer_cast<torch::nn::Conv1dImpl>(m)) w = c1->weight;
+      else if (auto c2 = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m)) w = c2->weight;
+      if (w.defined()) return w.unsafeGetTensorImpl();
+    }
+    return nullptr;
+  }
+
   static std::vector<torch::Tensor> checked_parameters(const torch::nn::Sequential& model) {
     if (model.is_empty()) throw std::invalid_argument("mep: the model is null");
     auto params = model->parameters();
@@ -392,7 +408,7 @@ class Optimizer : public torch::optim::Optimizer {
     }
     if (!Update::coupled_weight_decay && o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
     p.add_(u, -o.lr());
-    constraint_.enforce(p, st);
+    constraint_.enforce(p, st, p.unsafeGetTensorImpl() == input_weight_);
   }
 
   // With data parallelism: whether the update averages its own factors for this gradient
@@ -432,6 +448,7 @@ class Optimizer : public torch::optim::Optimizer {
   }
 
   int64_t skipped_steps_ = 0;
+  c10::TensorImpl* input_weight_ = nullptr;  // the input layer's weight (the constraint's input_layer)
   std::unordered_map<c10::TensorImpl*, Backup> backups_;
   Gradient gradient_;
   Update update_;

@@ -13,7 +13,7 @@ struct NoConstraint {
   NoConstraint() = default;
   template <class O>
   explicit NoConstraint(const O&) {}
-  void enforce(torch::Tensor&, ParamState&) const {}
+  void enforce(torch::Tensor&, ParamState&, bool /*input_layer*/ = false) const {}
 };
 
 }  // namespace mep
