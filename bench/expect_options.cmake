@@ -5,7 +5,8 @@
 file(REMOVE_RECURSE ${WORK})
 execute_process(COMMAND ${BENCH} --model mlp_small --epochs 1 --train 256 --test 128 --threads 1 --data ${DATA}
                         --optimizers sgd,smep,sdmep --seeds 3,5 --beta 0.25 --momentum 0.8 --symmetric
-                        --set smep.lr=0.02 --set sdmep.ns_coefficients=polar_express --json ${WORK}/options.json
+                        --set smep.lr=0.02 --set sdmep.ns_coefficients=polar_express --spectral-mode clip
+                        --set smep.bound_input_layer=false --json ${WORK}/options.json
                         --csv ${WORK}/options.csv --svg ${WORK}/options.svg
                 RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 if(NOT rc EQUAL 0)
@@ -55,8 +56,12 @@ foreach(base 0 3)  # seed 3 runs first, then seed 5, each sgd, smep, sdmep
   expect(${smep} symmetric ON)
   expect(${smep} momentum 0.8)
   expect(${smep} ns_coefficients cubic)  # its default: --set sdmep.… stays in sdmep
+  expect(${smep} spectral_mode clip)
+  expect(${smep} bound_input_layer OFF)
   expect(${sdmep} lr 0.01)
   expect(${sdmep} ns_coefficients polar_express)
+  expect(${sdmep} spectral_mode clip)
+  expect(${sdmep} bound_input_layer ON)
 endforeach()
 string(JSON seed GET "${json}" results 4 seed)
 if(NOT seed EQUAL 5)
@@ -89,6 +94,26 @@ if(NOT rc EQUAL 0)
   message(FATAL_ERROR "the SVG is not what was expected: ${err}")
 endif()
 
+# scripts/seeds_table.py: one row per optimizer over both seeds; runs of one optimizer with
+# other options are another row, labelled by the options that differ.
+execute_process(COMMAND ${BENCH} --model mlp_small --epochs 1 --train 256 --test 128 --threads 1 --data ${DATA}
+                        --optimizers smep --seeds 3,5 --json ${WORK}/defaults.json
+                RESULT_VARIABLE rc OUTPUT_QUIET ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "mep_bench (defaults) failed (${rc}): ${err}")
+endif()
+execute_process(COMMAND ${PYTHON} ${CMAKE_CURRENT_LIST_DIR}/../scripts/seeds_table.py ${WORK}/options.json
+                        ${WORK}/defaults.json
+                RESULT_VARIABLE rc OUTPUT_VARIABLE table ERROR_VARIABLE err)
+string(REGEX MATCHALL "\n[|] [a-z_]+[^|]*[|]" rows "${table}")
+list(LENGTH rows n)
+if(NOT rc EQUAL 0 OR NOT n EQUAL 4 OR NOT table MATCHES "seeds 3, 5"
+   OR NOT table MATCHES "[|] smep [(][^|]*spectral_mode clip[^|]*[)] [|]"
+   OR NOT table MATCHES "[|] smep [(][^|]*spectral_mode scale[^|]*[)] [|]"
+   OR NOT table MATCHES "[|] sgd [|]")
+  message(FATAL_ERROR "seeds_table.py (${rc}, ${n} rows): ${err}\n${table}")
+endif()
+
 # --protocol full trains and tests on every sample of the files (their counts: the label
 # files' headers).
 execute_process(COMMAND ${BENCH} --model mlp_small --epochs 1 --threads 1 --data ${DATA} --optimizers sgd
@@ -110,4 +135,4 @@ foreach(split train test)
     message(FATAL_ERROR "--protocol full: protocol.${split} is ${got}, the file holds ${count}")
   endif()
 endforeach()
-message(STATUS "options, --set, --seeds, --csv and --protocol full reach the optimizers and the outputs")
+message(STATUS "options, --set, --seeds, --csv, seeds_table.py and --protocol full reach the optimizers and the outputs")

@@ -6,6 +6,9 @@ steps and residual per step.
 
     python3 scripts/seeds_table.py results/mlp_seed0.json results/mlp_seed1.json results/mlp_seed2.json
     python3 scripts/seeds_table.py results/mlp_seeds.json      (mep_bench --seeds 0,1,2 --json ...)
+
+Runs of one optimizer with different options are separate rows, labelled by the options
+that differ.
 """
 import json
 import statistics as st
@@ -15,12 +18,29 @@ import sys
 def main(paths):
     if not paths:
         sys.exit("usage: seeds_table.py RESULTS.json...")
-    by_optimizer = {}  # optimizer -> [(seed, run)], in the order of first appearance
+    # Runs of one optimizer with different options (or learning-rate schedules) are separate
+    # rows, labelled by what differs; an option a file does not record shows as "default".
+    configs = {}  # optimizer -> {config key: config}
+    loaded = []
     for path in paths:
         data = json.load(open(path))
         for run in data["results"]:
             seed = run.get("seed", data["protocol"]["seed"])
-            by_optimizer.setdefault(run["optimizer"], []).append((seed, run))
+            config = dict(run.get("options", {}), lr_schedule=data["protocol"].get("lr_schedule", "constant"))
+            key = json.dumps(config, sort_keys=True)
+            configs.setdefault(run["optimizer"], {})[key] = config
+            loaded.append((run["optimizer"], key, seed, run))
+    labels = {}
+    for name, by_key in configs.items():
+        names = sorted(set().union(*by_key.values()))
+        differ = [n for n in names if len({json.dumps(c.get(n, "default")) for c in by_key.values()}) > 1]
+        for key, config in by_key.items():
+            shown = ", ".join(f"{n} {json.dumps(config[n]).strip(chr(34)) if n in config else 'default'}"
+                              for n in differ)
+            labels[(name, key)] = f"{name} ({shown})" if shown else name
+    by_optimizer = {}  # label -> [(seed, run)], in the order of first appearance
+    for name, key, seed, run in loaded:
+        by_optimizer.setdefault(labels[(name, key)], []).append((seed, run))
     seed_lists = {tuple(seed for seed, _ in runs) for runs in by_optimizer.values()}
     if len(seed_lists) != 1:
         sys.exit("seeds_table.py: the optimizers were not all run with the same seeds")
