@@ -124,8 +124,8 @@ void BM_Backprop(benchmark::State& state) {
 }
 BENCHMARK(BM_Backprop)->DenseRange(0, 2)->Unit(benchmark::kMicrosecond);
 
-// The update alone: mep::SGD (with its finiteness checks and rollback buffers) against
-// torch::optim::SGD, on mlp's parameters with fixed gradients.
+// The update alone: mep::SGD and mep::Adam (with their finiteness checks and rollback) against
+// torch::optim's, on mlp's parameters with fixed gradients.
 template <class Opt>
 void run_update(benchmark::State& state, Opt& opt) {
   for (auto _ : state) opt.step();
@@ -149,8 +149,22 @@ void BM_Update_TorchSGD(benchmark::State& state) {
   run_update(state, opt);
   state.SetLabel("mlp parameters, torch::optim::SGD");
 }
+void BM_Update_MepAdam(benchmark::State& state) {
+  torch::set_num_threads(threads());
+  mep::Adam opt(mlp_parameters_with_grads(), mep::AdamOptions(1e-3));
+  run_update(state, opt);
+  state.SetLabel("mlp parameters, mep::Adam");
+}
+void BM_Update_TorchAdam(benchmark::State& state) {
+  torch::set_num_threads(threads());
+  torch::optim::Adam opt(mlp_parameters_with_grads(), torch::optim::AdamOptions(1e-3).weight_decay(5e-4));
+  run_update(state, opt);
+  state.SetLabel("mlp parameters, torch::optim::Adam");
+}
 BENCHMARK(BM_Update_MepSGD)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Update_TorchSGD)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Update_MepAdam)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Update_TorchAdam)->Unit(benchmark::kMicrosecond);
 
 // The cnn's second convolution (32 → 64 channels, 3×3, 14×14, batch 128) as the settling
 // loop needs it: forward and input VJP by ATen's kernels (what the engine runs; they return

@@ -678,6 +678,53 @@ TEST(EPOptim, AFailedUpdateChangesNothingInAnyOptimizer) {
   expect_failed_update_changes_nothing<mep::NaturalEPMuon>(mep::NaturalEPMuonOptions(), "NaturalEPMuon");
 }
 
+// After a rolled-back step the optimizer goes on exactly as one that never took it (momentum,
+// Adam's moments and the step count restored). The failure: the last group's lr overflows
+// its parameter, after the first group has been updated.
+template <class Opt>
+void expect_rollback_then_same_steps(typename Opt::Options options, const char* name) {
+  torch::manual_seed(20);
+  auto make = [] {
+    return torch::nn::Sequential(torch::nn::Linear(20, 32), torch::nn::ReLU(), torch::nn::Linear(32, 10));
+  };
+  auto a = make(), b = make();
+  copy_parameters(a, b);
+  auto x = torch::randn({16, 20});
+  auto y = torch::randint(0, 10, {16}, torch::kLong);
+  auto groups = [&](torch::nn::Sequential& m) {
+    auto p = m->parameters();
+    std::vector<torch::optim::OptimizerParamGroup> g;
+    g.emplace_back(std::vector<torch::Tensor>{p[0], p[1]});
+    g.emplace_back(std::vector<torch::Tensor>{p[2], p[3]}, std::make_unique<typename Opt::Options>(options));
+    return g;
+  };
+  Opt opt_a(groups(a), options), opt_b(groups(b), options);
+  auto step = [&](torch::nn::Sequential& m, Opt& opt) {
+    opt.zero_grad();
+    torch::nn::functional::cross_entropy(m->forward(x), y).backward();
+    opt.step();
+  };
+  for (int i = 0; i < 3; ++i) step(a, opt_a), step(b, opt_b);
+  const double lr = opt_a.param_groups()[1].options().get_lr();
+  opt_a.param_groups()[1].options().set_lr(1e39);  // inf in float32
+  EXPECT_THROW(step(a, opt_a), std::runtime_error) << name;
+  opt_a.param_groups()[1].options().set_lr(lr);
+  for (int i = 0; i < 3; ++i) step(a, opt_a), step(b, opt_b);
+  auto pa = a->parameters(), pb = b->parameters();
+  for (size_t i = 0; i < pa.size(); ++i) {
+    EXPECT_TRUE(torch::equal(pa[i], pb[i])) << name << " parameter " << i;
+    for (const auto& [k, v] : opt_b.state_of(pb[i]).buffers)
+      EXPECT_TRUE(torch::equal(opt_a.state_of(pa[i]).buffers.at(k), v)) << name << " state " << i << " " << k;
+  }
+}
+
+TEST(EPOptim, AfterARollbackStepsAreThoseOfAnUninterruptedRun) {
+  expect_rollback_then_same_steps<mep::SGD>(mep::SGDOptions().nesterov(true), "SGD");
+  expect_rollback_then_same_steps<mep::Adam>(mep::AdamOptions(), "Adam");
+  expect_rollback_then_same_steps<mep::Adam>(mep::AdamOptions().amsgrad(true), "Adam amsgrad");
+  expect_rollback_then_same_steps<mep::Muon>(mep::MuonOptions(), "Muon");
+}
+
 // A failed Cholesky factorisation (a corrupted Fisher state) is rolled back the same way.
 TEST(EPOptim, AFailedCholeskyChangesNothing) {
   torch::manual_seed(19);
