@@ -5,7 +5,7 @@ torch::optim's, every other optimizer against mep's SGD on the same model); each
 its floor, the bare matrix products it must perform on the model (floor/MODEL/OPTIMIZER, where
 torch::optim's steps share mep's floors); and the Muon
 family's directions at every weight shape (Newton–Schulz's three schedules, Dion) against the
-bare matrix products each performs.
+bare matrix products each performs, and the spectral constraint's two rules at those shapes.
 
     python3 scripts/speed_table.py                       runs build/bench/mep_speed (3 repetitions)
     python3 scripts/speed_table.py --benchmark_filter=mlp   the same, arguments passed on
@@ -73,22 +73,26 @@ def main(argv):
                 print(f"| {name} | " + " | ".join(cells) + " |")
     shapes = []
     for k in ms:
-        if k[0] in ("ns", "dion") and k[1] not in shapes:
+        if k[0] in ("ns", "dion", "spectral") and k[1] not in shapes:
             shapes.append(k[1])
     if shapes:
         if models:
             print()
-        print("| weight | NS cubic | NS quintic | NS Polar Express | quintic floor | Dion (rank 0.3) | Dion floor |")
-        print("|---|---|---|---|---|---|---|")
+        print("| weight | NS cubic | NS quintic | NS Polar Express | quintic floor | Dion (rank 0.3) | Dion floor "
+              "| spectral scale | spectral clip |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for shape in shapes:
             ns_floor, dion_floor = ms.get(("floor", shape, "ns")), ms.get(("floor", shape, "dion"))
             def cell(key, floor):
                 if key not in ms:
                     return "—"
                 return f"{1e3 * ms[key]:.0f} µs" + (f" · {ms[key] / floor:.1f}×" if floor else "")
+            def floor_cell(floor):
+                return "—" if floor is None else f"{1e3 * floor:.0f} µs"
             print(f"| {shape} | {cell(('ns', shape, 'cubic'), ns_floor)} | {cell(('ns', shape, 'quintic'), ns_floor)} "
-                  f"| {cell(('ns', shape, 'polar_express'), ns_floor)} | {1e3 * ns_floor:.0f} µs "
-                  f"| {cell(('dion', shape), dion_floor)} | {1e3 * dion_floor:.0f} µs |")
+                  f"| {cell(('ns', shape, 'polar_express'), ns_floor)} | {floor_cell(ns_floor)} "
+                  f"| {cell(('dion', shape), dion_floor)} | {floor_cell(dion_floor)} "
+                  f"| {cell(('spectral', shape, 'scale'), None)} | {cell(('spectral', shape, 'clip'), None)} |")
 
 
 if __name__ == "__main__":
