@@ -10,14 +10,14 @@
 ///    steps (three iterations from random vectors can underestimate σ by >10 %).
 ///  - clip: W ← U·min(Σ, γ)·Vᵀ for W = U·Σ·Vᵀ, the nearest matrix (in Frobenius norm)
 ///    with σ ≤ γ (Sedghi, Gupta & Long 2019, "The Singular Values of Convolutional
-///    Layers", §3.3). Singular values at or below γ and all singular vectors are kept;
+///    Layers", ICLR; they clip a layer's singular values this way). Singular values at or below γ and all singular vectors are kept;
 ///    the scale rule shrinks every direction by γ/σ instead. Computed from the Gram
 ///    matrix of the shorter side, A = W·Wᵀ = U·Σ²·Uᵀ (eigh in float64):
 ///      W ← W − U·diag(1 − min(1, γ/σ_k))·Uᵀ·W,
 ///    exact up to rounding, O(m²n + m³) for m ≤ n; no state.
 ///
-/// Either way a matrix with σ ≤ γ is left bit-for-bit unchanged, and the decision stays
-/// on the device (no sync).
+/// Either way a matrix with σ ≤ γ is left bit-for-bit unchanged. The scale rule's decision
+/// stays on the device (no sync); eigh checks its convergence on the host.
 ///
 /// The bound serves the settling dynamics, ∂E/∂s_i = e_i − J_{i+1}ᵀ·e_{i+1}, whose
 /// Jacobians hold W_2 … W_L. The input layer's W_1 never enters them (f_1(x) is fixed
