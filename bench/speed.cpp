@@ -29,7 +29,6 @@
 #include <mep/mep.hpp>
 
 #include <cstdlib>
-#include <sstream>
 #include <algorithm>
 #include <array>
 #include <functional>
@@ -134,10 +133,8 @@ void register_directions() {
       const auto g = random_matrix(shape);
       for (auto _ : st) benchmark::DoNotOptimize(dion.direction(g, state));
     })->Unit(benchmark::kMillisecond);
-    for (auto mode : {mep::SpectralMode::Scale, mep::SpectralMode::Clip}) {
-      std::ostringstream rule;
-      rule << mode;
-      benchmark::RegisterBenchmark(("spectral/" + name + "/" + rule.str()).c_str(), [shape, mode](benchmark::State& st) {
+    for (const auto& [mode, rule] : mep::enum_names(mep::SpectralMode{})) {
+      benchmark::RegisterBenchmark(("spectral/" + name + "/" + rule).c_str(), [shape, mode = mode](benchmark::State& st) {
         torch::set_num_threads(threads());
         mep::SpectralConstraint c;
         c.mode = mode;

@@ -30,14 +30,17 @@ def main(paths):
             key = json.dumps(config, sort_keys=True)
             configs.setdefault(run["optimizer"], {})[key] = config
             loaded.append((run["optimizer"], key, seed, run))
+    def shown(config, option):  # as mep_bench's flags spell it: true/false, names, numbers
+        value = config.get(option, "default")
+        return value if isinstance(value, str) else json.dumps(value)
+
     labels = {}
     for name, by_key in configs.items():
-        names = sorted(set().union(*by_key.values()))
-        differ = [n for n in names if len({json.dumps(c.get(n, "default")) for c in by_key.values()}) > 1]
+        options = sorted(set().union(*by_key.values()))
+        differ = [n for n in options if len({shown(c, n) for c in by_key.values()}) > 1]
         for key, config in by_key.items():
-            shown = ", ".join(f"{n} {json.dumps(config[n]).strip(chr(34)) if n in config else 'default'}"
-                              for n in differ)
-            labels[(name, key)] = f"{name} ({shown})" if shown else name
+            label = ", ".join(f"{n} {shown(config, n)}" for n in differ)
+            labels[(name, key)] = f"{name} ({label})" if label else name
     by_optimizer = {}  # label -> [(seed, run)], in the order of first appearance
     for name, key, seed, run in loaded:
         by_optimizer.setdefault(labels[(name, key)], []).append((seed, run))

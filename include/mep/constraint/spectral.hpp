@@ -10,9 +10,10 @@
 ///    steps (three iterations from random vectors can underestimate σ by >10 %).
 ///  - clip: W ← U·min(Σ, γ)·Vᵀ for W = U·Σ·Vᵀ, the nearest matrix (in Frobenius norm)
 ///    with σ ≤ γ (Sedghi, Gupta & Long 2019, "The Singular Values of Convolutional
-///    Layers", ICLR; they clip a layer's singular values this way). Singular values at or below γ and all singular vectors are kept;
-///    the scale rule shrinks every direction by γ/σ instead. Computed from the Gram
-///    matrix of the shorter side, A = W·Wᵀ = U·Σ²·Uᵀ (eigh in float64):
+///    Layers", ICLR, clip a layer's singular values this way). Singular values at or
+///    below γ and all singular vectors are kept; the scale rule shrinks every direction
+///    by γ/σ instead. Computed from the Gram matrix of the shorter side,
+///    A = W·Wᵀ = U·Σ²·Uᵀ (eigh in float64):
 ///      W ← W − U·diag(1 − min(1, γ/σ_k))·Uᵀ·W,
 ///    exact up to rounding, O(m²n + m³) for m ≤ n; no state.
 ///
