@@ -102,12 +102,20 @@ execute_process(COMMAND ${BENCH} --model mlp_small --epochs 1 --train 256 --test
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "mep_bench (defaults) failed (${rc}): ${err}")
 endif()
+# A run of one seed only: its row shows that seed, and — for the other.
+execute_process(COMMAND ${BENCH} --model mlp_small --epochs 1 --train 256 --test 128 --threads 1 --data ${DATA}
+                        --optimizers adam --seed 5 --json ${WORK}/adam5.json
+                RESULT_VARIABLE rc OUTPUT_QUIET ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "mep_bench (adam, seed 5) failed (${rc}): ${err}")
+endif()
 execute_process(COMMAND ${PYTHON} ${CMAKE_CURRENT_LIST_DIR}/../scripts/seeds_table.py ${WORK}/options.json
-                        ${WORK}/defaults.json
+                        ${WORK}/defaults.json ${WORK}/adam5.json
                 RESULT_VARIABLE rc OUTPUT_VARIABLE table ERROR_VARIABLE err)
 string(REGEX MATCHALL "\n[|] [a-z_]+[^|]*[|]" rows "${table}")
 list(LENGTH rows n)
-if(NOT rc EQUAL 0 OR NOT n EQUAL 4 OR NOT table MATCHES "seeds 3, 5"
+if(NOT rc EQUAL 0 OR NOT n EQUAL 5 OR NOT table MATCHES "seeds 3, 5"
+   OR NOT table MATCHES "[|] adam [|] — / [0-9.]+ [|] [0-9.]+ % [|]"
    OR NOT table MATCHES "[|] smep [(][^|]*spectral_mode clip[^|]*[)] [|]"
    OR NOT table MATCHES "[|] smep [(][^|]*spectral_mode scale[^|]*[)] [|]"
    OR NOT table MATCHES "[|] sgd [|]")
@@ -135,4 +143,66 @@ foreach(split train test)
     message(FATAL_ERROR "--protocol full: protocol.${split} is ${got}, the file holds ${count}")
   endif()
 endforeach()
-message(STATUS "options, --set, --seeds, --csv, seeds_table.py and --protocol full reach the optimizers and the outputs")
+
+# --from-json gathers saved runs: both files' runs in one table, JSON, CSV and picture, with
+# smep's two configurations as two rows labelled by the options that differ, and Adam's one
+# seed named as such.
+execute_process(COMMAND ${BENCH} --from-json ${WORK}/options.json,${WORK}/defaults.json,${WORK}/adam5.json
+                        --json ${WORK}/merged.json
+                        --csv ${WORK}/merged.csv --svg ${WORK}/merged.svg
+                RESULT_VARIABLE rc OUTPUT_VARIABLE table ERROR_VARIABLE err)
+string(REGEX MATCHALL "\n[|] [0-9]+ [|] [A-Za-z]+[^|]*[|]" rows "${table}")
+list(LENGTH rows n)
+if(NOT rc EQUAL 0 OR NOT n EQUAL 5 OR NOT table MATCHES "[|] SMEP [(][^|]*spectral_mode clip[^|]*[)] [|]"
+   OR NOT table MATCHES "[|] SMEP [(][^|]*spectral_mode scale[^|]*[)] [|]" OR NOT table MATCHES "[|] SGD [|]"
+   OR NOT table MATCHES "seeds 3, 5" OR NOT table MATCHES "[|] Adam [|] [0-9.]+% [(]seed 5 only[)] [|]")
+  message(FATAL_ERROR "--from-json (${rc}, ${n} rows): ${err}\n${table}")
+endif()
+file(READ ${WORK}/merged.json json)
+string(JSON n LENGTH "${json}" results)
+string(JSON seeds GET "${json}" protocol seeds)
+string(JSON lr GET "${json}" results 1 options lr)
+if(NOT n EQUAL 9 OR NOT seeds MATCHES "^\\[ *3, *5 *\\]$" OR NOT lr EQUAL 0.02)
+  message(FATAL_ERROR "--from-json --json: ${n} runs (expected 9), seeds ${seeds}, results[1] lr ${lr}")
+endif()
+file(STRINGS ${WORK}/merged.csv rows)
+list(LENGTH rows n)
+list(GET rows 2 clip)
+list(GET rows 7 plain)
+if(NOT n EQUAL 10 OR NOT clip MATCHES "^smep,3,1,.*,\"[^\"]*spectral_mode clip[^\"]*\"$"
+   OR NOT plain MATCHES "^smep,3,1,.*,\"[^\"]*spectral_mode scale[^\"]*\"$")
+  message(FATAL_ERROR "--from-json --csv (${n} lines):\n${clip}\n${plain}")
+endif()
+execute_process(COMMAND ${PYTHON} -c "
+import sys, xml.etree.ElementTree as ET
+ns = {'s': 'http://www.w3.org/2000/svg'}
+root = ET.parse(sys.argv[1]).getroot()
+labels = [t.text for t in root.findall('.//s:g[@id=\"accuracy\"]/s:g/s:title', ns)]
+bars = root.findall('.//s:g[@id=\"speed\"]/s:rect', ns)
+assert len(labels) == 5 and len(bars) == 5, labels
+assert labels[0] == 'SGD' and labels[2] == 'SDMEP' and labels[4] == 'Adam', labels
+assert 'spectral_mode clip' in labels[1] and 'spectral_mode scale' in labels[3], labels
+assert float(root.get('width')) > 980, 'the speed panel does not make room for the long labels'
+" ${WORK}/merged.svg RESULT_VARIABLE rc ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "the --from-json SVG is not what was expected: ${err}")
+endif()
+# … and refuses what it cannot gather, with one line naming the problem.
+function(expect_from_json_fails expect)
+  execute_process(COMMAND ${BENCH} --from-json ${ARGN} RESULT_VARIABLE rc OUTPUT_QUIET ERROR_VARIABLE err)
+  string(STRIP "${err}" err)
+  if(rc EQUAL 0 OR NOT err MATCHES "^mep_bench: --from-json${expect}")
+    message(FATAL_ERROR "--from-json ${ARGN}: expected an error matching '${expect}', got (${rc}) ${err}")
+  endif()
+endfunction()
+expect_from_json_fails(" [^ ]*full.json: of another protocol than [^ ]*options.json: test [0-9]+ here, 128 there$"
+                       ${WORK}/options.json,${WORK}/full.json)
+expect_from_json_fails(": SGD, seed 3, is both in " ${WORK}/options.json,${WORK}/options.json)
+file(WRITE ${WORK}/unknown.json [=[{"protocol": {"epochs": 1}, "results": [{"optimizer": "nope"}]}]=])
+expect_from_json_fails(" [^ ]*unknown.json: results\\[0\\]: optimizer nope is not in this build" ${WORK}/unknown.json)
+file(WRITE ${WORK}/truncated.json [=[{"protocol": {"epochs": 1}, "results": [{"optimizer": "sgd", "se]=])
+expect_from_json_fails(" [^ ]*truncated.json: not JSON" ${WORK}/truncated.json --svg ${WORK}/never.svg)
+if(EXISTS ${WORK}/never.svg)
+  message(FATAL_ERROR "a failed --from-json left its output")
+endif()
+message(STATUS "options, --set, --seeds, --csv, seeds_table.py, --protocol full and --from-json reach the optimizers and the outputs")

@@ -6,7 +6,11 @@
 //             [--train 3000] [--test 500] [--batch 128] [--seed 0] [--threads N]
 //             [--device cpu|cuda] [--loss mse|ce] [--error-feedback off|reference|projected]
 //             [--settling default|reference] [--lr LR] [--data data/mnist] [--json FILE]
-//             [--checkpoint DIR [--resume]]
+//             [--checkpoint DIR [--resume]] [--csv FILE] [--svg FILE]
+//   mep_bench --from-json FILE,... [--json FILE] [--csv FILE] [--svg FILE]
+//
+// The second form trains nothing: it gathers runs saved by --json (one protocol, any seeds)
+// into one table, picture and file.
 //
 // For the EP family, each epoch also reports what settling did (mean steps and relative
 // residual per training step, fraction of steps that met the stopping rule).
@@ -152,6 +156,8 @@ struct SettleStats {
 
 struct Result {
   const mep_bench::OptimizerEntry* entry = nullptr;
+  std::string label;    // entry's label, with `variant` (label_runs)
+  std::string variant;  // the options in which it differs from the optimizer's other runs
   uint64_t seed = 0;
   double lr = 0;
   mep_bench::OptionTexts options;  // every option it ran with
@@ -597,20 +603,54 @@ Result run_optimizer(const mep_bench::OptimizerEntry& entry, uint64_t seed, cons
 
 // --- reports ----------------------------------------------------------------------------
 
-/// One optimizer's runs over the seeds.
+/// One label's runs over the seeds.
 struct Summary {
-  const mep_bench::OptimizerEntry* entry = nullptr;
+  std::string label;
   std::vector<double> best;  // best test accuracy per seed
+  std::vector<uint64_t> seeds;
   double mean = 0, sd = 0, final_train = 0, epoch_s = 0, step_ms = 0, lr = 0;
 };
 
-/// Each optimizer's runs (one per seed), in the order the optimizers first ran.
-std::vector<std::pair<const mep_bench::OptimizerEntry*, std::vector<const Result*>>> runs_by_optimizer(
-    const std::vector<Result>& results) {
-  std::vector<std::pair<const mep_bench::OptimizerEntry*, std::vector<const Result*>>> out;
+/// The value of option `name` in `options`, or "default" where the run does not record it.
+std::string option_text(const mep_bench::OptionTexts& options, const std::string& name) {
+  for (const auto& [option, text] : options)
+    if (option == name) return text;
+  return "default";
+}
+
+/// Labels every run: its optimizer's label, followed by the options in which that optimizer's
+/// runs differ, e.g. "SMEP (spectral_mode clip)" beside "SMEP (spectral_mode scale)". Runs of
+/// one command line differ only in their seeds, so theirs is the optimizer's label.
+void label_runs(std::vector<Result>& results) {
+  std::map<const mep_bench::OptimizerEntry*, std::vector<Result*>> by_entry;
+  for (auto& r : results) by_entry[r.entry].push_back(&r);
+  for (const auto& [entry, runs] : by_entry) {
+    std::vector<std::string> names;  // every option any of its runs records, in order
+    for (const auto* r : runs)
+      for (const auto& [option, text] : r->options)
+        if (std::find(names.begin(), names.end(), option) == names.end()) names.push_back(option);
+    std::vector<std::string> differ;
+    for (const auto& name : names)
+      for (const auto* r : runs)
+        if (option_text(r->options, name) != option_text(runs.front()->options, name)) {
+          differ.push_back(name);
+          break;
+        }
+    for (auto* r : runs) {
+      std::vector<std::string> shown;
+      for (const auto& name : differ) shown.push_back(name + " " + option_text(r->options, name));
+      r->variant = join(shown, ", ");
+      r->label = entry->label + (shown.empty() ? "" : " (" + r->variant + ")");
+    }
+  }
+}
+
+/// The runs of each label (one per seed), in the order the labels first ran.
+std::vector<std::pair<std::string, std::vector<const Result*>>> runs_by_label(const std::vector<Result>& results) {
+  std::vector<std::pair<std::string, std::vector<const Result*>>> out;
   for (const auto& r : results) {
-    auto it = std::find_if(out.begin(), out.end(), [&](const auto& g) { return g.first == r.entry; });
-    if (it == out.end()) it = out.insert(out.end(), {r.entry, {}});
+    auto it = std::find_if(out.begin(), out.end(), [&](const auto& g) { return g.first == r.label; });
+    if (it == out.end()) it = out.insert(out.end(), {r.label, {}});
     it->second.push_back(&r);
   }
   return out;
@@ -618,12 +658,12 @@ std::vector<std::pair<const mep_bench::OptimizerEntry*, std::vector<const Result
 
 std::vector<Summary> summarize(const std::vector<Result>& results) {
   std::vector<Summary> out;
-  for (const auto& [entry, runs] : runs_by_optimizer(results)) {
-    Summary s{entry};
+  for (const auto& [label, runs] : runs_by_label(results)) {
+    Summary s{label};
     std::vector<double> train, epoch_s, step_ms;
     for (const auto* r : runs)
       s.best.push_back(r->best_val_acc), train.push_back(r->final_train_acc), epoch_s.push_back(r->median_epoch_s),
-          step_ms.push_back(r->step_ms), s.lr = r->lr;
+          step_ms.push_back(r->step_ms), s.seeds.push_back(r->seed), s.lr = r->lr;
     std::tie(s.mean, s.sd) = mean_sd(s.best);
     s.final_train = mean_sd(train).first;
     s.epoch_s = median(epoch_s), s.step_ms = median(step_ms);
@@ -646,12 +686,15 @@ void print_table(const std::vector<Result>& results, const std::vector<uint64_t>
     const auto& r = rows[i];
     if (i == 0 || r.mean != rows[i - 1].mean) rank = i + 1;  // ties share a rank
     std::string acc = strf("%.2f%%", 100 * r.mean);
-    if (many) {
+    if (many) {  // saved runs (--from-json) may hold some of the seeds only: those are named
       std::vector<std::string> each;
       for (double b : r.best) each.push_back(strf("%.1f", 100 * b));
-      acc = strf("%.2f ± %.2f%% (%s)", 100 * r.mean, 100 * r.sd, join(each, " / ").c_str());
+      const std::string which = r.seeds == seeds ? "" : "; seed" + std::string(r.seeds.size() > 1 ? "s " : " ") +
+                                                            seed_list(r.seeds, ", ") + " only";
+      acc = r.best.size() > 1 ? strf("%.2f ± %.2f%% (%s%s)", 100 * r.mean, 100 * r.sd, join(each, " / ").c_str(), which.c_str())
+                              : strf("%.2f%% (%s)", 100 * r.mean, which.substr(2).c_str());
     }
-    std::cout << strf("| %zu | %s | %s | %.2f%% | %.2fs | %.2f | %g |\n", rank, r.entry->label.c_str(), acc.c_str(),
+    std::cout << strf("| %zu | %s | %s | %.2f%% | %.2fs | %.2f | %g |\n", rank, r.label.c_str(), acc.c_str(),
                       100 * r.final_train, r.epoch_s, r.step_ms, r.lr);
   }
   std::cout << std::flush;
@@ -671,7 +714,7 @@ nlohmann::ordered_json option_json(const std::string& text) {
 
 nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vector<Result>& results) {
   nlohmann::ordered_json j;
-  j["protocol"] = {{"model", opt.model}, {"epochs", opt.epochs}, {"train", opt.train},   {"test", opt.test},
+  j["protocol"] = {{"model", opt.model}, {"data", opt.data}, {"epochs", opt.epochs}, {"train", opt.train},   {"test", opt.test},
                    {"batch", opt.batch}, {"seed", opt.seeds.front()}, {"seeds", opt.seeds},
                    {"threads", threads}, {"device", opt.device}, {"settling", opt.settling},
                    {"lr_schedule", opt.lr_schedule}, {"normalize", opt.normalize},
@@ -701,11 +744,11 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
 std::string chart(const Options& opt, const std::vector<Result>& results) {
   std::vector<mep_bench::Curve> curves;
   std::vector<mep_bench::Bar> bars;
-  for (const auto& [entry, runs] : runs_by_optimizer(results)) {
+  for (const auto& [label, runs] : runs_by_label(results)) {
     std::vector<double> ms;
     for (const auto* r : runs) ms.push_back(r->step_ms);
     mep_bench::Curve c;
-    c.label = entry->label;
+    c.label = label;
     c.band = runs.size() > 1;
     for (size_t e = 0; e < runs.front()->epochs.size(); ++e) {
       std::vector<double> acc;
@@ -714,19 +757,21 @@ std::string chart(const Options& opt, const std::vector<Result>& results) {
       c.mean.push_back(mean), c.low.push_back(mean - sd), c.high.push_back(mean + sd);
     }
     curves.push_back(std::move(c));
-    bars.push_back({entry->label, median(ms)});
+    bars.push_back({label, median(ms)});
   }
-  const std::string title = strf("%s, %lld/%lld samples, %lld epochs, batch %lld, seed%s %s", opt.model.c_str(),
-                                 static_cast<long long>(opt.train), static_cast<long long>(opt.test),
+  const std::string data = opt.data.empty() ? "" : " on " + fs::path(opt.data).filename().string();
+  const std::string title = strf("%s%s, %lld/%lld samples, %lld epochs, batch %lld, seed%s %s", opt.model.c_str(),
+                                 data.c_str(), static_cast<long long>(opt.train), static_cast<long long>(opt.test),
                                  static_cast<long long>(opt.epochs), static_cast<long long>(opt.batch),
                                  opt.seeds.size() > 1 ? "s" : "", seed_list(opt.seeds, ",").c_str());
   return mep_bench::accuracy_speed_svg(title, curves, bars, "SGD");
 }
 
-/// One row per optimizer, seed and epoch, with every number the JSON has per epoch.
+/// One row per optimizer, seed and epoch, with every number the JSON has per epoch; `variant`
+/// names the options in which the optimizer's runs differ (label_runs), quoted.
 void write_csv(std::ostream& out, const std::vector<Result>& results) {
   out << "optimizer,seed,epoch,train_loss,train_acc,test_loss,test_acc,epoch_s,settle_steps,settle_residual,"
-         "settle_converged,lr,step_ms\n";
+         "settle_converged,lr,step_ms,variant\n";
   out.precision(10);
   for (const auto& r : results)
     for (const auto& e : r.epochs) {
@@ -734,7 +779,7 @@ void write_csv(std::ostream& out, const std::vector<Result>& results) {
           << e.val_loss << ',' << e.val_acc << ',' << e.epoch_s << ',';
       if (e.has_settle) out << e.settle_steps << ',' << e.settle_residual << ',' << e.settle_converged;
       else out << ",,";
-      out << ',' << r.lr << ',' << r.step_ms << '\n';
+      out << ',' << r.lr << ',' << r.step_ms << ",\"" << r.variant << "\"\n";
     }
 }
 
@@ -758,6 +803,119 @@ void prepare_output(const std::string& path, const char* flag) {
   if (!existed) fs::remove(p, ec);
 }
 
+
+/// The table on stdout, and the --json, --svg and --csv files.
+void report(const Options& opt, int threads, const std::vector<Result>& results) {
+  print_table(results, opt.seeds);
+  if (!opt.json.empty()) {
+    write_json(opt.json, to_json(opt, threads, results));
+    std::cout << "wrote " << opt.json << std::endl;
+  }
+  if (!opt.svg.empty()) {
+    write_text(opt.svg, "--svg", [&](std::ostream& out) { out << chart(opt, results); });
+    std::cout << "wrote " << opt.svg << std::endl;
+  }
+  if (!opt.csv.empty()) {
+    write_text(opt.csv, "--csv", [&](std::ostream& out) { write_csv(out, results); });
+    std::cout << "wrote " << opt.csv << std::endl;
+  }
+}
+
+// --- saved runs (--from-json) ------------------------------------------------------------
+
+/// An option's JSON value as its command-line text (the inverse of option_json).
+std::string option_from_json(const nlohmann::json& v) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+  if (v.is_number()) return strf("%g", v.get<double>());
+  throw std::runtime_error("an option is neither a name, a number nor true/false: " + v.dump());
+}
+
+/// One run of a saved JSON (to_json's "results" entry).
+Result result_from_json(const nlohmann::json& j, int64_t epochs) {
+  Result r;
+  const auto name = j.at("optimizer").get<std::string>();
+  r.entry = mep_bench::find_entry(name);
+  if (!r.entry) throw std::runtime_error("optimizer " + name + " is not in this build");
+  r.seed = j.at("seed").get<uint64_t>();
+  r.best_val_acc = j.at("best_val_acc"), r.final_train_acc = j.at("final_train_acc");
+  r.median_epoch_s = j.at("epoch_s"), r.step_ms = j.at("step_ms"), r.lr = j.at("lr");
+  if (j.contains("bytes_per_step")) r.bytes_per_step = j.at("bytes_per_step"), r.comm_ms = j.at("comm_ms_per_step");
+  for (const auto& [option, value] : j.at("options").items()) r.options.emplace_back(option, option_from_json(value));
+  for (const auto& e : j.at("epochs")) r.epochs.push_back(epoch_from_json(e));
+  if (static_cast<int64_t>(r.epochs.size()) != epochs)
+    throw std::runtime_error(strf("%s seed %llu has %zu epochs, the protocol %lld", name.c_str(),
+                                  static_cast<unsigned long long>(r.seed), r.epochs.size(),
+                                  static_cast<long long>(epochs)));
+  return r;
+}
+
+/// Reads the runs saved by --json in `files`, which must share one protocol: every field that
+/// two files both record is equal, except the seeds. Fills `opt` with that protocol (the seeds:
+/// every run's, in order of appearance) and `threads` with its thread count.
+std::vector<Result> load_saved_runs(const std::vector<std::string>& files, Options& opt, int& threads) {
+  std::vector<Result> results;
+  std::vector<std::string> sources;  // the file of each run
+  nlohmann::json protocol;
+  std::string first;
+  opt.seeds.clear();
+  for (const auto& file : files) {
+    std::ifstream in(file);
+    if (!in) throw std::runtime_error("--from-json " + file + ": cannot open");
+    nlohmann::json j;
+    try {
+      in >> j;
+    } catch (const std::exception&) {
+      throw std::runtime_error("--from-json " + file + ": not JSON");
+    }
+    try {
+      const auto& p = j.at("protocol");
+      if (first.empty()) {
+        protocol = p, first = file;
+      } else {
+        for (const auto& [key, value] : p.items())
+          if (key != "seed" && key != "seeds" && protocol.contains(key) && protocol[key] != value)
+            throw std::runtime_error(strf("of another protocol than %s: %s %s here, %s there", first.c_str(),
+                                          key.c_str(), value.dump().c_str(), protocol[key].dump().c_str()));
+        for (const auto& [key, value] : p.items())
+          if (!protocol.contains(key)) protocol[key] = value;
+      }
+      const auto& runs = j.at("results");
+      if (!runs.is_array() || runs.empty()) throw std::runtime_error("holds no runs");
+      for (size_t i = 0; i < runs.size(); ++i) {
+        try {
+          results.push_back(result_from_json(runs[i], protocol.at("epochs").get<int64_t>()));
+        } catch (const std::exception& e) {
+          throw std::runtime_error(strf("results[%zu]: %s", i, message(e).c_str()));
+        }
+        sources.push_back(file);
+      }
+    } catch (const std::exception& e) {
+      throw std::runtime_error("--from-json " + file + ": " + message(e));
+    }
+  }
+  label_runs(results);
+  for (size_t i = 0; i < results.size(); ++i) {
+    const auto& r = results[i];
+    for (size_t k = 0; k < i; ++k)
+      if (results[k].label == r.label && results[k].seed == r.seed)
+        throw std::runtime_error(strf("--from-json: %s, seed %llu, is both in %s and in %s", r.label.c_str(),
+                                      static_cast<unsigned long long>(r.seed), sources[k].c_str(), sources[i].c_str()));
+    if (std::find(opt.seeds.begin(), opt.seeds.end(), r.seed) == opt.seeds.end()) opt.seeds.push_back(r.seed);
+  }
+  try {
+    opt.model = protocol.at("model"), opt.epochs = protocol.at("epochs"), opt.train = protocol.at("train");
+    opt.test = protocol.at("test"), opt.batch = protocol.at("batch"), threads = protocol.at("threads");
+    opt.device = protocol.at("device"), opt.settling = protocol.at("settling");
+    opt.normalize = protocol.at("normalize").get<std::vector<double>>();
+    opt.lr_schedule = protocol.value("lr_schedule", "constant");
+    opt.data = protocol.value("data", "");
+    opt.dist.world_size = protocol.value("world_size", 1);
+  } catch (const std::exception& e) {
+    throw std::runtime_error("--from-json " + first + ": protocol: " + message(e));
+  }
+  return results;
+}
 
 // --- command line -----------------------------------------------------------------------
 
@@ -936,6 +1094,14 @@ int run(int argc, char** argv) {
   app.add_option("--csv", opt.csv,
                  "also write one CSV row per optimizer, seed and epoch to FILE (parent directories are created)")
       ->type_name("FILE");
+  std::vector<std::string> from_json;
+  auto* from_json_flag =
+      app.add_option("--from-json", from_json,
+                     "train nothing: gather the runs saved by --json in FILE,... (one protocol; any seeds and "
+                     "optimizers, runs of one optimizer with different options labelled by those options) "
+                     "into the table, and into --json, --svg and --csv")
+          ->delimiter(',')
+          ->type_name("FILE,...");
   app.add_option("--world-size", opt.dist.world_size,
                  "data parallelism: the number of processes (ranks); each trains on its shard of every batch, "
                  "gradients are averaged (Gloo on CPU, NCCL with --device cuda); scripts/distributed.sh starts them")
@@ -963,6 +1129,31 @@ int run(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  }
+
+  if (from_json_flag->count() > 0) {
+    for (const auto* o : app.get_options())
+      if (o->count() > 0 && o != from_json_flag && !o->check_name("--json") && !o->check_name("--svg") &&
+          !o->check_name("--csv"))
+        throw std::runtime_error("--from-json trains nothing: it takes no " + o->get_name() +
+                                 " (only --json, --svg and --csv)");
+    for (const auto* path : {&opt.json, &opt.svg, &opt.csv})
+      if (!path->empty() && std::find(from_json.begin(), from_json.end(), *path) != from_json.end())
+        throw std::runtime_error("--from-json: " + *path + " is both read and to be written");
+    if (!opt.json.empty()) prepare_output(opt.json, "--json");
+    if (!opt.csv.empty()) prepare_output(opt.csv, "--csv");
+    if (!opt.svg.empty()) prepare_output(opt.svg, "--svg");
+    int threads = 0;
+    const auto results = load_saved_runs(from_json, opt, threads);
+    std::cout << strf("mep_bench: %zu saved runs from %zu files | model %s | train %lld, test %lld | epochs %lld | "
+                      "batch %lld | seed%s %s | threads %d | device %s",
+                      results.size(), from_json.size(), opt.model.c_str(), static_cast<long long>(opt.train),
+                      static_cast<long long>(opt.test), static_cast<long long>(opt.epochs),
+                      static_cast<long long>(opt.batch), opt.seeds.size() > 1 ? "s" : "",
+                      seed_list(opt.seeds, ",").c_str(), threads, opt.device.c_str())
+              << std::endl;
+    report(opt, threads, results);
+    return 0;
   }
 
   if (optimizers_flag->count() > 0 && opt.optimizers.empty())
@@ -1070,19 +1261,8 @@ int run(int argc, char** argv) {
   g_progress = nullptr;
 
   check_interrupt();
-  print_table(results, opt.seeds);
-  if (!opt.json.empty()) {
-    write_json(opt.json, to_json(opt, threads, results));
-    std::cout << "wrote " << opt.json << std::endl;
-  }
-  if (!opt.svg.empty()) {
-    write_text(opt.svg, "--svg", [&](std::ostream& out) { out << chart(opt, results); });
-    std::cout << "wrote " << opt.svg << std::endl;
-  }
-  if (!opt.csv.empty()) {
-    write_text(opt.csv, "--csv", [&](std::ostream& out) { write_csv(out, results); });
-    std::cout << "wrote " << opt.csv << std::endl;
-  }
+  label_runs(results);
+  report(opt, threads, results);
   return 0;
 }
 

@@ -61,11 +61,17 @@ inline double tick_step(double span, int most) {
 /// the others are compared with (none if it is not among them).
 inline std::string accuracy_speed_svg(const std::string& title, const std::vector<Curve>& curves,
                                       const std::vector<Bar>& bars, const std::string& reference) {
-  static const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e",
-                                  "#9467bd", "#8c564b", "#e377c2", "#17becf"};
+  static const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+                                  "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"};
   const auto colour = [](size_t i) { return colours[i % (sizeof colours / sizeof *colours)]; };
   using detail::num;
-  const double W = 980, H = 460, x0 = 70, x1 = 560, y0 = 60, y1 = 400;  // the accuracy panel
+  // The bars' labels, right-aligned before the bars, set how far right the speed panel starts
+  // (about 6.5 px per character at 12 px).
+  size_t longest = 0;
+  for (const auto& b : bars) longest = std::max(longest, b.label.size());
+  const double x0 = 70, x1 = 560, y0 = 60, y1 = 400;  // the accuracy panel
+  const double bx = std::max(700.0, x1 + 30 + 6.5 * static_cast<double>(longest)), bw = 150;
+  const double W = bx + bw + 130, H = 460;
   std::ostringstream o;
   o << "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
     << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H << "\" viewBox=\"0 0 " << W
@@ -123,7 +129,7 @@ inline std::string accuracy_speed_svg(const std::string& title, const std::vecto
     most = std::max(most, b.ms);
     if (b.label == reference) ref = b.ms;
   }
-  const double bx = 700, bw = 150, by = y0, bh = std::min(34.0, (y1 - y0) / std::max<size_t>(1, bars.size()));
+  const double by = y0, bh = std::min(34.0, (y1 - y0) / std::max<size_t>(1, bars.size()));
   o << "<g id=\"speed\">\n<text x=\"" << bx + bw / 2 << "\" y=\"" << y0 - 12
     << "\" text-anchor=\"middle\">ms per step" << (ref > 0 ? " (× " + xml_escape(reference) + ")" : "")
     << "</text>\n";

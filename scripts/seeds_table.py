@@ -8,7 +8,8 @@ steps and residual per step.
     python3 scripts/seeds_table.py results/mlp_seeds.json      (mep_bench --seeds 0,1,2 --json ...)
 
 Runs of one optimizer with different options are separate rows, labelled by the options
-that differ.
+that differ. A row that lacks a seed shows — for it, and its mean is over the seeds it has.
+`mep_bench --from-json` gathers the same files into its own table, a picture and one JSON.
 """
 import json
 import statistics as st
@@ -44,27 +45,32 @@ def main(paths):
     by_optimizer = {}  # label -> [(seed, run)], in the order of first appearance
     for name, key, seed, run in loaded:
         by_optimizer.setdefault(labels[(name, key)], []).append((seed, run))
-    seed_lists = {tuple(seed for seed, _ in runs) for runs in by_optimizer.values()}
-    if len(seed_lists) != 1:
-        sys.exit("seeds_table.py: the optimizers were not all run with the same seeds")
-    seeds = [str(seed) for seed in seed_lists.pop()]
+    seeds = []  # every seed, in order of first appearance; a row that lacks one shows —
+    for runs in by_optimizer.values():
+        for seed, _ in runs:
+            if seed not in seeds:
+                seeds.append(seed)
     rows = []
     for name, runs in by_optimizer.items():
-        res = [run for _, run in runs]
+        if len({seed for seed, _ in runs}) != len(runs):
+            sys.exit(f"seeds_table.py: {name} has two runs of one seed")
+        by_seed = dict(runs)
+        res = [by_seed[seed] for seed in seeds if seed in by_seed]
+        cells = [f"{100 * by_seed[seed]['best_val_acc']:.1f}" if seed in by_seed else "—" for seed in seeds]
         acc = [100 * x["best_val_acc"] for x in res]
         epochs = [x["epochs"] for x in res]
         steps = [st.mean(e.get("settle_steps", 0) for e in ep) for ep in epochs]
         resid = [st.mean(e.get("settle_residual", 0) for e in ep) for ep in epochs]
-        rows.append((st.mean(acc), name, acc, [100 * x["final_train_acc"] for x in res],
+        rows.append((st.mean(acc), name, cells, acc, [100 * x["final_train_acc"] for x in res],
                      [x["step_ms"] for x in res], steps, resid, res[0]["lr"]))
     rows.sort(key=lambda r: -r[0])
-    print(f"| Optimizer | Best test acc (seeds {', '.join(seeds)}) | mean ± sd | Final train acc (mean) "
+    print(f"| Optimizer | Best test acc (seeds {', '.join(map(str, seeds))}) | mean ± sd | Final train acc (mean) "
           "| ms/step (median) | settling: steps, residual | lr |")
     print("|---|---|---|---|---|---|---|")
-    for mean, name, acc, train, ms, steps, resid, lr in rows:
-        sd = st.stdev(acc) if len(acc) > 1 else 0.0
+    for mean, name, cells, acc, train, ms, steps, resid, lr in rows:
+        spread = f"{mean:.2f} ± {st.stdev(acc):.2f} %" if len(acc) > 1 else f"{mean:.2f} %"
         settle = f"{st.mean(steps):.0f}, {st.mean(resid):.1e}" if st.mean(steps) > 0 else "—"
-        print(f"| {name} | {' / '.join(f'{a:.1f}' for a in acc)} | {mean:.2f} ± {sd:.2f} % | {st.mean(train):.2f} % "
+        print(f"| {name} | {' / '.join(cells)} | {spread} | {st.mean(train):.2f} % "
               f"| {st.median(ms):.2f} | {settle} | {lr:g} |")
 
 
