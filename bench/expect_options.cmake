@@ -197,6 +197,11 @@ function(expect_from_json_fails expect)
 endfunction()
 expect_from_json_fails(" [^ ]*full.json: of another protocol than [^ ]*options.json: test [0-9]+ here, 128 there$"
                        ${WORK}/options.json,${WORK}/full.json)
+execute_process(COMMAND ${PYTHON} ${CMAKE_CURRENT_LIST_DIR}/../scripts/seeds_table.py ${WORK}/options.json
+                        ${WORK}/full.json RESULT_VARIABLE rc OUTPUT_QUIET ERROR_VARIABLE err)
+if(rc EQUAL 0 OR NOT err MATCHES "full.json is of another protocol than [^ ]*options.json: train ")
+  message(FATAL_ERROR "seeds_table.py gathered runs of two protocols (${rc}): ${err}")
+endif()
 expect_from_json_fails(": SGD, seed 3, is both in " ${WORK}/options.json,${WORK}/options.json)
 file(WRITE ${WORK}/unknown.json [=[{"protocol": {"epochs": 1}, "results": [{"optimizer": "nope"}]}]=])
 expect_from_json_fails(" [^ ]*unknown.json: results\\[0\\]: optimizer nope is not in this build" ${WORK}/unknown.json)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Gathers mep_bench JSON runs of the same protocol (one file per seed, or files written with
---seeds) into the README's table: best test accuracy per seed, mean ± standard deviation, final
-train accuracy (mean), the median of the seeds' ms/step, and the EP family's mean settling
-steps and residual per step.
+"""Gathers mep_bench JSON runs of one protocol (every field two files both record is equal,
+the seeds aside), one file per seed or files written with --seeds, into the README's table:
+best test accuracy per seed, mean ± standard deviation, final train accuracy (mean), the
+median of the seeds' ms/step, and the EP family's mean settling steps and residual per step.
 
     python3 scripts/seeds_table.py results/mlp_seed0.json results/mlp_seed1.json results/mlp_seed2.json
     python3 scripts/seeds_table.py results/mlp_seeds.json      (mep_bench --seeds 0,1,2 --json ...)
@@ -23,8 +23,15 @@ def main(paths):
     # rows, labelled by what differs; an option a file does not record shows as "default".
     configs = {}  # optimizer -> {config key: config}
     loaded = []
+    protocol, first = {}, None  # as mep_bench --from-json: one protocol, the seeds aside
     for path in paths:
         data = json.load(open(path))
+        for key, value in data["protocol"].items():
+            if key not in ("seed", "seeds") and key in protocol and protocol[key] != value:
+                sys.exit(f"seeds_table.py: {path} is of another protocol than {first}: {key} "
+                         f"{json.dumps(value)} here, {json.dumps(protocol[key])} there")
+            protocol.setdefault(key, value)
+        first = first or path
         for run in data["results"]:
             seed = run.get("seed", data["protocol"]["seed"])
             config = dict(run.get("options", {}), lr_schedule=data["protocol"].get("lr_schedule", "constant"))
