@@ -691,8 +691,9 @@ void print_table(const std::vector<Result>& results, const std::vector<uint64_t>
       for (double b : r.best) each.push_back(strf("%.1f", 100 * b));
       const std::string which = r.seeds == seeds ? "" : "; seed" + std::string(r.seeds.size() > 1 ? "s " : " ") +
                                                             seed_list(r.seeds, ", ") + " only";
-      acc = r.best.size() > 1 ? strf("%.2f ± %.2f%% (%s%s)", 100 * r.mean, 100 * r.sd, join(each, " / ").c_str(), which.c_str())
-                              : strf("%.2f%% (%s)", 100 * r.mean, which.substr(2).c_str());
+      acc = r.best.size() > 1
+                ? strf("%.2f ± %.2f%% (%s%s)", 100 * r.mean, 100 * r.sd, join(each, " / ").c_str(), which.c_str())
+                : strf("%.2f%% (%s)", 100 * r.mean, which.substr(2).c_str());
     }
     std::cout << strf("| %zu | %s | %s | %.2f%% | %.2fs | %.2f | %g |\n", rank, r.label.c_str(), acc.c_str(),
                       100 * r.final_train, r.epoch_s, r.step_ms, r.lr);
@@ -714,8 +715,9 @@ nlohmann::ordered_json option_json(const std::string& text) {
 
 nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vector<Result>& results) {
   nlohmann::ordered_json j;
-  j["protocol"] = {{"model", opt.model}, {"data", opt.data}, {"epochs", opt.epochs}, {"train", opt.train},   {"test", opt.test},
-                   {"batch", opt.batch}, {"seed", opt.seeds.front()}, {"seeds", opt.seeds},
+  j["protocol"] = {{"model", opt.model}, {"data", opt.data}, {"epochs", opt.epochs},
+                   {"train", opt.train}, {"test", opt.test}, {"batch", opt.batch},
+                   {"seed", opt.seeds.front()}, {"seeds", opt.seeds},
                    {"threads", threads}, {"device", opt.device}, {"settling", opt.settling},
                    {"lr_schedule", opt.lr_schedule}, {"normalize", opt.normalize},
                    {"world_size", opt.dist.world_size}};
