@@ -805,6 +805,13 @@ void prepare_output(const std::string& path, const char* flag) {
   if (!existed) fs::remove(p, ec);
 }
 
+/// prepare_output for each of --json, --csv and --svg that was given.
+void prepare_outputs(const Options& opt) {
+  if (!opt.json.empty()) prepare_output(opt.json, "--json");
+  if (!opt.csv.empty()) prepare_output(opt.csv, "--csv");
+  if (!opt.svg.empty()) prepare_output(opt.svg, "--svg");
+}
+
 
 /// The table on stdout, and the --json, --svg and --csv files.
 void report(const Options& opt, int threads, const std::vector<Result>& results) {
@@ -1142,9 +1149,7 @@ int run(int argc, char** argv) {
     for (const auto* path : {&opt.json, &opt.svg, &opt.csv})
       if (!path->empty() && std::find(from_json.begin(), from_json.end(), *path) != from_json.end())
         throw std::runtime_error("--from-json: " + *path + " is both read and to be written");
-    if (!opt.json.empty()) prepare_output(opt.json, "--json");
-    if (!opt.csv.empty()) prepare_output(opt.csv, "--csv");
-    if (!opt.svg.empty()) prepare_output(opt.svg, "--svg");
+    prepare_outputs(opt);
     int threads = 0;
     const auto results = load_saved_runs(from_json, opt, threads);
     std::cout << strf("mep_bench: %zu saved runs from %zu files | model %s | train %lld, test %lld | epochs %lld | "
@@ -1228,9 +1233,7 @@ int run(int argc, char** argv) {
     opt.json.clear(), opt.csv.clear(), opt.svg.clear();
     std::cout.setstate(std::ios::badbit);
   }
-  if (!opt.json.empty()) prepare_output(opt.json, "--json");
-  if (!opt.csv.empty()) prepare_output(opt.csv, "--csv");
-  if (!opt.svg.empty()) prepare_output(opt.svg, "--svg");
+  prepare_outputs(opt);
   if (opt.dist.world_size > 1) {
     opt.group = mep::make_process_group(opt.dist);
   }
