@@ -321,6 +321,91 @@ TEST(Optim, NonFiniteGradientUpdatesNothing) {
   EXPECT_EQ(max_abs_diff(before, model->parameters()), 0.0);
 }
 
+// The same for the optimizers whose steps skip the rollback copies: a non-finite gradient
+// is still named, and nothing changes.
+TEST(Optim, NonFiniteGradientUpdatesNothingInSGDAndAdam) {
+  const auto check = [](auto&& make, const char* name) {
+    auto model = small_mlp();
+    auto opt = make(model->parameters());
+    auto before = model->parameters();
+    for (auto& p : before) p = p.detach().clone();
+    auto params = model->parameters();
+    for (auto& p : params) p.mutable_grad() = torch::ones_like(p);
+    params.back().mutable_grad()[0] = std::numeric_limits<float>::infinity();
+    try {
+      opt.step();
+      ADD_FAILURE() << name << ": expected an exception";
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("parameter 3"), std::string::npos) << name << ": " << e.what();
+    }
+    EXPECT_EQ(max_abs_diff(before, model->parameters()), 0.0) << name;
+    for (const auto& p : params) EXPECT_FALSE(opt.has_state(p)) << name;
+  };
+  check([](auto params) { return mep::SGD(params, mep::SGDOptions(0.1).momentum(0.9)); }, "sgd");
+  check([](auto params) { return mep::Adam(params, mep::AdamOptions(1e-3)); }, "adam");
+}
+
+// SGD and Adam bound their update by the ranges of its inputs and, when the bound is finite,
+// update in place without copies (no backup is made). Where it is not — values near the
+// float limit, or Adam with ε = 0, where m = v = 0 gives 0/0 — the step takes the
+// transactional path, and an update that overflows or divides 0 by 0 is rolled back whole.
+template <class Opt>
+struct BackupProbe : Opt {
+  using Opt::Opt;
+  size_t backups() const { return this->backups_.size(); }
+};
+
+TEST(Optim, BoundedStepsMakeNoCopiesAndUnboundedOnesRollBack) {
+  torch::manual_seed(3);
+  auto x = torch::randn({16, 20});
+  auto y = torch::randint(0, 10, {16}, torch::kLong);
+  auto model = small_mlp();
+  BackupProbe<mep::SGD> sgd(model->parameters(), mep::SGDOptions(1.0).momentum(0.9));
+  for (int i = 0; i < 3; ++i) {
+    sgd.zero_grad();
+    torch::nn::functional::cross_entropy(model->forward(x), y).backward();
+    sgd.step();
+  }
+  EXPECT_EQ(sgd.backups(), 0u);
+
+  // One weight near the float limit, its gradient pushing it past: W − lr·(μm + g) overflows.
+  auto params = model->parameters();
+  {
+    torch::NoGradGuard no_grad;
+    params[0][0][0].fill_(3e38f);
+  }
+  for (auto& p : params) p.mutable_grad() = torch::zeros_like(p);
+  params[0].mutable_grad()[0][0] = -3e38f;
+  auto before = params;
+  for (auto& p : before) p = p.detach().clone();
+  std::vector<torch::Tensor> momentum;
+  for (const auto& p : params) momentum.push_back(sgd.state_of(p).get("momentum").clone());
+  try {
+    sgd.step();
+    FAIL() << "expected an exception";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("non-finite parameter"), std::string::npos) << e.what();
+  }
+  EXPECT_GT(sgd.backups(), 0u);  // the transactional path ran
+  EXPECT_EQ(max_abs_diff(before, params), 0.0);
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_EQ(sgd.state_of(params[i]).step, 3);
+    EXPECT_TRUE(sgd.state_of(params[i]).get("momentum").equal(momentum[i])) << i;
+  }
+
+  // Adam with ε = 0 on a zero gradient: m = v = 0, so u = 0/0.
+  auto fresh = small_mlp();
+  BackupProbe<mep::Adam> adam(fresh->parameters(), mep::AdamOptions(1e-3).eps(0).weight_decay(0));
+  auto fp = fresh->parameters();
+  for (auto& p : fp) p.mutable_grad() = torch::zeros_like(p);
+  auto fresh_before = fp;
+  for (auto& p : fresh_before) p = p.detach().clone();
+  EXPECT_THROW(adam.step(), std::runtime_error);
+  EXPECT_GT(adam.backups(), 0u);
+  EXPECT_EQ(max_abs_diff(fresh_before, fp), 0.0);
+  for (const auto& p : fp) EXPECT_FALSE(adam.has_state(p));
+}
+
 TEST(Optim, StepWithBatchNeedsTheModel) {
   auto model = small_mlp();
   mep::SGD opt(model->parameters());

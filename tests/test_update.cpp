@@ -1,5 +1,6 @@
-// Update policies: Dion (low-rank orthonormal, error feedback) and Fisher + Newton-Schulz.
+// Update policies: Adam's bound, Dion (low-rank orthonormal, error feedback) and Fisher + Newton-Schulz.
 #include <gtest/gtest.h>
+#include <mep/update/adam.hpp>
 #include <mep/update/dion.hpp>
 #include <mep/update/fisher.hpp>
 
@@ -28,6 +29,40 @@ std::string validation_message(const Opts& o) {
     return e.what();
   }
   return "";
+}
+
+// ------------------------------------------------------------------ Adam
+
+// direction_bound bounds every value Adam's direction writes (m, v, v_max) or returns, over
+// gradients and moments of magnitudes from 1e-6 to 1e6, early and late steps.
+TEST(Adam, DirectionBoundHoldsForTheValuesItWrites) {
+  torch::manual_seed(4);
+  for (bool amsgrad : {false, true})
+    for (double scale : {1e-6, 1.0, 1e6})
+      for (int64_t step : {1, 2, 50}) {
+        mep::AdamUpdate adam;
+        adam.amsgrad = amsgrad;
+        mep::ParamState st;
+        st.step = step;
+        auto g = torch::randn({30, 7}, f64) * scale;
+        mep::BufferExtents extents;
+        if (step > 1) {
+          st.set("exp_avg", torch::randn({30, 7}, f64) * scale * 0.3);
+          st.set("exp_avg_sq", torch::rand({30, 7}, f64) * scale * scale);
+          if (amsgrad) st.set("max_exp_avg_sq", st.get("exp_avg_sq") * 2);
+          for (const auto& [name, t] : st.buffers) extents.ranges[name] = {t.min().item<double>(), t.max().item<double>()};
+        }
+        const double bound = adam.direction_bound(max_abs(g), extents, step);
+        auto u = adam.direction(g, st);
+        EXPECT_LE(max_abs(u), bound) << amsgrad << " " << scale << " " << step;
+        for (const auto& [name, t] : st.buffers) EXPECT_LE(max_abs(t), bound) << name;
+      }
+  mep::AdamUpdate no_eps;
+  no_eps.eps = 0;
+  EXPECT_TRUE(std::isinf(no_eps.direction_bound(1.0, {}, 1)));
+  mep::BufferExtents negative;
+  negative.ranges["exp_avg_sq"] = {-1e-3, 1.0};
+  EXPECT_TRUE(std::isinf(mep::AdamUpdate().direction_bound(1.0, negative, 2)));
 }
 
 // ------------------------------------------------------------------ Dion

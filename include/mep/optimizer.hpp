@@ -23,13 +23,22 @@
 /// A step either updates every parameter or none: non-finite gradients are rejected
 /// before anything is written, and an update that throws (a failed Cholesky or QR) or leaves
 /// a non-finite parameter is rolled back — parameters, their state, and for the EP family
-/// `.grad()` and BatchNorm's running statistics.
+/// `.grad()` and BatchNorm's running statistics. Where the update cannot throw and its
+/// results are bounded by its inputs (a direction with `direction_bound`, no constraint, no
+/// feedback: SGD, Adam, EqProp), the step first reads the range of every gradient, parameter
+/// and state buffer; when the bound they give is finite for the dtype, nothing can fail and
+/// the update runs in place, without the copies that a rollback needs.
 /// With `options.process_group(group)` the gradients are averaged over the group's ranks
 /// before the update (data_parallel.hpp).
 
+#include <mep/constraint/none.hpp>
+#include <mep/feedback/none.hpp>
 #include <mep/options.hpp>
 #include <mep/state.hpp>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <type_traits>
@@ -56,6 +65,18 @@ template <class U, class = void>
 struct has_owns_momentum_for : std::false_type {};
 template <class U>
 struct has_owns_momentum_for<U, std::void_t<decltype(&U::owns_momentum_for)>> : std::true_type {};
+template <class U, class = void>
+struct has_direction_bound : std::false_type {};
+template <class U>
+struct has_direction_bound<U, std::void_t<decltype(&U::direction_bound)>> : std::true_type {};
+
+// The largest finite value of float and double; 0 for the other dtypes (their steps take
+// the transactional path).
+inline double dtype_max(c10::ScalarType t) {
+  if (t == c10::ScalarType::Float) return std::numeric_limits<float>::max();
+  if (t == c10::ScalarType::Double) return std::numeric_limits<double>::max();
+  return 0.0;
+}
 }  // namespace detail
 
 template <class Gradient, class Update, class Constraint, class Feedback>
@@ -307,6 +328,9 @@ class Optimizer : public torch::optim::Optimizer {
       }
       parallel_.average(shared, "gradients");
     }
+    if constexpr (kBounded) {
+      if (update_if_bounded()) return;
+    }
     for (const auto& group : param_groups_)
       for (const auto& p : group.params())
         if (p.grad().defined() && !averages_own_factors(p.grad()))
@@ -342,6 +366,86 @@ class Optimizer : public torch::optim::Optimizer {
       for (auto it = saved.rbegin(); it != saved.rend(); ++it) restore_parameter(*it);
       throw;
     }
+  }
+
+  // Whether every value the update writes is bounded by the ranges of its inputs, and it
+  // cannot throw: then a step whose bound is finite needs no rollback.
+  static constexpr bool kBounded = detail::has_direction_bound<Update>::value &&
+                                   std::is_same_v<Constraint, NoConstraint> && std::is_same_v<Feedback, NoFeedback>;
+
+  // Reads the range [min, max] of every gradient, parameter and state buffer (one transfer
+  // to the host), bounds what the update writes:
+  //   d = g + λW:          |d| ≤ G + |λ|·P             (coupled weight decay)
+  //   u = direction(d):    |u| ≤ U = direction_bound(D, buffers, t)
+  //   m ← μm + (1−τ)u:     |m| ≤ |μ|·M + |1−τ|·U       (u when m is new; u + μm with Nesterov)
+  //   W ← W(1−lr·λ) − lr·m: |W| ≤ |1−lr·λ|·P + lr·|m|
+  // and, when every bound is below half the dtype's largest value (room for rounding),
+  // updates every parameter in place and returns true. Otherwise (a non-finite input, a
+  // bound too large, mixed dtypes, an empty tensor) it writes nothing and returns false.
+  bool update_if_bounded() {
+    struct Item {
+      torch::Tensor* p;
+      const Options* o;
+      const ParamState* state;           // null before the first step
+      std::vector<std::string> buffers;  // the state's defined buffers, in the order read
+    };
+    std::vector<Item> items;
+    std::vector<torch::Tensor> ranges;
+    c10::ScalarType dtype = c10::ScalarType::Undefined;
+    const auto read = [&](const torch::Tensor& t) {
+      if (t.numel() == 0 || detail::dtype_max(t.scalar_type()) == 0 ||
+          (dtype != c10::ScalarType::Undefined && t.scalar_type() != dtype))
+        return false;
+      dtype = t.scalar_type();
+      auto [lo, hi] = torch::aminmax(t);
+      ranges.push_back(lo), ranges.push_back(hi);
+      return true;
+    };
+    for (auto& group : param_groups_)
+      for (auto& p : group.params()) {
+        if (!p.grad().defined()) continue;
+        auto it = state_.find(state_key(p));
+        Item item{&p, &static_cast<const Options&>(group.options()),
+                  it == state_.end() ? nullptr : &static_cast<const ParamState&>(*it->second), {}};
+        if (!read(p.grad()) || !read(p)) return false;
+        if (item.state)
+          for (const auto& [name, t] : item.state->buffers)
+            if (t.defined()) {
+              if (!read(t)) return false;
+              item.buffers.push_back(name);
+            }
+        items.push_back(std::move(item));
+      }
+    if (items.empty()) return false;
+    const double limit = detail::dtype_max(dtype) / 2;
+    const auto host = torch::stack(ranges).to(torch::kCPU, torch::kDouble).contiguous();
+    const double* r = host.data_ptr<double>();
+    if (!std::all_of(r, r + host.numel(), [](double x) { return std::isfinite(x); })) return false;
+    const auto abs_max = [&](size_t i) { return std::max(std::abs(r[2 * i]), std::abs(r[2 * i + 1])); };
+    size_t next = 0;
+    for (const auto& item : items) {
+      const Options& o = *item.o;
+      const double G = abs_max(next++), P = abs_max(next++);
+      BufferExtents extents;
+      for (const auto& name : item.buffers) extents.ranges[name] = {r[2 * next], r[2 * next + 1]}, ++next;
+      const double wd = std::abs(o.weight_decay());
+      const double D = Update::coupled_weight_decay ? G + wd * P : G;
+      const int64_t step = (item.state ? item.state->step : 0) + 1;
+      const double U = update_.direction_bound(D, extents, step);
+      double M = U, V = U;  // the momentum buffer and the step's direction after momentum
+      if (!owns_momentum(*item.p) && o.momentum() != 0) {
+        const double mu = std::abs(o.momentum());
+        M = extents.ranges.count("momentum") ? mu * extents.abs_max("momentum") + std::abs(1 - o.dampening()) * U : U;
+        V = o.nesterov() ? U + mu * M : M;
+      }
+      const double shrink = Update::coupled_weight_decay ? 1.0 : std::abs(1 - o.lr() * o.weight_decay());
+      const double W = shrink * P + std::abs(o.lr()) * V;
+      double worst = std::max({G, P, D, U, M, V, W});
+      for (const auto& [name, range] : extents.ranges) worst = std::max(worst, extents.abs_max(name));
+      if (!(worst < limit)) return false;  // also false for NaN
+    }
+    for (const auto& item : items) update_parameter(*item.p, *item.o);
+    return true;
   }
 
   // A parameter's value and state before its update, in buffers kept from step to step (a

@@ -6,8 +6,11 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cmath>
 #include <map>
 #include <string>
+#include <utility>
 
 namespace mep {
 
@@ -52,6 +55,23 @@ struct ParamState : torch::optim::OptimizerCloneableParamState<ParamState> {
       a.read("buf." + name.toStringRef(), t, /*is_buffer=*/true);
       buffers[name.toStringRef()] = t;
     }
+  }
+};
+
+/// The range [min, max] of each of a parameter's state buffers, read before an update; a
+/// buffer not listed does not exist yet and starts as zeros. Update policies bound their
+/// results with it (`direction_bound`).
+struct BufferExtents {
+  std::map<std::string, std::pair<double, double>> ranges;
+
+  std::pair<double, double> range(const std::string& name) const {
+    auto it = ranges.find(name);
+    return it == ranges.end() ? std::pair<double, double>{0.0, 0.0} : it->second;
+  }
+  /// max |x| over the buffer `name`.
+  double abs_max(const std::string& name) const {
+    const auto [lo, hi] = range(name);
+    return std::max(std::abs(lo), std::abs(hi));
   }
 };
 
