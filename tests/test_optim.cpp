@@ -393,6 +393,25 @@ TEST(Optim, BoundedStepsMakeNoCopiesAndUnboundedOnesRollBack) {
     EXPECT_TRUE(sgd.state_of(params[i]).get("momentum").equal(momentum[i])) << i;
   }
 
+  // The range of a state buffer changed in place since the last step is read again: here a
+  // momentum near the float limit, which with lr = 2 takes W − lr·μ·m past it.
+  auto other = small_mlp();
+  BackupProbe<mep::SGD> sgd2(other->parameters(), mep::SGDOptions(1.0).momentum(0.9));
+  auto op = other->parameters();
+  for (auto& p : op) p.mutable_grad() = torch::full_like(p, 1e-3);
+  sgd2.step();
+  EXPECT_EQ(sgd2.backups(), 0u);
+  {
+    torch::NoGradGuard no_grad;
+    sgd2.state_of(op[0]).get("momentum").fill_(3.3e38f);
+  }
+  sgd2.param_groups()[0].options().set_lr(2.0);
+  auto other_before = op;
+  for (auto& p : other_before) p = p.detach().clone();
+  EXPECT_THROW(sgd2.step(), std::runtime_error);
+  EXPECT_GT(sgd2.backups(), 0u);
+  EXPECT_EQ(max_abs_diff(other_before, op), 0.0);
+
   // Adam with ε = 0 on a zero gradient: m = v = 0, so u = 0/0.
   auto fresh = small_mlp();
   BackupProbe<mep::Adam> adam(fresh->parameters(), mep::AdamOptions(1e-3).eps(0).weight_decay(0));

@@ -25,9 +25,10 @@
 /// a non-finite parameter is rolled back — parameters, their state, and for the EP family
 /// `.grad()` and BatchNorm's running statistics. Where the update cannot throw and its
 /// results are bounded by its inputs (a direction with `direction_bound`, no constraint, no
-/// feedback: SGD, Adam, EqProp), the step first reads the range of every gradient, parameter
-/// and state buffer; when the bound they give is finite for the dtype, nothing can fail and
-/// the update runs in place, without the copies that a rollback needs.
+/// feedback: SGD, Adam, EqProp), the step first bounds every value it will write from the
+/// norms of the gradients and parameters and the ranges of the state; when that bound is
+/// finite for the dtype nothing can fail, and the update runs in place without the copies
+/// a rollback needs (an out-of-memory error inside it is then not rolled back).
 /// With `options.process_group(group)` the gradients are averaged over the group's ranks
 /// before the update (data_parallel.hpp).
 
@@ -373,78 +374,115 @@ class Optimizer : public torch::optim::Optimizer {
   static constexpr bool kBounded = detail::has_direction_bound<Update>::value &&
                                    std::is_same_v<Constraint, NoConstraint> && std::is_same_v<Feedback, NoFeedback>;
 
-  // Reads the range [min, max] of every gradient, parameter and state buffer (one transfer
-  // to the host), bounds what the update writes:
-  //   d = g + λW:          |d| ≤ G + |λ|·P             (coupled weight decay)
-  //   u = direction(d):    |u| ≤ U = direction_bound(D, buffers, t)
-  //   m ← μm + (1−τ)u:     |m| ≤ |μ|·M + |1−τ|·U       (u when m is new; u + μm with Nesterov)
+  // The range of a state buffer as the last bounded step left it, valid while the buffer is
+  // the same tensor at the same version (an in-place change or a load makes it stale).
+  struct KnownRange {
+    const c10::TensorImpl* impl = nullptr;
+    int64_t version = -1;
+    std::pair<double, double> range;
+  };
+  static bool same_version(const KnownRange& k, const torch::Tensor& t) {
+    return k.impl == t.unsafeGetTensorImpl() && !t.is_inference() && k.version == t._version();
+  }
+
+  // Bounds what the update writes from the magnitudes of its inputs:
+  //   d = g + λW:           |d| ≤ G + |λ|·P             (coupled weight decay)
+  //   u = direction(d):     |u| ≤ U = direction_bound(D, buffers, t), which also bounds the
+  //                         buffers the direction writes
+  //   m ← μm + (1−τ)u:      |m| ≤ |μ|·M + |1−τ|·U       (U when m is new; U + |μ|·M with Nesterov)
   //   W ← W(1−lr·λ) − lr·m: |W| ≤ |1−lr·λ|·P + lr·|m|
-  // and, when every bound is below half the dtype's largest value (room for rounding),
-  // updates every parameter in place and returns true. Otherwise (a non-finite input, a
-  // bound too large, mixed dtypes, an empty tensor) it writes nothing and returns false.
+  // G and P are ‖g‖₂ and ‖W‖₂ (one dot product each, ≥ the largest entry, NaN or inf when an
+  // entry is); a state buffer's range is the one the previous bounded step computed, or read
+  // (aminmax) when it is stale. All reads reach the host in one transfer. When every bound is
+  // below a quarter of the dtype's largest value (room for rounding in the sums), updates
+  // every parameter in place and returns true. Otherwise (a non-finite input, a bound too
+  // large, mixed dtypes, an empty tensor) it writes nothing and returns false.
   bool update_if_bounded() {
     struct Item {
       torch::Tensor* p;
       const Options* o;
-      const ParamState* state;           // null before the first step
-      std::vector<std::string> buffers;  // the state's defined buffers, in the order read
+      ParamState* state;  // null before the first step
+      BufferExtents extents;
+      std::vector<std::pair<std::string, size_t>> read;  // buffers read now, and their index in `reads`
+      size_t norms;                                       // index of ‖g‖² and ‖W‖² in `reads`
     };
     std::vector<Item> items;
-    std::vector<torch::Tensor> ranges;
+    std::vector<torch::Tensor> reads;
     c10::ScalarType dtype = c10::ScalarType::Undefined;
-    const auto read = [&](const torch::Tensor& t) {
+    const auto usable = [&](const torch::Tensor& t) {
       if (t.numel() == 0 || detail::dtype_max(t.scalar_type()) == 0 ||
           (dtype != c10::ScalarType::Undefined && t.scalar_type() != dtype))
         return false;
       dtype = t.scalar_type();
-      auto [lo, hi] = torch::aminmax(t);
-      ranges.push_back(lo), ranges.push_back(hi);
       return true;
+    };
+    const auto squared_norm = [](const torch::Tensor& t) {
+      return t.is_contiguous() ? torch::dot(t.view(-1), t.view(-1)) : t.pow(2).sum();
     };
     for (auto& group : param_groups_)
       for (auto& p : group.params()) {
         if (!p.grad().defined()) continue;
+        if (!usable(p.grad()) || !usable(p)) return false;
         auto it = state_.find(state_key(p));
         Item item{&p, &static_cast<const Options&>(group.options()),
-                  it == state_.end() ? nullptr : &static_cast<const ParamState&>(*it->second), {}};
-        if (!read(p.grad()) || !read(p)) return false;
-        if (item.state)
-          for (const auto& [name, t] : item.state->buffers)
-            if (t.defined()) {
-              if (!read(t)) return false;
-              item.buffers.push_back(name);
+                  it == state_.end() ? nullptr : &static_cast<ParamState&>(*it->second), {}, {}, reads.size()};
+        reads.push_back(squared_norm(p.grad())), reads.push_back(squared_norm(p));
+        if (item.state) {
+          const auto& known = known_ranges_[p.unsafeGetTensorImpl()];
+          for (const auto& [name, t] : item.state->buffers) {
+            if (!t.defined()) continue;
+            if (!usable(t)) return false;
+            auto k = known.find(name);
+            if (k != known.end() && same_version(k->second, t)) {
+              item.extents.ranges[name] = k->second.range;
+            } else {
+              item.read.emplace_back(name, reads.size());
+              auto [lo, hi] = torch::aminmax(t);
+              reads.push_back(lo), reads.push_back(hi);
             }
+          }
+        }
         items.push_back(std::move(item));
       }
     if (items.empty()) return false;
-    const double limit = detail::dtype_max(dtype) / 2;
-    const auto host = torch::stack(ranges).to(torch::kCPU, torch::kDouble).contiguous();
+    const double limit = detail::dtype_max(dtype) / 4;
+    const auto host = torch::stack(reads).to(torch::kCPU, torch::kDouble).contiguous();
     const double* r = host.data_ptr<double>();
     if (!std::all_of(r, r + host.numel(), [](double x) { return std::isfinite(x); })) return false;
-    const auto abs_max = [&](size_t i) { return std::max(std::abs(r[2 * i]), std::abs(r[2 * i + 1])); };
-    size_t next = 0;
-    for (const auto& item : items) {
+    for (auto& item : items) {
       const Options& o = *item.o;
-      const double G = abs_max(next++), P = abs_max(next++);
-      BufferExtents extents;
-      for (const auto& name : item.buffers) extents.ranges[name] = {r[2 * next], r[2 * next + 1]}, ++next;
-      const double wd = std::abs(o.weight_decay());
-      const double D = Update::coupled_weight_decay ? G + wd * P : G;
+      for (const auto& [name, i] : item.read) item.extents.ranges[name] = {r[i], r[i + 1]};
+      double worst = 0;
+      for (const auto& kv : item.extents.ranges) worst = std::max(worst, item.extents.abs_max(kv.first));
+      const double G = std::sqrt(r[item.norms]), P = std::sqrt(r[item.norms + 1]);
+      const double D = Update::coupled_weight_decay ? G + std::abs(o.weight_decay()) * P : G;
       const int64_t step = (item.state ? item.state->step : 0) + 1;
-      const double U = update_.direction_bound(D, extents, step);
-      double M = U, V = U;  // the momentum buffer and the step's direction after momentum
+      const double U = update_.direction_bound(D, item.extents, step);
+      double V = U;  // the step's direction after momentum
       if (!owns_momentum(*item.p) && o.momentum() != 0) {
         const double mu = std::abs(o.momentum());
-        M = extents.ranges.count("momentum") ? mu * extents.abs_max("momentum") + std::abs(1 - o.dampening()) * U : U;
+        const bool had = item.extents.ranges.count("momentum") > 0;
+        const double M = had ? mu * item.extents.abs_max("momentum") + std::abs(1 - o.dampening()) * U : U;
+        item.extents.ranges["momentum"] = {-M, M};
         V = o.nesterov() ? U + mu * M : M;
       }
       const double shrink = Update::coupled_weight_decay ? 1.0 : std::abs(1 - o.lr() * o.weight_decay());
       const double W = shrink * P + std::abs(o.lr()) * V;
-      double worst = std::max({G, P, D, U, M, V, W});
-      for (const auto& [name, range] : extents.ranges) worst = std::max(worst, extents.abs_max(name));
+      for (const auto& kv : item.extents.ranges) worst = std::max(worst, item.extents.abs_max(kv.first));
+      worst = std::max({worst, G, P, D, U, V, W});
       if (!(worst < limit)) return false;  // also false for NaN
     }
-    for (const auto& item : items) update_parameter(*item.p, *item.o);
+    for (auto& item : items) {
+      ParamState& st = item.state ? *item.state : state_of(*item.p);
+      update_parameter(*item.p, *item.o, st);
+      auto& known = known_ranges_[item.p->unsafeGetTensorImpl()];
+      known.clear();
+      for (const auto& [name, t] : st.buffers) {
+        auto e = item.extents.ranges.find(name);
+        if (t.defined() && e != item.extents.ranges.end() && !t.is_inference())
+          known[name] = KnownRange{t.unsafeGetTensorImpl(), t._version(), e->second};
+      }
+    }
     return true;
   }
 
@@ -493,8 +531,8 @@ class Optimizer : public torch::optim::Optimizer {
     for (const auto& [name, t] : b->buffers) st.buffers[name] = t.clone();
   }
 
-  void update_parameter(torch::Tensor& p, const Options& o) {
-    ParamState& st = state_of(p);
+  void update_parameter(torch::Tensor& p, const Options& o) { update_parameter(p, o, state_of(p)); }
+  void update_parameter(torch::Tensor& p, const Options& o, ParamState& st) {
     ++st.step;
     torch::Tensor g = p.grad();
     if (Update::coupled_weight_decay && o.weight_decay() != 0) g = g.add(p, o.weight_decay());
@@ -554,6 +592,7 @@ class Optimizer : public torch::optim::Optimizer {
   int64_t skipped_steps_ = 0;
   c10::TensorImpl* input_weight_ = nullptr;  // the input layer's weight (the constraint's input_layer)
   std::unordered_map<c10::TensorImpl*, Backup> backups_;
+  std::unordered_map<c10::TensorImpl*, std::map<std::string, KnownRange>> known_ranges_;
   Gradient gradient_;
   Update update_;
   Constraint constraint_;

@@ -59,20 +59,25 @@ struct AdamUpdate {
     return at::div_out(u, m, u).div_(bc1);
   }
 
-  /// The largest value `direction` returns or writes at step t, for max|g| ≤ g and the
-  /// state's buffers in `b`: |m| ≤ β₁·max|m| + (1−β₁)·g, 0 ≤ v ≤ β₂·max v + (1−β₂)·g², and, as
-  /// the denominator is at least ε, |u| ≤ |m| / (ε·(1−β₁ᵗ)). Infinite when nothing bounds it:
-  /// ε = 0 (0/0 where m = v = 0) or a negative second moment (its square root).
-  double direction_bound(double g, const BufferExtents& b, int64_t step) const {
+  /// A bound on |u| and on what `direction` computes on the way (g², the denominator) at step
+  /// t for max|g| ≤ g, given the ranges of the state's buffers in `b`, which it replaces with
+  /// ranges of the values `direction` writes: |m| ≤ β₁·max|m| + (1−β₁)·g,
+  /// 0 ≤ v ≤ β₂·max v + (1−β₂)·g², and, as the denominator is at least ε,
+  /// |u| ≤ |m| / (ε·(1−β₁ᵗ)). Infinite when nothing bounds it: ε = 0 (0/0 where m = v = 0) or
+  /// a negative second moment (its square root).
+  double direction_bound(double g, BufferExtents& b, int64_t step) const {
     constexpr double inf = std::numeric_limits<double>::infinity();
     if (!(eps > 0) || b.range("exp_avg_sq").first < 0 || (amsgrad && b.range("max_exp_avg_sq").first < 0)) return inf;
     const double m = beta1 * b.abs_max("exp_avg") + (1 - beta1) * g;
     const double v = beta2 * b.abs_max("exp_avg_sq") + (1 - beta2) * g * g;
     const double second = amsgrad ? std::max(v, b.abs_max("max_exp_avg_sq")) : v;
+    b.ranges["exp_avg"] = {-m, m};
+    b.ranges["exp_avg_sq"] = {0.0, v};
+    if (amsgrad) b.ranges["max_exp_avg_sq"] = {0.0, second};
     const double bc1 = 1 - std::pow(beta1, static_cast<double>(step));
     const double bc2 = 1 - std::pow(beta2, static_cast<double>(step));
     const double denominator = std::sqrt(second) / std::sqrt(bc2) + eps;
-    return std::max({g * g, m, v, second, denominator, m / eps, m / eps / bc1});
+    return std::max({g * g, denominator, m / eps / bc1});
   }
 };
 

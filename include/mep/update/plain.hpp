@@ -21,8 +21,8 @@ struct Plain {
   explicit Plain(const O&) {}
 
   torch::Tensor direction(const torch::Tensor& g, ParamState&) const { return g; }
-  /// |u| ≤ max|g|: the largest value `direction` returns or writes.
-  double direction_bound(double g, const BufferExtents&, int64_t /*step*/) const { return g; }
+  /// |u| ≤ max|g|; Plain writes no buffer.
+  double direction_bound(double g, BufferExtents&, int64_t /*step*/) const { return g; }
 };
 
 }  // namespace mep
