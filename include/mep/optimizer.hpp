@@ -26,7 +26,7 @@
 /// `.grad()` and BatchNorm's running statistics. Where the update cannot throw and its
 /// results are bounded by its inputs (a direction with `direction_bound`, no constraint, no
 /// feedback: SGD, Adam, EqProp), the step first bounds every value it will write from the
-/// norms of the gradients and parameters and the ranges of the state; when that bound is
+/// ranges of the gradients, the parameters and the state; when that bound is
 /// finite for the dtype nothing can fail, and the update runs in place without the copies
 /// a rollback needs (an out-of-memory error inside it is then not rolled back).
 /// With `options.process_group(group)` the gradients are averaged over the group's ranks
@@ -391,10 +391,10 @@ class Optimizer : public torch::optim::Optimizer {
   //                         buffers the direction writes
   //   m ← μm + (1−τ)u:      |m| ≤ |μ|·M + |1−τ|·U       (U when m is new; U + |μ|·M with Nesterov)
   //   W ← W(1−lr·λ) − lr·m: |W| ≤ |1−lr·λ|·P + lr·|m|
-  // G and P are ‖g‖₂ and ‖W‖₂ (one dot product each, ≥ the largest entry, NaN or inf when an
-  // entry is); a state buffer's range is the one the previous bounded step computed, or read
-  // (aminmax) when it is stale. All reads reach the host in one transfer. When every bound is
-  // below a quarter of the dtype's largest value (room for rounding in the sums), updates
+  // G and P are max|g| and max|W| (aminmax, one pass each; NaN when an entry is); a state
+  // buffer's range is the one the previous bounded step computed, or read when it is stale.
+  // All reads reach the host in one transfer. When every bound is below a quarter of the
+  // dtype's largest value (room for rounding), updates
   // every parameter in place and returns true. Otherwise (a non-finite input, a bound too
   // large, mixed dtypes, an empty tensor) it writes nothing and returns false.
   bool update_if_bounded() {
@@ -404,7 +404,7 @@ class Optimizer : public torch::optim::Optimizer {
       ParamState* state;  // null before the first step
       BufferExtents extents;
       std::vector<std::pair<std::string, size_t>> read;  // buffers read now, and their index in `reads`
-      size_t norms;                                       // index of ‖g‖² and ‖W‖² in `reads`
+      size_t ranges;                                      // index of g's and then W's range in `reads`
     };
     std::vector<Item> items;
     std::vector<torch::Tensor> reads;
@@ -416,8 +416,9 @@ class Optimizer : public torch::optim::Optimizer {
       dtype = t.scalar_type();
       return true;
     };
-    const auto squared_norm = [](const torch::Tensor& t) {
-      return t.is_contiguous() ? torch::dot(t.view(-1), t.view(-1)) : t.pow(2).sum();
+    const auto read_range = [&reads](const torch::Tensor& t) {
+      auto [lo, hi] = torch::aminmax(t);
+      reads.push_back(lo), reads.push_back(hi);
     };
     for (auto& group : param_groups_)
       for (auto& p : group.params()) {
@@ -426,7 +427,7 @@ class Optimizer : public torch::optim::Optimizer {
         auto it = state_.find(state_key(p));
         Item item{&p, &static_cast<const Options&>(group.options()),
                   it == state_.end() ? nullptr : &static_cast<ParamState&>(*it->second), {}, {}, reads.size()};
-        reads.push_back(squared_norm(p.grad())), reads.push_back(squared_norm(p));
+        read_range(p.grad()), read_range(p);
         if (item.state) {
           const auto& known = known_ranges_[p.unsafeGetTensorImpl()];
           for (const auto& [name, t] : item.state->buffers) {
@@ -437,8 +438,7 @@ class Optimizer : public torch::optim::Optimizer {
               item.extents.ranges[name] = k->second.range;
             } else {
               item.read.emplace_back(name, reads.size());
-              auto [lo, hi] = torch::aminmax(t);
-              reads.push_back(lo), reads.push_back(hi);
+              read_range(t);
             }
           }
         }
@@ -454,7 +454,8 @@ class Optimizer : public torch::optim::Optimizer {
       for (const auto& [name, i] : item.read) item.extents.ranges[name] = {r[i], r[i + 1]};
       double worst = 0;
       for (const auto& kv : item.extents.ranges) worst = std::max(worst, item.extents.abs_max(kv.first));
-      const double G = std::sqrt(r[item.norms]), P = std::sqrt(r[item.norms + 1]);
+      const auto abs_max = [r](size_t i) { return std::max(std::abs(r[i]), std::abs(r[i + 1])); };
+      const double G = abs_max(item.ranges), P = abs_max(item.ranges + 2);
       const double D = Update::coupled_weight_decay ? G + std::abs(o.weight_decay()) * P : G;
       const int64_t step = (item.state ? item.state->step : 0) + 1;
       const double U = update_.direction_bound(D, item.extents, step);
