@@ -62,7 +62,8 @@ inline double tick_step(double span, int most) {
 inline std::string accuracy_speed_svg(const std::string& title, const std::vector<Curve>& curves,
                                       const std::vector<Bar>& bars, const std::string& reference) {
   static const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
-                                  "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"};
+                                  "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+                                  "#000000", "#98df8a", "#ff9896", "#aec7e8"};
   const auto colour = [](size_t i) { return colours[i % (sizeof colours / sizeof *colours)]; };
   using detail::num;
   // The bars' labels, right-aligned before the bars, set how far right the speed panel starts
