@@ -412,6 +412,20 @@ TEST(Optim, BoundedStepsMakeNoCopiesAndUnboundedOnesRollBack) {
   EXPECT_GT(sgd2.backups(), 0u);
   EXPECT_EQ(max_abs_diff(other_before, op), 0.0);
 
+  // So is a buffer replaced by another (here through the state, as a load does).
+  sgd2.param_groups()[0].options().set_lr(1.0);
+  for (auto& p : op) p.mutable_grad() = torch::full_like(p, 1e-3);
+  {
+    torch::NoGradGuard no_grad;
+    sgd2.state_of(op[0]).get("momentum").zero_();
+  }
+  sgd2.step();
+  sgd2.state_of(op[0]).set("momentum", torch::full_like(op[0], 3.3e38f));
+  sgd2.param_groups()[0].options().set_lr(2.0);
+  for (size_t i = 0; i < op.size(); ++i) other_before[i] = op[i].detach().clone();
+  EXPECT_THROW(sgd2.step(), std::runtime_error);
+  EXPECT_EQ(max_abs_diff(other_before, op), 0.0);
+
   // Adam with ε = 0 on a zero gradient: m = v = 0, so u = 0/0.
   auto fresh = small_mlp();
   BackupProbe<mep::Adam> adam(fresh->parameters(), mep::AdamOptions(1e-3).eps(0).weight_decay(0));

@@ -375,14 +375,15 @@ class Optimizer : public torch::optim::Optimizer {
                                    std::is_same_v<Constraint, NoConstraint> && std::is_same_v<Feedback, NoFeedback>;
 
   // The range of a state buffer as the last bounded step left it, valid while the buffer is
-  // the same tensor at the same version (an in-place change or a load makes it stale).
+  // the same tensor at the same version (an in-place change or a load makes it stale). It
+  // holds the tensor, so that a replaced buffer's address cannot be reused by another.
   struct KnownRange {
-    const c10::TensorImpl* impl = nullptr;
+    torch::Tensor tensor;
     int64_t version = -1;
     std::pair<double, double> range;
   };
   static bool same_version(const KnownRange& k, const torch::Tensor& t) {
-    return k.impl == t.unsafeGetTensorImpl() && !t.is_inference() && k.version == t._version();
+    return k.tensor.is_same(t) && !t.is_inference() && k.version == t._version();
   }
 
   // Bounds what the update writes from the magnitudes of its inputs:
@@ -481,7 +482,7 @@ class Optimizer : public torch::optim::Optimizer {
       for (const auto& [name, t] : st.buffers) {
         auto e = item.extents.ranges.find(name);
         if (t.defined() && e != item.extents.ranges.end() && !t.is_inference())
-          known[name] = KnownRange{t.unsafeGetTensorImpl(), t._version(), e->second};
+          known[name] = KnownRange{t, t._version(), e->second};
       }
     }
     return true;
