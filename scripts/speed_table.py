@@ -15,9 +15,10 @@ bare matrix products each performs, and the spectral constraint's two rules at t
 
 Each step and floor benchmark runs alone in its own process, 3 rounds in a shuffled order
 (MEP_ROUNDS sets another count), one model's benchmarks after another, and the table shows
-the median over the rounds (and, for a ratio, the median of the rounds' ratios): in one process a step's time depended on the benchmarks run
-before it, and on this shared 2-core VM the same process varies up to 2x from minute to
-minute, so the steps compared with each other run close together. The directions run in one
+the median over the rounds (and, for a ratio, the median of the rounds' ratios): in one
+process a step's time depended on the benchmarks run before it, and on this shared 2-core VM
+the same process varies up to 2x from minute to minute, so the steps compared with each other
+run close together. The directions run in one
 process, 3 repetitions. MEP_THREADS sets mep_speed's intra-op thread count (default 2).
 """
 import json
@@ -76,8 +77,8 @@ def measure(argv):
                    "time_unit": unit[n], "rounds": t} for n, t in times.items()]
     if together:
         pattern = "^(" + "|".join(re.escape(n) for n in together) + ")$"
-        benchmarks += [b for b in run([f"--benchmark_filter={pattern}", "--benchmark_repetitions=3",
-                                       "--benchmark_report_aggregates_only=true"] + rest)]
+        benchmarks += run([f"--benchmark_filter={pattern}", "--benchmark_repetitions=3",
+                           "--benchmark_report_aggregates_only=true"] + rest)
     return {"benchmarks": benchmarks, "rounds": rounds, "threads": os.environ.get("MEP_THREADS", "2")}
 
 

@@ -395,9 +395,9 @@ class Optimizer : public torch::optim::Optimizer {
   // G and P are max|g| and max|W| (aminmax, one pass each; NaN when an entry is); a state
   // buffer's range is the one the previous bounded step computed, or read when it is stale.
   // All reads reach the host in one transfer. When every bound is below a quarter of the
-  // dtype's largest value (room for rounding), updates
-  // every parameter in place and returns true. Otherwise (a non-finite input, a bound too
-  // large, mixed dtypes, an empty tensor) it writes nothing and returns false.
+  // dtype's largest value (room for rounding), updates every parameter in place and returns
+  // true. Otherwise (a non-finite input, a bound too large, mixed dtypes, an empty tensor) it
+  // writes nothing and returns false.
   bool update_if_bounded() {
     struct Item {
       torch::Tensor* p;
@@ -405,7 +405,7 @@ class Optimizer : public torch::optim::Optimizer {
       ParamState* state;  // null before the first step
       BufferExtents extents;
       std::vector<std::pair<std::string, size_t>> read;  // buffers read now, and their index in `reads`
-      size_t ranges;                                      // index of g's and then W's range in `reads`
+      size_t g_at;                                        // index of g's and then W's range in `reads`
     };
     std::vector<Item> items;
     std::vector<torch::Tensor> reads;
@@ -450,13 +450,13 @@ class Optimizer : public torch::optim::Optimizer {
     const auto host = torch::stack(reads).to(torch::kCPU, torch::kDouble).contiguous();
     const double* r = host.data_ptr<double>();
     if (!std::all_of(r, r + host.numel(), [](double x) { return std::isfinite(x); })) return false;
+    const auto abs_max = [r](size_t i) { return std::max(std::abs(r[i]), std::abs(r[i + 1])); };
     for (auto& item : items) {
       const Options& o = *item.o;
       for (const auto& [name, i] : item.read) item.extents.ranges[name] = {r[i], r[i + 1]};
       double worst = 0;
       for (const auto& kv : item.extents.ranges) worst = std::max(worst, item.extents.abs_max(kv.first));
-      const auto abs_max = [r](size_t i) { return std::max(std::abs(r[i]), std::abs(r[i + 1])); };
-      const double G = abs_max(item.ranges), P = abs_max(item.ranges + 2);
+      const double G = abs_max(item.g_at), P = abs_max(item.g_at + 2);
       const double D = Update::coupled_weight_decay ? G + std::abs(o.weight_decay()) * P : G;
       const int64_t step = (item.state ? item.state->step : 0) + 1;
       const double U = update_.direction_bound(D, item.extents, step);
