@@ -18,8 +18,8 @@ Each step and floor benchmark runs alone in its own process, 3 rounds in a shuff
 the median over the rounds (and, for a ratio, the median of the rounds' ratios): in one
 process a step's time depended on the benchmarks run before it, and on this shared 2-core VM
 the same process varies up to 2x from minute to minute, so the steps compared with each other
-run close together. The directions run in one
-process, 3 repetitions. MEP_THREADS sets mep_speed's intra-op thread count (default 2).
+run close together. The directions run in one process, 3 repetitions. MEP_THREADS sets
+mep_speed's intra-op thread count (default 2).
 """
 import json
 import os
