@@ -139,7 +139,7 @@ std::vector<torch::Tensor> mlp_parameters_with_grads() {
 }
 void BM_Update_MepSGD(benchmark::State& state) {
   torch::set_num_threads(threads());
-  mep::SGD opt(mlp_parameters_with_grads(), mep::SGDOptions(0.01));
+  mep::SGD opt(mlp_parameters_with_grads(), mep::SGDOptions(0.01).momentum(0.9).weight_decay(5e-4));
   run_update(state, opt);
   state.SetLabel("mlp parameters, mep::SGD");
 }
@@ -151,7 +151,7 @@ void BM_Update_TorchSGD(benchmark::State& state) {
 }
 void BM_Update_MepAdam(benchmark::State& state) {
   torch::set_num_threads(threads());
-  mep::Adam opt(mlp_parameters_with_grads(), mep::AdamOptions(1e-3));
+  mep::Adam opt(mlp_parameters_with_grads(), mep::AdamOptions(1e-3).weight_decay(5e-4));
   run_update(state, opt);
   state.SetLabel("mlp parameters, mep::Adam");
 }

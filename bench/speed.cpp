@@ -290,7 +290,7 @@ void register_floors() {
   const std::pair<const char*, Build> floors[] = {
       {"sgd", [](Floor& f) { f.backprop(); }},
       {"adam", [](Floor& f) { f.backprop(); }},
-      {"muon", [&](Floor& f) { f.backprop(), ns_and_constraint(f, mep::MuonOptions(0.02)); }},
+      {"muon", [&](Floor& f) { f.backprop(), ns_and_constraint(f, mep::reference::MuonOptions(0.02)); }},
       {"eqprop", [&](Floor& f) { f.ep(sweeps); }},
       {"smep", [&](Floor& f) { f.ep(sweeps), ns_and_constraint(f, mep::SMEPOptions(0.01)); }},
       {"sdmep",
@@ -317,15 +317,15 @@ void register_floors() {
 void register_all() {
   using Fn = std::function<void(benchmark::State&, const char*)>;
   const std::pair<const char*, Fn> steps[] = {
-      {"sgd", [](auto& s, auto m) { backprop_step<mep::SGD>(s, m, mep::SGDOptions(0.1).momentum(0.9).weight_decay(5e-4)); }},
+      {"sgd", [](auto& s, auto m) { backprop_step<mep::reference::SGD>(s, m, mep::reference::SGDOptions(0.1)); }},
       {"torch_sgd",
        [](auto& s, auto m) {
          backprop_step<torch::optim::SGD>(s, m, torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(5e-4));
        }},
-      {"adam", [](auto& s, auto m) { backprop_step<mep::Adam>(s, m, mep::AdamOptions(1e-3).weight_decay(5e-4)); }},
+      {"adam", [](auto& s, auto m) { backprop_step<mep::reference::Adam>(s, m, mep::reference::AdamOptions(1e-3)); }},
       {"torch_adam",
        [](auto& s, auto m) { backprop_step<torch::optim::Adam>(s, m, torch::optim::AdamOptions(1e-3).weight_decay(5e-4)); }},
-      {"muon", [](auto& s, auto m) { backprop_step<mep::Muon>(s, m, mep::MuonOptions(0.02)); }},
+      {"muon", [](auto& s, auto m) { backprop_step<mep::reference::Muon>(s, m, mep::reference::MuonOptions(0.02)); }},
       {"eqprop", [](auto& s, auto m) { model_step<mep::EqProp>(s, m, mep::EqPropOptions(0.05)); }},
       {"smep", [](auto& s, auto m) { model_step<mep::SMEP>(s, m, mep::SMEPOptions(0.01)); }},
       {"sdmep", [](auto& s, auto m) { model_step<mep::SDMEP>(s, m, mep::SDMEPOptions(0.01)); }},

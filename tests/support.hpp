@@ -3,6 +3,8 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace mep_test {
@@ -34,6 +36,23 @@ inline double max_abs_diff(const std::vector<torch::Tensor>& a, const std::vecto
   double worst = 0;
   for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, (a[i] - b[i]).abs().max().item<double>());
   return worst;
+}
+
+template <class O, class = void>
+struct has_mode : std::false_type {};
+template <class O>
+struct has_mode<O, std::void_t<decltype(std::declval<O&>().mode())>> : std::true_type {};
+
+/// Valid options of type O, usable with a parameter list: the defaults (lr 0.1 where the
+/// options need one), and for the EP family the backprop mode.
+template <class O>
+O some_options() {
+  O o = [] {
+    if constexpr (std::is_default_constructible_v<O>) return O();
+    else return O(0.1);
+  }();
+  if constexpr (has_mode<O>::value) o.mode(std::decay_t<decltype(o.mode())>::Backprop);
+  return o;
 }
 
 }  // namespace mep_test

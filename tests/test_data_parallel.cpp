@@ -152,7 +152,7 @@ TEST(DataParallel, SGDOnTwoRanksMatchesOneRank) {
   expect_two_halves_match_one_whole<mep::SGD>(mep::SGDOptions(0.1));
 }
 TEST(DataParallel, MuonOnTwoRanksMatchesOneRank) {
-  expect_two_halves_match_one_whole<mep::Muon>(mep::MuonOptions(0.02));
+  expect_two_halves_match_one_whole<mep::reference::Muon>(mep::reference::MuonOptions(0.02));
 }
 TEST(DataParallel, SMEPOnTwoRanksMatchesOneRank) {
   expect_two_halves_match_one_whole<mep::SMEP>(mep::SMEPOptions(0.02));

@@ -62,6 +62,7 @@ torch::nn::Sequential tiny() {
 }
 
 using mep_test::copy_parameters;
+using mep_test::some_options;
 
 torch::nn::Sequential tiny_with_batchnorm() {
   return torch::nn::Sequential(torch::nn::Linear(20, 32), torch::nn::BatchNorm1d(32), torch::nn::ReLU(),
@@ -112,9 +113,10 @@ void expect_bit_identical_resume(typename Opt::Options options, const char* name
 }
 
 TEST(EPOptim, SaveLoadResumesBitIdenticallyForAllEight) {
-  expect_bit_identical_resume<mep::SGD>(mep::SGDOptions(), "SGD");
+  expect_bit_identical_resume<mep::reference::SGD>(mep::reference::SGDOptions(), "SGD");
   expect_bit_identical_resume<mep::Adam>(mep::AdamOptions(), "Adam");
-  expect_bit_identical_resume<mep::Muon>(mep::MuonOptions(), "Muon");
+  expect_bit_identical_resume<mep::AdamW>(mep::AdamWOptions(), "AdamW");
+  expect_bit_identical_resume<mep::reference::Muon>(mep::reference::MuonOptions(), "reference::Muon");
   expect_bit_identical_resume<mep::EqProp>(mep::EqPropOptions(), "EqProp");
   expect_bit_identical_resume<mep::SMEP>(mep::SMEPOptions().error_feedback(true), "SMEP");
   expect_bit_identical_resume<mep::SDMEP>(mep::SDMEPOptions().dion_thresh(100).error_feedback(true), "SDMEP");
@@ -181,7 +183,7 @@ TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
   expect_named([&] { mep::SDMEP(model, mep::SDMEPOptions().dion_mu(nan)); }, "dion_mu");
   expect_named([&] { mep::NaturalEPMuon(model, mep::NaturalEPMuonOptions().fisher_ema(nan)); }, "fisher_ema");
   expect_named([&] { mep::Adam(model->parameters(), mep::AdamOptions().eps(inf)); }, "eps");
-  expect_named([&] { mep::Adam(model->parameters(), mep::AdamOptions().beta2(nan)); }, "beta2");
+  expect_named([&] { mep::Adam(model->parameters(), mep::AdamOptions().betas({0.9, nan})); }, "betas");
 }
 
 // OPTION_SETTER(name): set_name(o, v, 0) sets option `name` of options `o` to v (converted to
@@ -199,14 +201,27 @@ TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
     return false;                                                               \
   }
 #define MEP_NUMERIC_OPTIONS(X)                                                                                        \
-  X(lr) X(momentum) X(dampening) X(weight_decay) X(gamma) X(power_iter) X(error_beta) X(max_grad_norm) X(beta1)     \
-  X(beta2) X(eps) X(rank_frac) X(dion_thresh) X(dion_mu) X(fisher_damping) X(fisher_ema) X(ns_steps)                \
+  X(lr) X(momentum) X(dampening) X(weight_decay) X(gamma) X(power_iter) X(error_beta) X(max_grad_norm) X(eps)      \
+  X(rank_frac) X(dion_thresh) X(dion_mu) X(fisher_damping) X(fisher_ema) X(ns_steps)                \
   X(ns_coefficients) X(ns_scale) X(loss) X(beta) X(label_smoothing) X(temperature) X(mode) X(settle_steps)         \
   X(settle_lr) X(tol) X(patience) X(check_every) X(spectral_mode)
 MEP_NUMERIC_OPTIONS(OPTION_SETTER)
 
+// Adam's betas, one half at a time ("betas" sets β₁, "betas.second" β₂; the other stays).
+template <class O>
+auto set_betas(O& o, double v, bool second, int) -> decltype(o.betas(), bool()) {
+  o.betas(second ? mep::Pair(0.9, v) : mep::Pair(v, 0.999));
+  return true;
+}
+template <class O>
+bool set_betas(O&, double, bool, long) {
+  return false;
+}
+
 template <class O>
 bool set_option(O& o, const std::string& name, double v) {
+  if (name == "betas") return set_betas(o, v, false, 0);
+  if (name == "betas.second") return set_betas(o, v, true, 0);
 #define SET_IF_NAMED(n) \
   if (name == #n) return set_##n(o, v, 0);
   MEP_NUMERIC_OPTIONS(SET_IF_NAMED)
@@ -219,14 +234,14 @@ bool set_option(O& o, const std::string& name, double v) {
 // with an OptionError that names the option and the value. An option missing from the
 // table below fails the test, so that a new option cannot go unvalidated.
 template <class Opt>
-void expect_every_option_validated(const char* optimizer) {
+void expect_every_option_validated(const char* optimizer, bool matrices_only = false) {
   using O = typename Opt::Options;
   const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
   const std::map<std::string, std::vector<double>> invalid = {
       {"lr", {0, -1, nan, inf}},          {"momentum", {-0.1, 1, nan}},      {"dampening", {-0.1, 1.5, nan}},
       {"weight_decay", {-1, nan, inf}},   {"gamma", {0, 1.5, nan}},          {"power_iter", {0, -2}},
-      {"error_beta", {-0.1, 1, nan}},     {"max_grad_norm", {0, inf, nan}},  {"beta1", {-0.1, 1, nan}},
-      {"beta2", {-0.1, 1, nan}},          {"eps", {-1, inf, nan}},           {"rank_frac", {0, 1.5, nan}},
+      {"error_beta", {-0.1, 1, nan}},     {"max_grad_norm", {0, inf, nan}},  {"betas", {-0.1, 1, nan}},
+      {"betas.second", {-0.1, 1, nan}},          {"eps", {-1, inf, nan}},           {"rank_frac", {0, 1.5, nan}},
       {"dion_thresh", {-1}},              {"dion_mu", {-0.1, 1, nan}},       {"fisher_damping", {0, inf, nan}},
       {"fisher_ema", {-0.1, 1, nan}},     {"ns_steps", {-1}},                {"ns_coefficients", {-1, 7}},
       {"ns_scale", {-1, 7}},              {"loss", {-1, 7}},                 {"beta", {0, 1.5, nan}},
@@ -236,11 +251,17 @@ void expect_every_option_validated(const char* optimizer) {
   const std::set<std::string> booleans = {"nesterov",       "symmetric",         "free_phase", "analytic",
                                           "adaptive",       "error_feedback",    "error_projected",
                                           "amsgrad",        "fisher_diagonal",   "skip_nonfinite",
-                                          "bound_input_layer"};
-  std::vector<std::string> names = {"lr", "momentum", "dampening", "nesterov", "weight_decay"};
-  for (const auto& [name, value] : O().policy_values()) names.push_back(name);
+                                          "bound_input_layer", "ns_bfloat16",      "conv_as_matrix"};
+  std::vector<std::string> names;
+  for (const auto& [name, value] : some_options<O>().texts()) names.push_back(name);
+  if (std::count(names.begin(), names.end(), "betas")) names.push_back("betas.second");
   auto model = tiny();
-  auto params = model->parameters();
+  auto params = model->parameters();  // W₁, b₁, W₂, b₂
+  const std::vector<torch::Tensor> first = matrices_only ? std::vector<torch::Tensor>{params[0]}
+                                                         : std::vector<torch::Tensor>{params[0], params[1]};
+  const std::vector<torch::Tensor> second = matrices_only ? std::vector<torch::Tensor>{params[2]}
+                                                          : std::vector<torch::Tensor>{params[2], params[3]};
+  if (matrices_only) params = {params[0], params[2]};
   auto shown = [](double v) {
     std::ostringstream os;
     if (std::isfinite(v) && v == std::floor(v)) os << static_cast<int64_t>(v);
@@ -253,7 +274,8 @@ void expect_every_option_validated(const char* optimizer) {
       ADD_FAILURE() << optimizer << ": no error for " << name << " = " << v << " " << where;
     } catch (const mep::OptionError& e) {
       const std::string what = e.what();
-      EXPECT_NE(what.find(name + " = " + shown(v)), std::string::npos) << optimizer << " " << where << ": " << what;
+      const std::string shown_name = name == "betas.second" ? "betas = 0.9," : name + " = ";
+      EXPECT_NE(what.find(shown_name + shown(v)), std::string::npos) << optimizer << " " << where << ": " << what;
     }
   };
   for (const auto& name : names) {
@@ -264,15 +286,15 @@ void expect_every_option_validated(const char* optimizer) {
       continue;
     }
     for (double v : it->second) {
-      O bad;
+      O bad = some_options<O>();
       ASSERT_TRUE(set_option(bad, name, v)) << optimizer << " has no setter for " << name;
       expect_refused([&] { Opt opt(params, bad); }, name, v, "in the options");
       expect_refused(
           [&] {
             std::vector<torch::optim::OptimizerParamGroup> groups;
-            groups.emplace_back(std::vector<torch::Tensor>{params[0], params[1]});
-            groups.emplace_back(std::vector<torch::Tensor>{params[2], params[3]}, std::make_unique<O>(bad));
-            Opt opt(std::move(groups), O());
+            groups.emplace_back(first);
+            groups.emplace_back(second, std::make_unique<O>(bad));
+            Opt opt(std::move(groups), some_options<O>());
           },
           name, v, "in parameter group 1");
     }
@@ -283,7 +305,7 @@ void expect_every_option_validated(const char* optimizer) {
 // value; enums by name; an unknown name is false; a malformed value names option and text.
 template <class O>
 void expect_options_round_trip_by_name(O changed, const char* optimizer) {
-  O fresh;
+  O fresh = some_options<O>();
   for (const auto& [name, text] : changed.texts()) EXPECT_TRUE(fresh.set(name, text)) << optimizer << " " << name;
   EXPECT_EQ(fresh.texts(), changed.texts()) << optimizer;
   EXPECT_FALSE(fresh.set("no_such_option", "1")) << optimizer;
@@ -292,7 +314,11 @@ void expect_options_round_trip_by_name(O changed, const char* optimizer) {
 TEST(EPOptim, OptionsAreSetAndReadByName) {
   expect_options_round_trip_by_name(mep::SGDOptions(0.3).momentum(0.25).nesterov(true), "SGD");
   expect_options_round_trip_by_name(mep::AdamOptions().eps(1e-12).amsgrad(true), "Adam");
-  expect_options_round_trip_by_name(mep::MuonOptions().ns_coefficients(mep::NSCoefficients::Cubic), "Muon");
+  expect_options_round_trip_by_name(mep::AdamOptions().betas({0.5, 0.25}), "Adam");
+  expect_options_round_trip_by_name(mep::AdamWOptions().weight_decay(0.5), "AdamW");
+  expect_options_round_trip_by_name(mep::MuonOptions().ns_scale(mep::NSScale::AdamW).nesterov(false), "Muon");
+  expect_options_round_trip_by_name(mep::reference::MuonOptions().ns_coefficients(mep::NSCoefficients::Quintic),
+                                    "reference::Muon");
   expect_options_round_trip_by_name(mep::EqPropOptions().beta(0.1).symmetric(true).loss(mep::Loss::CrossEntropy), "EqProp");
   expect_options_round_trip_by_name(mep::SMEPOptions().settle_steps(7).settle_lr(0.3).gamma(0.5), "SMEP");
   expect_options_round_trip_by_name(
@@ -310,7 +336,11 @@ TEST(EPOptim, OptionsAreSetAndReadByName) {
   EXPECT_EQ(o.settle_steps(), 12);
   EXPECT_TRUE(o.set("lr", "2.5e-3"));
   EXPECT_DOUBLE_EQ(o.lr(), 2.5e-3);
-  EXPECT_FALSE(mep::SGDOptions().set("beta", "0.5"));  // SGD has no β
+  EXPECT_FALSE(mep::SGDOptions(0.1).set("beta", "0.5"));  // SGD has no β
+  EXPECT_FALSE(mep::AdamOptions().set("momentum", "0.5"));  // nor Adam a heavy-ball momentum
+  mep::AdamOptions adam;
+  EXPECT_TRUE(adam.set("betas", "0.5,0.75"));
+  EXPECT_EQ(adam.betas(), mep::Pair(0.5, 0.75));
   for (const auto& [name, text] : std::vector<std::pair<std::string, std::string>>{
            {"settle_steps", "1.5"}, {"beta", "half"}, {"symmetric", "maybe"}, {"ns_coefficients", "septic"}, {"lr", ""}}) {
     try {
@@ -321,12 +351,24 @@ TEST(EPOptim, OptionsAreSetAndReadByName) {
     }
   }
   EXPECT_EQ(o.settle_steps(), 12);  // a refused text changes nothing
+  for (const std::string text : {"0.5", "0.5,x", "0.5,0.6,0.7", ""}) {
+    try {
+      adam.set("betas", text);
+      ADD_FAILURE() << "no error for betas = " << text;
+    } catch (const mep::OptionError& e) {
+      EXPECT_NE(std::string(e.what()).find("betas = '" + text + "'"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(adam.betas(), mep::Pair(0.5, 0.75));
 }
 
 TEST(EPOptim, EveryOptionOfEveryOptimizerIsValidated) {
   expect_every_option_validated<mep::SGD>("SGD");
   expect_every_option_validated<mep::Adam>("Adam");
-  expect_every_option_validated<mep::Muon>("Muon");
+  expect_every_option_validated<mep::AdamW>("AdamW");
+  expect_every_option_validated<mep::Muon>("Muon", /*matrices_only=*/true);
+  expect_every_option_validated<mep::reference::SGD>("reference::SGD");
+  expect_every_option_validated<mep::reference::Muon>("reference::Muon");
   expect_every_option_validated<mep::EqProp>("EqProp");
   expect_every_option_validated<mep::SMEP>("SMEP");
   expect_every_option_validated<mep::SDMEP>("SDMEP");
@@ -373,20 +415,22 @@ namespace {
 TEST(EPOptim, GroupsMaySetCommonOptionsButNoPolicyOption) {
   auto model = tiny();
   auto params = model->parameters();
+  // From parameter groups, SMEP needs the backprop mode.
+  const auto base = mep::SMEPOptions().mode(mep::Mode::Backprop);
   auto groups = [&](mep::SMEPOptions second) {
     std::vector<torch::optim::OptimizerParamGroup> g;
     g.emplace_back(std::vector<torch::Tensor>{params[0], params[1]});
     g.emplace_back(std::vector<torch::Tensor>{params[2], params[3]}, std::make_unique<mep::SMEPOptions>(second));
     return g;
   };
-  EXPECT_NO_THROW(mep::SMEP(groups(mep::SMEPOptions(0.05).momentum(0.5).weight_decay(0)), mep::SMEPOptions()));
+  EXPECT_NO_THROW(mep::SMEP(groups(mep::SMEPOptions(base).lr(0.05).momentum(0.5).weight_decay(0)), base));
   for (auto [name, second] : std::vector<std::pair<std::string, mep::SMEPOptions>>{
-           {"ns_steps", mep::SMEPOptions().ns_steps(3)},
-           {"beta", mep::SMEPOptions().beta(0.2)},
-           {"settle_steps", mep::SMEPOptions().settle_steps(7)},
-           {"gamma", mep::SMEPOptions().gamma(0.5)}}) {
+           {"ns_steps", mep::SMEPOptions(base).ns_steps(3)},
+           {"beta", mep::SMEPOptions(base).beta(0.2)},
+           {"settle_steps", mep::SMEPOptions(base).settle_steps(7)},
+           {"gamma", mep::SMEPOptions(base).gamma(0.5)}}) {
     try {
-      mep::SMEP opt(groups(second), mep::SMEPOptions());
+      mep::SMEP opt(groups(second), base);
       ADD_FAILURE() << "no error for a group's " << name;
     } catch (const mep::OptionError& e) {
       EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
@@ -452,9 +496,10 @@ void expect_scheduled(typename Opt::Options options, const char* name, bool cons
 }
 
 TEST(EPOptim, StepLRDrivesEveryOptimizer) {
-  expect_scheduled<mep::SGD>(mep::SGDOptions().momentum(0), "SGD");
+  expect_scheduled<mep::SGD>(mep::SGDOptions(0.1), "SGD");
   expect_scheduled<mep::Adam>(mep::AdamOptions(), "Adam");
-  expect_scheduled<mep::Muon>(mep::MuonOptions().momentum(0), "Muon", true);
+  expect_scheduled<mep::AdamW>(mep::AdamWOptions(), "AdamW");
+  expect_scheduled<mep::reference::Muon>(mep::reference::MuonOptions().momentum(0), "reference::Muon", true);
   expect_scheduled<mep::EqProp>(mep::EqPropOptions().momentum(0), "EqProp");
   expect_scheduled<mep::SMEP>(mep::SMEPOptions().momentum(0), "SMEP", true);
   expect_scheduled<mep::SDMEP>(mep::SDMEPOptions().momentum(0).dion_thresh(100), "SDMEP", true);
@@ -481,7 +526,7 @@ TEST(EPOptim, NonFiniteBackpropGradientsAreRefusedOrSkippedAndCounted) {
   auto unchanged = [&] {
     for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(torch::equal(params[i], before[i])) << i;
   };
-  mep::SGD strict(params, mep::SGDOptions());
+  mep::SGD strict(params, mep::SGDOptions(0.1));
   poison();
   try {
     strict.step();
@@ -574,7 +619,7 @@ TEST(EPOptim, SpectralBoundLeavesTheInputLayerFreeOnlyWhenAsked) {
     auto model = model_with_large_weights();
     auto params = model->parameters();
     std::vector<torch::Tensor> list(params.begin() + 2, params.end());  // W1 first
-    mep::Muon opt(list, mep::MuonOptions().power_iter(50).bound_input_layer(bound));
+    mep::reference::Muon opt(list, mep::reference::MuonOptions().power_iter(50).bound_input_layer(bound));
     torch::nn::functional::cross_entropy(model->forward(x), y).backward();
     opt.step();
     EXPECT_EQ(sigma(params[2]) <= bounded, bound);
@@ -668,9 +713,9 @@ void expect_failed_update_changes_nothing(typename Opt::Options options, const c
 }
 
 TEST(EPOptim, AFailedUpdateChangesNothingInAnyOptimizer) {
-  expect_failed_update_changes_nothing<mep::SGD>(mep::SGDOptions(), "SGD");
+  expect_failed_update_changes_nothing<mep::reference::SGD>(mep::reference::SGDOptions(), "SGD");
   expect_failed_update_changes_nothing<mep::Adam>(mep::AdamOptions(), "Adam");
-  expect_failed_update_changes_nothing<mep::Muon>(mep::MuonOptions(), "Muon");
+  expect_failed_update_changes_nothing<mep::reference::Muon>(mep::reference::MuonOptions(), "reference::Muon");
   expect_failed_update_changes_nothing<mep::EqProp>(mep::EqPropOptions(), "EqProp");
   expect_failed_update_changes_nothing<mep::SMEP>(mep::SMEPOptions().error_feedback(true), "SMEP");
   expect_failed_update_changes_nothing<mep::SDMEP>(mep::SDMEPOptions().dion_thresh(100), "SDMEP");
@@ -719,10 +764,10 @@ void expect_rollback_then_same_steps(typename Opt::Options options, const char* 
 }
 
 TEST(EPOptim, AfterARollbackStepsAreThoseOfAnUninterruptedRun) {
-  expect_rollback_then_same_steps<mep::SGD>(mep::SGDOptions().nesterov(true), "SGD");
+  expect_rollback_then_same_steps<mep::reference::SGD>(mep::reference::SGDOptions().nesterov(true), "SGD");
   expect_rollback_then_same_steps<mep::Adam>(mep::AdamOptions(), "Adam");
   expect_rollback_then_same_steps<mep::Adam>(mep::AdamOptions().amsgrad(true), "Adam amsgrad");
-  expect_rollback_then_same_steps<mep::Muon>(mep::MuonOptions(), "Muon");
+  expect_rollback_then_same_steps<mep::reference::Muon>(mep::reference::MuonOptions(), "reference::Muon");
 }
 
 // A failed Cholesky factorisation (a corrupted Fisher state) is rolled back the same way.

@@ -67,16 +67,25 @@ TEST(Optim, AdamMatchesTorchAdam) {
   }
 }
 
-TEST(Optim, PresetDefaultsAreTheReferenceValues) {
-  EXPECT_DOUBLE_EQ(mep::SGDOptions().lr(), 0.1);
-  EXPECT_DOUBLE_EQ(mep::SGDOptions().momentum(), 0.9);
-  EXPECT_DOUBLE_EQ(mep::SGDOptions().weight_decay(), 5e-4);
-  EXPECT_DOUBLE_EQ(mep::AdamOptions().lr(), 1e-3);
-  EXPECT_DOUBLE_EQ(mep::MuonOptions().lr(), 0.02);
-  EXPECT_EQ(mep::MuonOptions().ns_steps(), 5);
-  EXPECT_DOUBLE_EQ(mep::MuonOptions().gamma(), 0.95);
+TEST(Optim, ReferencePresetsHaveTheReferenceDefaults) {
+  EXPECT_DOUBLE_EQ(mep::reference::SGDOptions().lr(), 0.1);
+  EXPECT_DOUBLE_EQ(mep::reference::SGDOptions().momentum(), 0.9);
+  EXPECT_DOUBLE_EQ(mep::reference::SGDOptions().weight_decay(), 5e-4);
+  EXPECT_DOUBLE_EQ(mep::reference::AdamOptions().lr(), 1e-3);
+  EXPECT_DOUBLE_EQ(mep::reference::AdamOptions().weight_decay(), 5e-4);
+  EXPECT_DOUBLE_EQ(mep::reference::MuonOptions().lr(), 0.02);
+  EXPECT_DOUBLE_EQ(mep::reference::MuonOptions().momentum(), 0.9);
+  EXPECT_EQ(mep::reference::MuonOptions().ns_steps(), 5);
+  EXPECT_EQ(mep::reference::MuonOptions().ns_coefficients(), mep::NSCoefficients::Cubic);
+  EXPECT_DOUBLE_EQ(mep::reference::MuonOptions().gamma(), 0.95);
+  EXPECT_DOUBLE_EQ(mep::reference::EqPropOptions().lr(), 0.01);
+  EXPECT_DOUBLE_EQ(mep::EqPropOptions().lr(), 0.05);
+  EXPECT_DOUBLE_EQ(mep::SMEPOptions().lr(), 0.01);
+  EXPECT_DOUBLE_EQ(mep::SMEPOptions().momentum(), 0.9);
+  EXPECT_DOUBLE_EQ(mep::SMEPOptions().weight_decay(), 5e-4);
   // Setters of different policies chain on one options object.
-  auto o = mep::MuonOptions(0.05).ns_steps(3).gamma(0.9).momentum(0.8).ns_coefficients(mep::NSCoefficients::Quintic);
+  auto o = mep::reference::MuonOptions(0.05).ns_steps(3).gamma(0.9).momentum(0.8).ns_coefficients(
+      mep::NSCoefficients::Quintic);
   EXPECT_EQ(o.ns_steps(), 3);
   EXPECT_DOUBLE_EQ(o.gamma(), 0.9);
   EXPECT_DOUBLE_EQ(o.get_lr(), 0.05);
@@ -291,10 +300,11 @@ TEST(Optim, InvalidOptionsThrowNamingTheOption) {
   expect_option_error([&] { mep::SGD(params, mep::SGDOptions(0.1).momentum(1.0)); }, "momentum");
   expect_option_error([&] { mep::SGD(params, mep::SGDOptions(0.1).momentum(-0.1)); }, "momentum");
   expect_option_error([&] { mep::SGD(params, mep::SGDOptions(0.1).weight_decay(-1)); }, "weight_decay");
-  expect_option_error([&] { mep::Muon(params, mep::MuonOptions(0.02).gamma(0.0)); }, "gamma");
-  expect_option_error([&] { mep::Muon(params, mep::MuonOptions(0.02).gamma(1.5)); }, "gamma");
-  expect_option_error([&] { mep::Muon(params, mep::MuonOptions(0.02).ns_steps(-1)); }, "ns_steps");
-  expect_option_error([&] { mep::Adam(params, mep::AdamOptions(1e-3).beta1(1.0)); }, "beta1");
+  expect_option_error([&] { mep::reference::Muon(params, mep::reference::MuonOptions(0.02).gamma(0.0)); }, "gamma");
+  expect_option_error([&] { mep::reference::Muon(params, mep::reference::MuonOptions(0.02).gamma(1.5)); }, "gamma");
+  expect_option_error([&] { mep::reference::Muon(params, mep::reference::MuonOptions(0.02).ns_steps(-1)); },
+                      "ns_steps");
+  expect_option_error([&] { mep::Adam(params, mep::AdamOptions(1e-3).betas({1.0, 0.999})); }, "betas");
   // Per-group options are validated too.
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(params, std::make_unique<mep::SGDOptions>(mep::SGDOptions(-0.5)));
@@ -305,7 +315,7 @@ TEST(Optim, InvalidOptionsThrowNamingTheOption) {
 
 TEST(Optim, NonFiniteGradientUpdatesNothing) {
   auto model = small_mlp();
-  mep::Muon opt(model->parameters(), mep::MuonOptions(0.02));
+  mep::reference::Muon opt(model->parameters(), mep::reference::MuonOptions(0.02));
   auto before = model->parameters();
   for (auto& p : before) p = p.detach().clone();
   auto params = model->parameters();
@@ -441,7 +451,7 @@ TEST(Optim, BoundedStepsMakeNoCopiesAndUnboundedOnesRollBack) {
 
 TEST(Optim, StepWithBatchNeedsTheModel) {
   auto model = small_mlp();
-  mep::SGD opt(model->parameters());
+  mep::SGD opt(model->parameters(), mep::SGDOptions(0.1));
   EXPECT_THROW(opt.step(torch::randn({4, 20}), torch::zeros({4}, torch::kLong)), std::logic_error);
 }
 
@@ -498,12 +508,12 @@ TEST(Optim, ParameterGroupsKeepTheirOwnLearningRate) {
 
 TEST(Optim, LoadRejectsAMismatchedArchiveAndKeepsItsState) {
   auto a = small_mlp();
-  mep::SGD opt(a, mep::SGDOptions(0.1));
+  mep::SGD opt(a, mep::SGDOptions(0.1).momentum(0.9));
   opt.step(torch::randn({4, 20}), torch::zeros({4}, torch::kLong));
   const auto path = (std::filesystem::temp_directory_path() / "mep_test_optim_mismatch.pt").string();
   torch::save(opt, path);
   auto other = torch::nn::Sequential(torch::nn::Linear(20, 10));
-  mep::SGD small(other, mep::SGDOptions(0.1));
+  mep::SGD small(other, mep::SGDOptions(0.1).momentum(0.9));
   small.step(torch::randn({4, 20}), torch::zeros({4}, torch::kLong));
   auto momentum = small.state_of(other->parameters()[0]).get("momentum").clone();
   EXPECT_THROW(torch::load(small, path), std::runtime_error);

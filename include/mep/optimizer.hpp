@@ -63,9 +63,26 @@ struct has_averages_factors_of : std::false_type {};
 template <class U>
 struct has_averages_factors_of<U, std::void_t<decltype(&U::averages_factors_of)>> : std::true_type {};
 template <class U, class = void>
-struct has_owns_momentum_for : std::false_type {};
+struct has_check_parameter : std::false_type {};
 template <class U>
-struct has_owns_momentum_for<U, std::void_t<decltype(&U::owns_momentum_for)>> : std::true_type {};
+struct has_check_parameter<U, std::void_t<decltype(&U::check_parameter)>> : std::true_type {};
+template <class U, class = void>
+struct has_lr_scale : std::false_type {};
+template <class U>
+struct has_lr_scale<U, std::void_t<decltype(&U::lr_scale)>> : std::true_type {};
+template <class U, class = void>
+struct has_apply : std::false_type {};
+template <class U>
+struct has_apply<U, std::void_t<decltype(&U::apply)>> : std::true_type {};
+template <class G, class = void>
+struct has_bind : std::false_type {};
+template <class G>
+struct has_bind<G, std::void_t<decltype(std::declval<G&>().bind(std::declval<const torch::nn::Sequential&>()))>>
+    : std::true_type {};
+template <class O, class = void>
+struct has_mode_option : std::false_type {};
+template <class O>
+struct has_mode_option<O, std::void_t<decltype(std::declval<const O&>().mode())>> : std::true_type {};
 template <class U, class = void>
 struct has_direction_bound : std::false_type {};
 template <class U>
@@ -80,55 +97,90 @@ inline double dtype_max(c10::ScalarType t) {
 }
 }  // namespace detail
 
-template <class Gradient, class Update, class Constraint, class Feedback>
+template <class Gradient, class Update, class Constraint, class Feedback, class Defaults = ComposedDefaults>
 class Optimizer : public torch::optim::Optimizer {
  public:
-  using Options = OptimizerOptions<Gradient, Update, Constraint, Feedback>;
+  using Options = OptimizerOptions<Gradient, Update, Constraint, Feedback, Defaults>;
   using GradientPolicy = Gradient;
   using UpdatePolicy = Update;
   using ConstraintPolicy = Constraint;
   using FeedbackPolicy = Feedback;
 
   /// Backprop-style use: optimizes `params`, gradients come from the user's `backward()`.
+  /// An EP preset needs the model instead, unless its options select `Mode::Backprop`.
   Optimizer(std::vector<torch::Tensor> params, const Options& options = Options())
       : Optimizer(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
                   options) {}
 
   /// Parameter groups, each with optional options of this optimizer's Options type.
   Optimizer(std::vector<torch::optim::OptimizerParamGroup> groups, const Options& options)
-      : torch::optim::Optimizer(std::move(groups), std::make_unique<Options>(validated(options))),
-        gradient_(options),
-        update_(options),
-        constraint_(options),
-        feedback_(options),
-        parallel_(options.process_group()) {
-    for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
-      const auto* o = dynamic_cast<const Options*>(&param_groups_[gi].options());
-      if (o == nullptr)
-        throw std::invalid_argument("mep: parameter group " + std::to_string(gi) +
-                                    " has options of another optimizer type");
-      o->validate();
-      check_group_policy_options(gi, *o, options);
-      if (o->process_group() && o->process_group() != options.process_group())
-        throw OptionError("mep: parameter group " + std::to_string(gi) +
-                          " sets another process_group than the optimizer's; set it on the optimizer's options");
+      : Optimizer(Policies{}, options) {
+    if constexpr (detail::has_mode_option<Options>::value) {
+      using Mode = std::decay_t<decltype(options.mode())>;
+      if (options.mode() != Mode::Backprop)
+        throw OptionError(std::string("mep: ") + Defaults::name +
+                          " computes EP gradients, which need the model: construct it from the model (a "
+                          "torch::nn::Sequential, or mep::listing(net, layers) for your own Module), not from a "
+                          "parameter list; or select backprop with .mode(mep::Mode::Backprop)");
     }
-    std::vector<torch::Tensor> params;
-    for (const auto& group : param_groups_)
-      for (const auto& p : group.params()) {
-        if (input_weight_ == nullptr && p.dim() >= 2) input_weight_ = p.unsafeGetTensorImpl();
-        params.push_back(p);
-      }
-    parallel_.broadcast(params, "parameters");
+    for (const auto& group : groups) add_param_group(group);
+    init_parameters();
   }
 
   /// Model-owning use (required by the EP family): optimizes `model->parameters()`, and
-  /// `step(input, target)` computes the gradient with the Gradient policy.
-  Optimizer(torch::nn::Sequential model, const Options& options = Options())
-      : Optimizer(checked_parameters(model), options) {
+  /// `step(input, target)` computes the gradient with the Gradient policy. A model the
+  /// gradient cannot use is refused here, naming the module and its position.
+  Optimizer(torch::nn::Sequential model, const Options& options = Options()) : Optimizer(Policies{}, options) {
+    auto params = checked_parameters(model);
+    if constexpr (detail::has_bind<Gradient>::value) gradient_.bind(model);
+    add_param_group(torch::optim::OptimizerParamGroup(std::move(params)));
+    init_parameters();
     input_weight_ = input_layer_weight(model);
     model_ = std::move(model);
     parallel_.broadcast(model_->buffers(), "model's buffers");
+  }
+
+  /// Anything else (a custom Module, a single tensor) is a compile-time error that says what
+  /// to pass.
+  template <class T, class... Rest,
+            std::enable_if_t<!std::is_convertible_v<T, std::vector<torch::Tensor>> &&
+                                 !std::is_convertible_v<T, torch::nn::Sequential> &&
+                                 !std::is_convertible_v<T, std::vector<torch::optim::OptimizerParamGroup>>,
+                             int> = 0>
+  Optimizer(T&&, Rest&&...) : torch::optim::Optimizer(std::vector<torch::optim::OptimizerParamGroup>{}, nullptr) {
+    Defaults::template not_a_model<T>();
+  }
+
+  /// Adds a parameter group, checked as the constructor checks its groups: its options must be
+  /// this optimizer's Options type, valid, and set no policy option other than the
+  /// optimizer's; each parameter must suit the update. Throws OptionError naming the group
+  /// and the option; the optimizer is then unchanged. (It hides the base class's
+  /// non-virtual `add_param_group`; groups added around it are refused by `step`.)
+  void add_param_group(const torch::optim::OptimizerParamGroup& group) {
+    const size_t gi = param_groups_.size();
+    const auto where = "mep: parameter group " + std::to_string(gi);
+    if (group.has_options()) {
+      const auto* o = dynamic_cast<const Options*>(&group.options());
+      if (o == nullptr)
+        throw OptionError(where + " has options of type " + c10::demangle(typeid(group.options()).name()) + "; " +
+                          Defaults::name + " takes its own options type");
+      try {
+        o->validate();
+      } catch (const OptionError& e) {
+        std::string what = e.what();
+        throw OptionError(where + ": " + (what.rfind("mep: ", 0) == 0 ? what.substr(5) : what));
+      }
+      check_group_policy_options(gi, *o, options());
+      if (o->process_group() && o->process_group() != options().process_group())
+        throw OptionError(where + " sets another process_group than the optimizer's; set it on the optimizer's options");
+    }
+    if constexpr (detail::has_check_parameter<Update>::value) {
+      size_t index = 0;
+      for (const auto& g : param_groups_) index += g.params().size();
+      for (const auto& p : group.params())
+        update_.check_parameter(p, "parameter " + std::to_string(index++) + " (group " + std::to_string(gi) + ")");
+    }
+    torch::optim::Optimizer::add_param_group(group);
   }
 
   /// torch::optim-style step: uses the `.grad()` already in place (after `backward()`).
@@ -209,8 +261,14 @@ class Optimizer : public torch::optim::Optimizer {
 
   void load(torch::serialize::InputArchive& archive) override {
     c10::IValue v;
-    if (!archive.try_read("mep.groups", v))
+    if (!archive.try_read("mep.groups", v)) {
+      if (archive.try_read("pytorch_version", v))
+        throw std::runtime_error(std::string("mep: the archive holds a torch::optim optimizer's state; ") +
+                                 Defaults::name + " reads only checkpoints saved by a mep optimizer (its options "
+                                 "and state are laid out differently): load the model's parameters and start the "
+                                 "optimizer afresh");
       throw std::runtime_error("mep: the archive holds no mep optimizer state");
+    }
     if (v.toInt() != static_cast<int64_t>(param_groups_.size())) {
       std::ostringstream os;
       os << "mep: the archive has " << v.toInt() << " parameter groups, this optimizer " << param_groups_.size();
@@ -251,9 +309,43 @@ class Optimizer : public torch::optim::Optimizer {
   }
 
  protected:
+  struct Policies {};
+  // Validates the options and builds the policies from them; no parameter yet.
+  Optimizer(Policies, const Options& options)
+      : torch::optim::Optimizer(std::vector<torch::optim::OptimizerParamGroup>{},
+                                std::make_unique<Options>(validated(options))),
+        gradient_(options),
+        update_(options),
+        constraint_(options),
+        feedback_(options),
+        parallel_(options.process_group()) {}
+
+  // After the groups are added: the input layer's weight (for a parameter list, the first
+  // matrix), and with a process group every rank starts from rank 0's parameters.
+  void init_parameters() {
+    std::vector<torch::Tensor> params;
+    for (const auto& group : param_groups_)
+      for (const auto& p : group.params()) {
+        if (input_weight_ == nullptr && p.dim() >= 2) input_weight_ = p.unsafeGetTensorImpl();
+        params.push_back(p);
+      }
+    parallel_.broadcast(params, "parameters");
+  }
+
   static const Options& validated(const Options& o) {
     o.validate();
     return o;
+  }
+
+  // The options of group `gi`, which must be this optimizer's type: a group added through the
+  // base class's add_param_group, or whose options were replaced, is refused.
+  const Options& group_options(size_t gi) const {
+    const auto* o = dynamic_cast<const Options*>(&param_groups_[gi].options());
+    if (o == nullptr)
+      throw OptionError("mep: parameter group " + std::to_string(gi) + " has options of type " +
+                        c10::demangle(typeid(param_groups_[gi].options()).name()) + "; " + Defaults::name +
+                        " takes its own options type (no parameter was updated)");
+    return *o;
   }
 
   // LibTorch's key of a parameter's state: its TensorImpl, as a string in 1.13 and a
@@ -274,13 +366,17 @@ class Optimizer : public torch::optim::Optimizer {
   // The policies are built once, from the optimizer's options: a group may set the common
   // options (lr, momentum, dampening, nesterov, weight_decay) but no policy option.
   static void check_group_policy_options(size_t group, const Options& o, const Options& defaults) {
-    const auto mine = o.policy_values(), theirs = defaults.policy_values();
+    const auto mine = o.policy_texts(), theirs = defaults.policy_texts();
     for (size_t i = 0; i < mine.size(); ++i) {
       if (mine[i].second == theirs[i].second) continue;
+      std::vector<std::pair<std::string, std::string>> group_options;
+      o.visit_group_options(detail::OptionCollector{group_options});
+      std::string names;
+      for (const auto& kv : group_options) names += (names.empty() ? "" : ", ") + kv.first;
       std::ostringstream os;
       os << "mep: parameter group " << group << " sets " << mine[i].first << " = " << mine[i].second
          << ", but the optimizer's is " << theirs[i].second << "; policy options apply to all groups (a group may "
-         << "set lr, momentum, dampening, nesterov and weight_decay)";
+         << "set " << names << ")";
       throw OptionError(os.str());
     }
   }
@@ -309,6 +405,7 @@ class Optimizer : public torch::optim::Optimizer {
   /// the loss); rejects non-finite gradients before any parameter changes, then updates all.
   void apply_update(torch::Tensor* loss = nullptr) {
     torch::NoGradGuard no_grad;
+    for (size_t gi = 0; gi < param_groups_.size(); ++gi) group_options(gi);
     std::vector<torch::Tensor> finite;
     if (parallel_.active()) {
       // Gradients the update averages itself (Dion's factors) stay local; the sum of their
@@ -353,7 +450,7 @@ class Optimizer : public torch::optim::Optimizer {
     std::vector<torch::Tensor> updated_finite;
     try {
       for (auto& group : param_groups_) {
-        const auto& o = static_cast<const Options&>(group.options());
+        const auto& o = static_cast<const Options&>(group.options());  // checked at the step's start
         for (auto& p : group.params()) {
           if (!p.grad().defined()) continue;
           saved.push_back(save_parameter(p));
@@ -368,6 +465,11 @@ class Optimizer : public torch::optim::Optimizer {
       throw;
     }
   }
+
+  // Whether the update applies W ← W − lr·u itself, in its own rounding (Adam, as torch's): when
+  // the optimizer adds no momentum and no feedback needs u.
+  static constexpr bool kWholeStep =
+      detail::has_apply<Update>::value && !Options::has_momentum && std::is_same_v<Feedback, NoFeedback>;
 
   // Whether every value the update writes is bounded by the ranges of its inputs, and it
   // cannot throw: then a step whose bound is finite needs no rollback.
@@ -461,12 +563,14 @@ class Optimizer : public torch::optim::Optimizer {
       const int64_t step = (item.state ? item.state->step : 0) + 1;
       const double U = update_.direction_bound(D, item.extents, step);
       double V = U;  // the step's direction after momentum
-      if (!owns_momentum(*item.p) && o.momentum() != 0) {
-        const double mu = std::abs(o.momentum());
-        const bool had = item.extents.ranges.count("momentum") > 0;
-        const double M = had ? mu * item.extents.abs_max("momentum") + std::abs(1 - o.dampening()) * U : U;
-        item.extents.ranges["momentum"] = {-M, M};
-        V = o.nesterov() ? U + mu * M : M;
+      if constexpr (Options::has_momentum) {
+        if (!owns_momentum(*item.p) && o.momentum() != 0) {
+          const double mu = std::abs(o.momentum());
+          const bool had = item.extents.ranges.count("momentum") > 0;
+          const double M = had ? mu * item.extents.abs_max("momentum") + std::abs(1 - o.dampening()) * U : U;
+          item.extents.ranges["momentum"] = {-M, M};
+          V = o.nesterov() ? U + mu * M : M;
+        }
       }
       const double shrink = Update::coupled_weight_decay ? 1.0 : std::abs(1 - o.lr() * o.weight_decay());
       const double W = shrink * P + std::abs(o.lr()) * V;
@@ -538,20 +642,30 @@ class Optimizer : public torch::optim::Optimizer {
     ++st.step;
     torch::Tensor g = p.grad();
     if (Update::coupled_weight_decay && o.weight_decay() != 0) g = g.add(p, o.weight_decay());
+    if constexpr (kWholeStep) {
+      if (!Update::coupled_weight_decay && o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
+      update_.apply(p, g, o.lr(), st);
+      constraint_.enforce(p, st, p.unsafeGetTensorImpl() == input_weight_);
+      return;
+    }
     torch::Tensor g_aug = feedback_.accumulate(g, st);
     torch::Tensor u = direction(g_aug, st);
     feedback_.remember(g_aug, u, st);
-    if (!owns_momentum(g_aug) && o.momentum() != 0) {
-      torch::Tensor& m = st.buffers["momentum"];
-      if (!m.defined()) {
-        m = u.clone(torch::MemoryFormat::Contiguous);
-      } else {
-        m.mul_(o.momentum()).add_(u, 1 - o.dampening());
+    if constexpr (Options::has_momentum) {
+      if (!owns_momentum(g_aug) && o.momentum() != 0) {
+        torch::Tensor& m = st.buffers["momentum"];
+        if (!m.defined()) {
+          m = u.clone(torch::MemoryFormat::Contiguous);
+        } else {
+          m.mul_(o.momentum()).add_(u, 1 - o.dampening());
+        }
+        u = o.nesterov() ? u.add(m, o.momentum()) : m;
       }
-      u = o.nesterov() ? u.add(m, o.momentum()) : m;
     }
     if (!Update::coupled_weight_decay && o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
-    p.add_(u, -o.lr());
+    double lr = o.lr();
+    if constexpr (detail::has_lr_scale<Update>::value) lr *= update_.lr_scale(p);
+    p.add_(u, -lr);
     constraint_.enforce(p, st, p.unsafeGetTensorImpl() == input_weight_);
   }
 

@@ -13,6 +13,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -56,42 +57,43 @@ template <class T>
     if (!(cond)) ::mep::detail::option_error(name, value, expected); \
   } while (0)
 
-/// Options every optimizer has: learning rate, heavy-ball momentum and weight decay.
-/// These three (and dampening/nesterov) may differ per parameter group, as in torch::optim.
+/// Options every optimizer has: the learning rate and the weight decay. They may differ per
+/// parameter group, as in torch::optim.
 template <class Derived>
 struct CommonOptions {
   MEP_ARG(double, lr, 0.01)
-  MEP_ARG(double, momentum, 0.9)
-  MEP_ARG(double, dampening, 0.0)
-  MEP_ARG(bool, nesterov, false)
   MEP_ARG(double, weight_decay, 5e-4)
 
   void validate() const {
     MEP_CHECK_OPTION(lr_ > 0 && std::isfinite(lr_), "lr", lr_, "a finite value > 0");
-    MEP_CHECK_OPTION(momentum_ >= 0 && momentum_ < 1, "momentum", momentum_, "a value in [0, 1)");
-    MEP_CHECK_OPTION(dampening_ >= 0 && dampening_ <= 1, "dampening", dampening_, "a value in [0, 1]");
     MEP_CHECK_OPTION(weight_decay_ >= 0 && std::isfinite(weight_decay_), "weight_decay", weight_decay_,
                      "a finite value >= 0");
+  }
+};
+
+/// Heavy-ball momentum as in `torch::optim::SGD`: m ← μ·m + (1 − dampening)·u, and with
+/// Nesterov u + μ·m. Offered by the optimizers whose update leaves momentum to the optimizer;
+/// may differ per parameter group.
+template <class Derived>
+struct MomentumOptions {
+  MEP_ARG(double, momentum, 0.9)
+  MEP_ARG(double, dampening, 0.0)
+  MEP_ARG(bool, nesterov, false)
+
+  void validate() const {
+    MEP_CHECK_OPTION(momentum_ >= 0 && momentum_ < 1, "momentum", momentum_, "a value in [0, 1)");
+    MEP_CHECK_OPTION(dampening_ >= 0 && dampening_ <= 1, "dampening", dampening_, "a value in [0, 1]");
     MEP_CHECK_OPTION(!nesterov_ || (momentum_ > 0 && dampening_ == 0), "nesterov", nesterov_,
                      "momentum > 0 and dampening = 0 when nesterov is on");
   }
-
-  void save_common(torch::serialize::OutputArchive& a) const {
-    a.write("lr", c10::IValue(lr_));
-    a.write("momentum", c10::IValue(momentum_));
-    a.write("dampening", c10::IValue(dampening_));
-    a.write("nesterov", c10::IValue(nesterov_));
-    a.write("weight_decay", c10::IValue(weight_decay_));
-  }
-  void load_common(torch::serialize::InputArchive& a) {
-    c10::IValue v;
-    a.read("lr", v), lr_ = v.toDouble();
-    a.read("momentum", v), momentum_ = v.toDouble();
-    a.read("dampening", v), dampening_ = v.toDouble();
-    a.read("nesterov", v), nesterov_ = v.toBool();
-    a.read("weight_decay", v), weight_decay_ = v.toDouble();
+  template <class V>
+  void visit_options(V&& v) const {
+    v("momentum", momentum_), v("dampening", dampening_), v("nesterov", nesterov_);
   }
 };
+
+/// A pair of numbers, as `torch::optim::AdamOptions::betas`; written "0.9,0.999" by name.
+using Pair = std::tuple<double, double>;
 
 namespace detail {
 
@@ -109,6 +111,13 @@ inline double ivalue_number(const c10::IValue& v) {
   throw std::runtime_error("mep: the checkpoint holds an option of an unexpected type");
 }
 
+inline c10::List<double> pair_list(const Pair& value) {
+  c10::List<double> list;
+  list.push_back(std::get<0>(value));
+  list.push_back(std::get<1>(value));
+  return list;
+}
+
 /// Writes every visited option into an archive, in its own type (enums as integers).
 struct OptionWriter {
   torch::serialize::OutputArchive& archive;
@@ -117,9 +126,13 @@ struct OptionWriter {
     if constexpr (std::is_enum_v<T>) archive.write(name, c10::IValue(static_cast<int64_t>(value)));
     else if constexpr (std::is_same_v<T, bool>) archive.write(name, c10::IValue(value));
     else if constexpr (std::is_integral_v<T>) archive.write(name, c10::IValue(static_cast<int64_t>(value)));
+    else if constexpr (std::is_same_v<T, Pair>) archive.write(name, c10::IValue(pair_list(value)));
     else archive.write(name, c10::IValue(static_cast<double>(value)));
   }
 };
+
+template <class T>
+std::string option_text(const T& value);
 
 /// Checks every visited option against an archive: a policy option saved with another value
 /// is an error naming it (the policies are built from the options at construction).
@@ -133,11 +146,15 @@ struct OptionChecker {
       os << "mep: the checkpoint has no value for option " << name << " (not saved by this optimizer type)";
       throw std::runtime_error(os.str());
     }
-    if (ivalue_number(saved) == option_number(value)) return;
+    if constexpr (std::is_same_v<T, Pair>) {
+      if (saved.isDoubleList() && saved.toDoubleList().vec() == pair_list(value).vec()) return;
+    } else {
+      if (ivalue_number(saved) == option_number(value)) return;
+    }
     std::ostringstream os;
     os << "mep: the checkpoint was saved with option " << name << " = " << saved << ", this optimizer has " << name
-       << " = " << option_number(value) << "; construct it with the checkpoint's options (a load restores lr, "
-       << "momentum, dampening, nesterov and weight_decay, and checks every other option)";
+       << " = " << option_text(value) << "; construct it with the checkpoint's options (a load restores the "
+       << "options a parameter group may set, and checks every other option)";
     throw std::runtime_error(os.str());
   }
 };
@@ -154,6 +171,8 @@ std::string option_text(const T& value) {
     return std::to_string(static_cast<int64_t>(value));
   } else if constexpr (std::is_integral_v<T>) {
     return std::to_string(value);
+  } else if constexpr (std::is_same_v<T, Pair>) {
+    return option_text(std::get<0>(value)) + "," + option_text(std::get<1>(value));
   } else {
     std::ostringstream os;
     for (int precision = 6; precision <= 17; ++precision) {
@@ -180,6 +199,13 @@ bool parse_option(const std::string& text, T& out) {
     for (const auto& [v, name] : enum_names(T{}))
       if (text == name) return out = v, true;
     return false;
+  } else if constexpr (std::is_same_v<T, Pair>) {
+    const auto comma = text.find(',');
+    double first = 0, second = 0;
+    if (comma == std::string::npos || !parse_option(text.substr(0, comma), first) ||
+        !parse_option(text.substr(comma + 1), second))
+      return false;
+    return out = Pair(first, second), true;
   } else {
     try {
       size_t used = 0;
@@ -203,47 +229,136 @@ std::string option_kind() {
     return "one of " + names;
   } else if constexpr (std::is_integral_v<T>) {
     return "an integer";
+  } else if constexpr (std::is_same_v<T, Pair>) {
+    return "two numbers, as 0.9,0.999";
   } else {
     return "a number";
   }
 }
 
-/// Collects the visited options as (name, number).
+/// Collects the visited options as (name, text).
 struct OptionCollector {
-  std::vector<std::pair<std::string, double>>& out;
+  std::vector<std::pair<std::string, std::string>>& out;
   template <class T>
   void operator()(const char* name, const T& value) const {
-    out.emplace_back(name, option_number(value));
+    out.emplace_back(name, option_text(value));
   }
 };
 
 }  // namespace detail
 
-/// The default learning rate of an optimizer composition; presets.hpp specialises it
-/// with the reference's values (SPEC §8).
-template <class Gradient, class Update, class Constraint, class Feedback>
-struct DefaultLr {
-  static constexpr double value = 0.01;
+/// A mixin with no options, for policies that take none (`Tag` keeps the bases distinct).
+template <class Derived, class Tag>
+struct NoOptions {
+  void validate() const {}
+  template <class V>
+  void visit_options(V&& v) const {
+    (void)v;
+  }
 };
 
-/// The options type of `Optimizer<Gradient, Update, Constraint, Feedback>`: the common
-/// options plus every policy's own. Constructed from the learning rate.
-template <class Gradient, class Update, class Constraint, class Feedback>
+namespace detail {
+template <class>
+inline constexpr bool dependent_false = false;
+}  // namespace detail
+
+/// In a preset's defaults type: its name as users spell it, and the one-line compile error
+/// for a constructor argument that is neither a parameter list nor a model.
+#define MEP_PRESET(NAME, WHAT)                                                        \
+  static constexpr const char* name = NAME;                                           \
+  template <class T>                                                                  \
+  static void not_a_model() {                                                         \
+    static_assert(::mep::detail::dependent_false<T>, NAME " is constructed from " WHAT); \
+  }
+
+/// What the backprop family and the EP family are constructed from, for MEP_PRESET.
+#define MEP_FROM_PARAMETERS "a parameter list (model->parameters()) or parameter groups"
+#define MEP_FROM_MODEL \
+  "the model: a torch::nn::Sequential, or mep::listing(net, layers) for your own torch::nn::Module"
+
+/// The defaults of a composition no preset names: the policies' own defaults, learning rate
+/// 0.01, heavy-ball momentum 0.9 and weight decay 5e-4. A preset's defaults type has the same
+/// members: `name` (as users spell the preset, for messages), `lr` (absent when the options
+/// need a learning rate, as `torch::optim::SGDOptions` does) and `apply(options)`, which sets
+/// the preset's other defaults.
+struct ComposedDefaults {
+  MEP_PRESET("mep::Optimizer", MEP_FROM_PARAMETERS " or " MEP_FROM_MODEL)
+  static constexpr double lr = 0.01;
+  template <class O>
+  static void apply(O&) {}
+};
+
+namespace detail {
+template <class D, class = void>
+struct has_default_lr : std::false_type {};
+template <class D>
+struct has_default_lr<D, std::void_t<decltype(D::lr)>> : std::true_type {};
+template <class U, class = void>
+struct has_owns_momentum_for : std::false_type {};
+template <class U>
+struct has_owns_momentum_for<U, std::void_t<decltype(&U::owns_momentum_for)>> : std::true_type {};
+
+/// Whether the optimizer applies heavy-ball momentum for some of this update's parameters
+/// (then it offers the momentum options): every update that does not carry its own moments,
+/// and those that carry them for some tensors only (Dion: not for the vectors).
+template <class Update>
+constexpr bool uses_heavy_ball() {
+  return !Update::owns_momentum || has_owns_momentum_for<Update>::value;
+}
+struct NoMomentum;
+
+/// Reads every visited option back from an archive, in its own type.
+struct OptionReader {
+  torch::serialize::InputArchive& archive;
+  template <class T>
+  void operator()(const char* name, const T& value) const {
+    c10::IValue v;
+    archive.read(name, v);
+    T& out = const_cast<T&>(value);  // a member of options that are being loaded, not const
+    if constexpr (std::is_same_v<T, bool>) out = v.toBool();
+    else if constexpr (std::is_enum_v<T>) out = static_cast<T>(static_cast<int64_t>(ivalue_number(v)));
+    else out = static_cast<T>(ivalue_number(v));
+  }
+};
+}  // namespace detail
+
+/// The options type of `Optimizer<Gradient, Update, Constraint, Feedback, Defaults>`: the
+/// learning rate and weight decay, heavy-ball momentum where the optimizer applies it, and
+/// every policy's own options. Constructed from the learning rate, which may be left out
+/// where `Defaults` has one.
+template <class Gradient, class Update, class Constraint, class Feedback, class Defaults = ComposedDefaults>
 class OptimizerOptions
-    : public torch::optim::OptimizerCloneableOptions<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
-      public CommonOptions<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
-      public Gradient::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
-      public Update::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
-      public Constraint::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback>>,
-      public Feedback::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback>> {
+    : public torch::optim::OptimizerCloneableOptions<OptimizerOptions<Gradient, Update, Constraint, Feedback, Defaults>>,
+      public CommonOptions<OptimizerOptions<Gradient, Update, Constraint, Feedback, Defaults>>,
+      public std::conditional_t<detail::uses_heavy_ball<Update>(),
+                                MomentumOptions<OptimizerOptions<Gradient, Update, Constraint, Feedback, Defaults>>,
+                                NoOptions<OptimizerOptions<Gradient, Update, Constraint, Feedback, Defaults>,
+                                          detail::NoMomentum>>,
+      public Gradient::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback, Defaults>>,
+      public Update::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback, Defaults>>,
+      public Constraint::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback, Defaults>>,
+      public Feedback::template Options<OptimizerOptions<Gradient, Update, Constraint, Feedback, Defaults>> {
   using Self = OptimizerOptions;
+  using Momentum = std::conditional_t<detail::uses_heavy_ball<Update>(), MomentumOptions<Self>,
+                                      NoOptions<Self, detail::NoMomentum>>;
 
  public:
-  explicit OptimizerOptions(double lr = DefaultLr<Gradient, Update, Constraint, Feedback>::value) { this->lr(lr); }
+  /// Whether these options have momentum, dampening and nesterov.
+  static constexpr bool has_momentum = detail::uses_heavy_ball<Update>();
+
+  /// The preset's defaults with its learning rate (only where it has one).
+  template <class D = Defaults, std::enable_if_t<detail::has_default_lr<D>::value, int> = 0>
+  OptimizerOptions() : OptimizerOptions(D::lr) {}
+  /// The preset's defaults with learning rate `lr`.
+  explicit OptimizerOptions(double lr) {
+    Defaults::apply(*this);
+    this->lr(lr);
+  }
 
   /// Throws OptionError naming the first invalid option.
   void validate() const {
     CommonOptions<Self>::validate();
+    Momentum::validate();
     Gradient::template Options<Self>::validate();
     Update::template Options<Self>::validate();
     Constraint::template Options<Self>::validate();
@@ -262,7 +377,16 @@ class OptimizerOptions
   double get_lr() const override { return this->lr(); }
   void set_lr(const double lr) override { this->lr(lr); }
 
-  /// Every option of the four policies (not the common ones), in declaration order.
+  /// The options a parameter group may set: lr, then momentum, dampening and nesterov where
+  /// they exist, then weight_decay.
+  template <class V>
+  void visit_group_options(V&& v) const {
+    v("lr", this->lr_);
+    Momentum::visit_options(v);
+    v("weight_decay", this->weight_decay_);
+  }
+
+  /// Every option of the four policies (not the group options), in declaration order.
   template <class V>
   void visit_policy_options(V&& v) const {
     Gradient::template Options<Self>::visit_options(v);
@@ -271,19 +395,18 @@ class OptimizerOptions
     Feedback::template Options<Self>::visit_options(v);
   }
 
-  /// Every option, the common ones (lr, momentum, dampening, nesterov, weight_decay) first,
-  /// then the policies': v(name, value).
+  /// Every option, the group options first, then the policies': v(name, value).
   template <class V>
   void visit_all_options(V&& v) const {
-    v("lr", this->lr_), v("momentum", this->momentum_), v("dampening", this->dampening_);
-    v("nesterov", this->nesterov_), v("weight_decay", this->weight_decay_);
+    visit_group_options(v);
     visit_policy_options(v);
   }
 
-  /// Sets the option called `name` from its text ("0.02", "5", "true", "polar_express"; enums
-  /// by the names in `enum_names`). Returns false when these options have no such option;
-  /// throws OptionError when the text is not a value of the option's type. The value itself
-  /// is validated with the others when an optimizer is built from these options.
+  /// Sets the option called `name` from its text ("0.02", "5", "true", "polar_express", a
+  /// pair as "0.9,0.999"; enums by the names in `enum_names`). Returns false when these
+  /// options have no such option; throws OptionError when the text is not a value of the
+  /// option's type. The value itself is validated with the others when an optimizer is built
+  /// from these options.
   bool set(const std::string& name, const std::string& text) {
     bool found = false;
     visit_all_options([&](const char* option, const auto& value) {
@@ -304,41 +427,31 @@ class OptimizerOptions
   /// Every option as (name, text), in visit_all_options' order: what `set` reads back.
   std::vector<std::pair<std::string, std::string>> texts() const {
     std::vector<std::pair<std::string, std::string>> out;
-    visit_all_options([&](const char* name, const auto& value) { out.emplace_back(name, detail::option_text(value)); });
+    visit_all_options(detail::OptionCollector{out});
     return out;
   }
 
-  /// The policy options as (name, value) pairs.
-  std::vector<std::pair<std::string, double>> policy_values() const {
-    std::vector<std::pair<std::string, double>> out;
+  /// The policy options as (name, text).
+  std::vector<std::pair<std::string, std::string>> policy_texts() const {
+    std::vector<std::pair<std::string, std::string>> out;
     visit_policy_options(detail::OptionCollector{out});
     return out;
   }
 
-  /// Saves every option. Loading restores the common ones (lr, momentum, dampening, nesterov,
-  /// weight_decay, which may differ per group and change during training) and throws a
-  /// std::runtime_error naming the first policy option saved with another value.
+  /// Saves every option. Loading restores the group options (which may differ per group and
+  /// change during training) and throws a std::runtime_error naming the first policy option
+  /// saved with another value.
   void serialize(torch::serialize::OutputArchive& a) const override {
-    this->save_common(a);
+    visit_group_options(detail::OptionWriter{a});
     visit_policy_options(detail::OptionWriter{a});
   }
   void serialize(torch::serialize::InputArchive& a) override {
     visit_policy_options(detail::OptionChecker{a});
-    this->load_common(a);
+    visit_group_options(detail::OptionReader{a});
   }
 
  private:
   ProcessGroupPtr process_group_;
-};
-
-/// A mixin with no options, for policies that take none (`Tag` keeps the bases distinct).
-template <class Derived, class Tag>
-struct NoOptions {
-  void validate() const {}
-  template <class V>
-  void visit_options(V&& v) const {
-    (void)v;
-  }
 };
 
 }  // namespace mep

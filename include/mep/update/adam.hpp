@@ -3,7 +3,10 @@
 /// Adam (Kingma & Ba 2015, arXiv:1412.6980), written to match `torch::optim::Adam`:
 ///   g ← g + λW (coupled weight decay);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²
 ///   u = (m / (1−β₁ᵗ)) / (√v / √(1−β₂ᵗ) + ε)   (v ← max(v_max, v) with amsgrad)
-/// Adam carries its own moments: the optimizer's momentum option is not used.
+///   W ← W − lr·u
+/// AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101), as `torch::optim::AdamW`: the same
+/// direction of the gradient alone, with decoupled weight decay W ← W(1 − lr·λ) − lr·u.
+/// Both carry their own moments: the optimizers built on them have no momentum option.
 
 #include <mep/options.hpp>
 #include <mep/state.hpp>
@@ -17,18 +20,18 @@ namespace mep {
 struct AdamUpdate {
   template <class Derived>
   struct Options {
-    MEP_ARG(double, beta1, 0.9)
-    MEP_ARG(double, beta2, 0.999)
+    MEP_ARG(Pair, betas, Pair(0.9, 0.999))
     MEP_ARG(double, eps, 1e-8)
     MEP_ARG(bool, amsgrad, false)
     void validate() const {
-      MEP_CHECK_OPTION(beta1_ >= 0 && beta1_ < 1, "beta1", beta1_, "a value in [0, 1)");
-      MEP_CHECK_OPTION(beta2_ >= 0 && beta2_ < 1, "beta2", beta2_, "a value in [0, 1)");
+      const auto [beta1, beta2] = betas_;
+      MEP_CHECK_OPTION(beta1 >= 0 && beta1 < 1, "betas", detail::option_text(betas_), "β₁ in [0, 1)");
+      MEP_CHECK_OPTION(beta2 >= 0 && beta2 < 1, "betas", detail::option_text(betas_), "β₂ in [0, 1)");
       MEP_CHECK_OPTION(eps_ >= 0 && std::isfinite(eps_), "eps", eps_, "a finite value >= 0");
     }
     template <class V>
     void visit_options(V&& v) const {
-      v("beta1", beta1_), v("beta2", beta2_), v("eps", eps_), v("amsgrad", amsgrad_);
+      v("betas", betas_), v("eps", eps_), v("amsgrad", amsgrad_);
     }
   };
 
@@ -40,23 +43,20 @@ struct AdamUpdate {
 
   AdamUpdate() = default;
   template <class O>
-  explicit AdamUpdate(const O& o) : beta1(o.beta1()), beta2(o.beta2()), eps(o.eps()), amsgrad(o.amsgrad()) {}
+  explicit AdamUpdate(const O& o)
+      : beta1(std::get<0>(o.betas())), beta2(std::get<1>(o.betas())), eps(o.eps()), amsgrad(o.amsgrad()) {}
 
   torch::Tensor direction(const torch::Tensor& g, ParamState& st) const {
-    auto& m = st.zeros_like("exp_avg", g);
-    auto& v = st.zeros_like("exp_avg_sq", g);
-    m.mul_(beta1).add_(g, 1 - beta1);
-    v.mul_(beta2).addcmul_(g, g, 1 - beta2);
-    const double bc1 = 1 - std::pow(beta1, static_cast<double>(st.step));
-    const double bc2 = 1 - std::pow(beta2, static_cast<double>(st.step));
-    torch::Tensor second = v;
-    if (amsgrad) {
-      auto& vmax = st.zeros_like("max_exp_avg_sq", g);
-      torch::max_out(vmax, vmax, v);
-      second = vmax;
-    }
-    auto u = second.sqrt().div_(std::sqrt(bc2)).add_(eps);  // the denominator, then the direction
-    return at::div_out(u, m, u).div_(bc1);
+    auto u = advance(g, st);  // the denominator, then the direction
+    return at::div_out(u, st.buffers["exp_avg"], u).div_(bias_correction(beta1, st.step));
+  }
+
+  /// The whole step W ← W − lr·u, rounded as `torch::optim::Adam` rounds it:
+  /// W.addcdiv_(m, √v̂/√(1−β₂ᵗ) + ε, −lr/(1−β₁ᵗ)). The optimizer uses it instead of
+  /// `direction` where nothing else needs u (no error feedback).
+  void apply(torch::Tensor& w, const torch::Tensor& g, double lr, ParamState& st) const {
+    const auto denominator = advance(g, st);
+    w.addcdiv_(st.buffers["exp_avg"], denominator, -lr / bias_correction(beta1, st.step));
   }
 
   /// A bound on |u| and on what `direction` computes on the way (g², the denominator) at step
@@ -79,6 +79,31 @@ struct AdamUpdate {
     const double denominator = std::sqrt(second) / std::sqrt(bc2) + eps;
     return std::max({g * g, denominator, m / eps / bc1});
   }
+
+ private:
+  static double bias_correction(double beta, int64_t step) { return 1 - std::pow(beta, static_cast<double>(step)); }
+
+  // Advances the moments by g (m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², v_max with amsgrad) and
+  // returns the denominator √v̂ / √(1−β₂ᵗ) + ε in a new tensor.
+  torch::Tensor advance(const torch::Tensor& g, ParamState& st) const {
+    auto& m = st.zeros_like("exp_avg", g);
+    auto& v = st.zeros_like("exp_avg_sq", g);
+    m.mul_(beta1).add_(g, 1 - beta1);
+    v.mul_(beta2).addcmul_(g, g, 1 - beta2);
+    torch::Tensor second = v;
+    if (amsgrad) {
+      auto& vmax = st.zeros_like("max_exp_avg_sq", g);
+      torch::max_out(vmax, vmax, v);
+      second = vmax;
+    }
+    return second.sqrt().div_(std::sqrt(bias_correction(beta2, st.step))).add_(eps);
+  }
+};
+
+/// AdamW: Adam's direction, decoupled weight decay (see the file's comment).
+struct AdamWUpdate : AdamUpdate {
+  static constexpr bool coupled_weight_decay = false;  // W ← W(1 − lr·λ) − lr·u
+  using AdamUpdate::AdamUpdate;
 };
 
 }  // namespace mep
