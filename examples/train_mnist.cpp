@@ -61,7 +61,10 @@ int main(int argc, char** argv) {
 
     auto model = mep::models::mlp_small();
     model->to(device);
-    mep::Muon optimizer(model->parameters(), mep::MuonOptions());  // lr 0.02, momentum 0.9
+    // Muon orthogonalises the weight matrices; the biases go to AdamW (Jordan's recipe).
+    const auto split = mep::split_for_muon(model->parameters());
+    mep::Muon muon(split.matrices, mep::MuonOptions(0.02));
+    mep::AdamW adamw(split.others, mep::AdamWOptions(3e-3));
     std::printf("train_mnist: %lld train / %lld test samples from %s, device %s\n",
                 static_cast<long long>(train.images.size(0)), static_cast<long long>(test.images.size(0)),
                 dir.c_str(), device.str().c_str());
@@ -75,10 +78,10 @@ int main(int argc, char** argv) {
         auto idx = order.narrow(0, i, std::min(kBatch, n - i));
         auto x = train.images.index_select(0, idx).to(device);
         auto y = train.labels.index_select(0, idx).to(device);
-        optimizer.zero_grad();
+        muon.zero_grad(), adamw.zero_grad();
         auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
         loss.backward();
-        optimizer.step();
+        muon.step(), adamw.step();
         total += loss.item<double>() * static_cast<double>(idx.size(0));
       }
       std::printf("epoch %d  train loss %.4f  test accuracy %.2f%%\n", epoch, total / static_cast<double>(n),

@@ -16,7 +16,28 @@ struct Case {
   std::function<nn::Sequential()> model;
   std::vector<int64_t> input;
   bool class_targets;
+  mep::Loss loss = mep::Loss::MSE;
 };
+
+// A parameter-free op without an analytic form in mep: x·σ(1.5x).
+struct SwishImpl : nn::Module {
+  torch::Tensor forward(torch::Tensor x) { return x * torch::sigmoid(1.5 * x); }
+};
+TORCH_MODULE(Swish);
+
+// A user's block with parameters: tanh(dropout(fc(x)))·scale + shift, Dropout active in train mode.
+struct BlockImpl : nn::Module {
+  BlockImpl(int64_t in, int64_t out)
+      : fc(register_module("fc", nn::Linear(in, out))), drop(register_module("drop", nn::Dropout(0.5))) {
+    scale = register_parameter("scale", torch::full({out}, 1.2));
+    shift = register_parameter("shift", torch::full({out}, 0.1));
+  }
+  torch::Tensor forward(torch::Tensor x) { return torch::tanh(drop->forward(fc->forward(x))) * scale + shift; }
+  nn::Linear fc;
+  nn::Dropout drop;
+  torch::Tensor scale, shift;
+};
+TORCH_MODULE(Block);
 
 nn::Sequential scaled(nn::Sequential m, double factor = 0.6) {
   m->to(torch::kFloat64);
@@ -67,6 +88,44 @@ std::vector<Case> cases() {
        },
        {4, 2, 8, 8},
        true},
+      {"autograd_ops_user_module_and_softsign",
+       [] {
+         return scaled(nn::Sequential(nn::Linear(6, 8), Swish(), nn::Linear(8, 7), nn::Softsign(), nn::Linear(7, 4)));
+       },
+       {5, 6},
+       false},
+      {"functional_ops",
+       [] {
+         return scaled(nn::Sequential(nn::Linear(6, 8), nn::Functional(torch::tanh), nn::Linear(8, 7),
+                                      nn::Functional([](torch::Tensor x) { return torch::sin(x) + 0.5 * x; }),
+                                      nn::Linear(7, 3)));
+       },
+       {5, 6},
+       true},
+      {"autograd_segments_user_blocks_with_dropout",
+       [] {
+         return scaled(nn::Sequential(Block(6, 8), nn::Sigmoid(), nn::Linear(8, 7), nn::Tanh(), Block(7, 6),
+                                      nn::Linear(6, 4)));
+       },
+       {5, 6},
+       false},
+      {"conv_functional_pool_log_softmax_nll",
+       [] {
+         return scaled(nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 3, 3).padding(1)), nn::Functional(torch::tanh),
+                                      nn::Functional([](torch::Tensor x) { return torch::avg_pool2d(x, 2); }),
+                                      nn::Flatten(), nn::Linear(3 * 4 * 4, 5), nn::LogSoftmax(1)));
+       },
+       {4, 2, 8, 8},
+       true,
+       mep::Loss::NLL},
+      {"log_softmax_between_layers_and_last_nll",
+       [] {
+         return scaled(nn::Sequential(nn::Linear(6, 8), nn::LogSoftmax(1), nn::Linear(8, 7), nn::Tanh(),
+                                      nn::Linear(7, 4), nn::LogSoftmax(1)));
+       },
+       {5, 6},
+       true,
+       mep::Loss::NLL},
   };
 }
 
@@ -76,8 +135,11 @@ torch::Tensor make_target(const Case& c, nn::Sequential& m, const torch::Tensor&
   return torch::randn({x.size(0), out_dim}, torch::kFloat64) * 0.5;
 }
 
+// Backprop of the model in eval mode (no dropout; BatchNorm's running statistics), the
+// function EP settles; the model's modes are restored afterwards.
 std::vector<torch::Tensor> backprop(nn::Sequential& m, const torch::Tensor& x, const torch::Tensor& y, mep::Loss loss,
                                     double smoothing = 0.0) {
+  mep::EvalMode eval({m.ptr()});
   auto value = mep::loss_value(loss, m->forward(x), y, smoothing);
   return torch::autograd::grad({value}, m->parameters());
 }
@@ -111,11 +173,11 @@ void expect_equivalence(const Case& c, size_t index, const char* policy) {
   auto m = c.model();
   auto x = torch::randn(c.input, torch::kFloat64);
   auto y = make_target(c, m, x);
-  auto bp = backprop(m, x, y, mep::Loss::MSE);
-  const double sym3 = relative_error(ep_grads<Settling>(m, x, y, 1e-3, true), bp);
-  const double sym2 = relative_error(ep_grads<Settling>(m, x, y, 1e-2, true), bp);
-  const double one3 = relative_error(ep_grads<Settling>(m, x, y, 1e-3, false), bp);
-  const double one2 = relative_error(ep_grads<Settling>(m, x, y, 1e-2, false), bp);
+  auto bp = backprop(m, x, y, c.loss);
+  const double sym3 = relative_error(ep_grads<Settling>(m, x, y, 1e-3, true, c.loss), bp);
+  const double sym2 = relative_error(ep_grads<Settling>(m, x, y, 1e-2, true, c.loss), bp);
+  const double one3 = relative_error(ep_grads<Settling>(m, x, y, 1e-3, false, c.loss), bp);
+  const double one2 = relative_error(ep_grads<Settling>(m, x, y, 1e-2, false, c.loss), bp);
   std::cout << "[ measured ] " << c.name << " (" << policy << "): symmetric " << sym2 << " (β=1e-2) " << sym3
             << " (β=1e-3); one-sided " << one2 << " (β=1e-2) " << one3 << " (β=1e-3)\n";
   EXPECT_LE(sym3, 5e-5) << policy;
@@ -131,7 +193,7 @@ TEST_P(Equivalence, SymmetricEPMatchesBackpropAndErrorsShrinkAsTheorySays) {
   expect_equivalence<mep::LayerSweep>(cases()[GetParam()], GetParam(), "LayerSweep");
 }
 
-INSTANTIATE_TEST_SUITE_P(Gradient, Equivalence, ::testing::Range<size_t>(0, 6),
+INSTANTIATE_TEST_SUITE_P(Gradient, Equivalence, ::testing::Range<size_t>(0, 11),
                          [](const auto& info) { return cases()[info.param].name; });
 
 TEST(Gradient, CrossEntropyNudgingMatchesLabelSmoothedCrossEntropy) {
@@ -253,6 +315,9 @@ TEST(Gradient, AnalyticAndAutogradSettlingGradientsAgree) {
                                   torch::randn({4, 2, 5, 5}), "BatchNorm2d, Softmax after the last layer");
   expect_analytic_equals_autograd(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 4)), torch::randn({5, 6}),
                                   "cross-entropy nudging", mep::Loss::CrossEntropy);
+  expect_analytic_equals_autograd(nn::Sequential(nn::Linear(6, 8), nn::LogSoftmax(1), nn::Linear(8, 7), nn::Tanh(),
+                                                 nn::Linear(7, 4), nn::LogSoftmax(1)),
+                                  torch::randn({5, 6}), "LogSoftmax between layers, NLL nudging", mep::Loss::NLL);
 }
 
 // Counts CPU allocations while installed (LibTorch's default allocator underneath).
@@ -665,16 +730,367 @@ TEST(Gradient, BatchNormRunningStatisticsAdvanceOncePerStep) {
   EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 1);
 }
 
-TEST(Gradient, UnsupportedModuleIsNamed) {
-  auto m = nn::Sequential(nn::Linear(6, 8), nn::Conv3d(nn::Conv3dOptions(1, 1, 1)), nn::Linear(8, 4));
-  try {
-    mep::Chain::from(m);
-    FAIL() << "expected ChainError";
-  } catch (const mep::ChainError& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find("Conv3d"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("position 1"), std::string::npos) << msg;
+// What EP cannot run is refused when the chain is read — by bind(), so by the optimizer's
+// constructor — naming the module and its position.
+TEST(Gradient, ChainsEPCannotUseAreRefusedAtBindNamingTheModule) {
+  struct TwoInputsImpl : nn::Module {
+    torch::Tensor forward(torch::Tensor a, torch::Tensor b) { return a + b; }
+  };
+  struct CountsImpl : nn::Module {
+    torch::Tensor forward(int64_t n) { return torch::ones({n}); }
+  };
+  struct TiedImpl : nn::Module {
+    explicit TiedImpl(const torch::Tensor& w) { weight = register_parameter("weight", w); }
+    torch::Tensor forward(torch::Tensor x) { return torch::matmul(x, weight.t()); }
+    torch::Tensor weight;
+  };
+  auto shared = nn::Linear(8, 8);
+  auto tied = nn::Linear(8, 8);
+  auto sharing = std::make_shared<TiedImpl>(tied->weight);
+  struct Refused {
+    const char* what;
+    nn::Sequential model;
+    std::vector<std::string> expected;
+  };
+  std::vector<Refused> refused = {
+      {"LSTM", nn::Sequential(nn::Linear(6, 8), nn::LSTM(8, 8), nn::Linear(8, 4)), {"LSTM", "position 1", "tuple"}},
+      {"two-input module",
+       nn::Sequential(nn::Linear(6, 8), nn::Tanh(), std::make_shared<TwoInputsImpl>(), nn::Linear(8, 4)),
+       {"TwoInputs", "position 2", "one tensor"}},
+      {"integer-input module", nn::Sequential(nn::Linear(6, 8), std::make_shared<CountsImpl>(), nn::Linear(8, 4)),
+       {"Counts", "position 1", "does not take a tensor"}},
+      {"Bilinear", nn::Sequential(nn::Linear(6, 8), nn::Bilinear(8, 8, 4)), {"Bilinear", "position 1"}},
+      {"MultiheadAttention", nn::Sequential(nn::Linear(6, 8), nn::MultiheadAttention(8, 2)),
+       {"MultiheadAttention", "position 1"}},
+      {"Embedding after a layer", nn::Sequential(nn::Linear(6, 8), nn::Embedding(10, 4)),
+       {"Embedding", "position 1", "indices"}},
+      {"a layer twice", nn::Sequential(shared, nn::Tanh(), shared), {"position 2", "position 0", "only once"}},
+      {"a shared parameter", nn::Sequential(tied, nn::Tanh(), sharing), {"position 2", "position 0", "shares"}},
+      {"no layer", nn::Sequential(nn::Tanh(), nn::Functional(torch::relu)), {"no layer"}},
+  };
+  for (auto& [what, model, expected] : refused) {
+    mep::EPGradient ep{mep::EPGradientOptions()};
+    try {
+      ep.bind(model);
+      ADD_FAILURE() << what << ": no ChainError";
+    } catch (const mep::ChainError& e) {
+      for (const auto& part : expected) EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
   }
+  // The optimizers refuse such a model when they are built.
+  try {
+    mep::SMEP opt(nn::Sequential(nn::Linear(6, 8), nn::GRU(8, 8), nn::Linear(8, 4)));
+    ADD_FAILURE() << "SMEP built on a GRU";
+  } catch (const mep::ChainError& e) {
+    EXPECT_NE(std::string(e.what()).find("position 1"), std::string::npos) << e.what();
+  }
+  // Any other module has its place: Conv3d is a layer EP runs through autograd.
+  EXPECT_NO_THROW(mep::EPGradient{mep::EPGradientOptions()}.bind(
+      nn::Sequential(nn::Conv3d(nn::Conv3dOptions(1, 2, 3)), nn::Flatten(), nn::Linear(2, 4))));
+}
+
+// A module whose output is random, or whose forward fails or returns no tensor, is refused at
+// the first step (it needs an input), naming it; nothing has changed then.
+TEST(Gradient, ModulesThatCannotRunAsAFixedFunctionAreNamedAtTheFirstStep) {
+  struct PairImpl : nn::Module {
+    std::tuple<torch::Tensor, torch::Tensor> forward(torch::Tensor x) { return {x, x}; }
+  };
+  auto x = torch::randn({4, 6});
+  auto y = torch::randint(0, 4, {4}, torch::kLong);
+  struct Failing {
+    const char* what;
+    nn::Sequential model;
+    std::vector<std::string> expected;
+  };
+  std::vector<Failing> failing = {
+      {"random op",
+       nn::Sequential(nn::Linear(6, 8), nn::Functional([](torch::Tensor t) { return torch::dropout(t, 0.5, true); }),
+                      nn::Linear(8, 4)),
+       {"Functional", "position 1", "different output", "torch::nn::Dropout"}},
+      {"tuple output", nn::Sequential(nn::Linear(6, 8), std::make_shared<PairImpl>(), nn::Linear(8, 4)),
+       {"Pair", "position 1"}},
+      {"shape mismatch", nn::Sequential(nn::Linear(6, 8), nn::Tanh(), Block(5, 4)), {"Block", "position 2"}},
+  };
+  for (auto& [what, model, expected] : failing) {
+    for (auto& p : model->parameters()) p.mutable_grad() = torch::full_like(p, 7.0);
+    mep::EPGradient ep{mep::EPGradientOptions()};
+    EXPECT_NO_THROW(ep.bind(model)) << what;
+    try {
+      ep.compute(model, x, y);
+      ADD_FAILURE() << what << ": no ChainError";
+    } catch (const mep::ChainError& e) {
+      for (const auto& part : expected) EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+    for (auto& p : model->parameters()) EXPECT_TRUE(torch::equal(p.grad(), torch::full_like(p, 7.0))) << what;
+    EXPECT_TRUE(model->is_training()) << what;
+  }
+}
+
+// A user's block runs in eval mode through the EP step: its Dropout is off and its BatchNorm
+// normalises with the running statistics, so EP's gradient is backprop's of the model in eval
+// mode. The statistics advance once per step, as one train-mode forward of the block at its
+// feedforward input would, and undo() takes that back; the block is in train mode afterwards.
+TEST(Gradient, AutogradBlocksRunInEvalModeAndAdvanceTheirStatisticsOncePerStep) {
+  struct NormBlockImpl : nn::Module {
+    NormBlockImpl()
+        : fc(register_module("fc", nn::Linear(8, 7))), bn(register_module("bn", nn::BatchNorm1d(7))),
+          drop(register_module("drop", nn::Dropout(0.5))) {}
+    torch::Tensor forward(torch::Tensor x) { return torch::tanh(drop->forward(bn->forward(fc->forward(x)))); }
+    nn::Linear fc;
+    nn::BatchNorm1d bn;
+    nn::Dropout drop;
+  };
+  torch::manual_seed(63);
+  auto block = std::make_shared<NormBlockImpl>();
+  auto m = scaled(nn::Sequential(nn::Linear(6, 8), nn::Sigmoid(), block, nn::Linear(7, 4)), 1.0);
+  {
+    torch::NoGradGuard no_grad;
+    block->bn->running_mean.uniform_(-0.5, 0.5);
+    block->bn->running_var.uniform_(0.5, 1.5);
+  }
+  auto x = torch::randn({16, 6}, torch::kFloat64);
+  auto y = torch::randint(0, 4, {16}, torch::kLong);
+  const auto mean0 = block->bn->running_mean.clone(), var0 = block->bn->running_var.clone();
+  auto bp = backprop(m, x, y, mep::Loss::MSE);
+  nn::BatchNorm1d reference(7);  // one ordinary forward pass of the block's BatchNorm
+  {
+    torch::NoGradGuard no_grad;
+    reference->to(torch::kFloat64);
+    reference->running_mean.copy_(mean0), reference->running_var.copy_(var0);
+    auto in = torch::sigmoid(m[0]->as<nn::Linear>()->forward(x));
+    reference->forward(block->fc->forward(in));
+  }
+  mep::EPGradient ep(mep::EPGradientOptions().beta(1e-3).symmetric(true).settle_steps(300).tol(0));
+  ep.compute(m, x, y);
+  std::vector<torch::Tensor> g;
+  for (auto& p : m->parameters()) g.push_back(p.grad().clone());
+  const double err = relative_error(g, bp);
+  std::cout << "[ measured ] block with BatchNorm and Dropout, symmetric β=1e-3: relative error " << err
+            << " to backprop in eval mode\n";
+  EXPECT_LE(err, 5e-5);
+  EXPECT_TRUE(block->is_training());
+  EXPECT_TRUE(block->drop->is_training());
+  EXPECT_EQ(block->bn->num_batches_tracked.item<int64_t>(), 1);
+  EXPECT_TRUE(torch::allclose(block->bn->running_mean, reference->running_mean, 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(block->bn->running_var, reference->running_var, 1e-12, 1e-12));
+  ep.undo();
+  EXPECT_EQ(block->bn->num_batches_tracked.item<int64_t>(), 0);
+  EXPECT_TRUE(torch::equal(block->bn->running_mean, mean0));
+  EXPECT_TRUE(torch::equal(block->bn->running_var, var0));
+  m->eval();  // in eval mode nothing advances
+  ep.compute(m, x, y);
+  EXPECT_EQ(block->bn->num_batches_tracked.item<int64_t>(), 0);
+  EXPECT_FALSE(block->is_training());
+}
+
+// ‖J‖ of a segment run through autograd: power iterations on JᵀJ reach the largest per-sample
+// spectral norm from below; with it LayerSweep settles a chain whose next layers amplify (‖W‖ = 3)
+// to the equilibrium HeavyBall finds.
+TEST(Gradient, AutogradSegmentsEstimateTheirJacobianNormAndSettle) {
+  torch::manual_seed(64);
+  auto m = scaled(nn::Sequential(nn::Linear(6, 12), nn::Functional(torch::tanh), nn::Linear(12, 12), Swish(),
+                                 Block(12, 12), nn::Linear(12, 4)),
+                  1.0);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : m->parameters())
+      if (p.dim() == 2 && p.size(1) == 12) p.mul_(3.0 / at::linalg_svdvals(p).max().item<double>());
+  }
+  auto x = torch::randn({16, 6}, torch::kFloat64);
+  auto y = torch::randint(0, 4, {16}, torch::kLong);
+  mep::EPGradient ep(mep::EPGradientOptions().beta(0.1).settle_steps(3000).tol(0));
+  ep.compute(m, x, y);
+  EXPECT_LT(ep.report().residual(), 1e-7);
+  std::vector<torch::Tensor> g;
+  for (auto& p : m->parameters()) g.push_back(p.grad().clone());
+  mep::BasicEPGradient<mep::HeavyBall> hb(
+      mep::BasicEPGradientOptions<mep::HeavyBall>().beta(0.1).settle_steps(5000).settle_lr(0.05).tol(0).adaptive(false));
+  hb.compute(m, x, y);
+  std::vector<torch::Tensor> h;
+  for (auto& p : m->parameters()) h.push_back(p.grad().clone());
+  EXPECT_LE(relative_error(g, h), 1e-6);
+
+  const auto& e = ep.energy();
+  for (size_t l = 1; l < e.size(); ++l) {
+    const auto& seg = e.chain().segments[l];
+    if (!seg.autograd_jacobian()) continue;  // the last, a Linear after the block
+    double actual = 0;
+    for (int64_t b = 0; b < x.size(0); ++b) {
+      auto leaf = e.s[l - 1].narrow(0, b, 1).detach().clone().requires_grad_(true);
+      auto out = seg.forward(leaf, e.tape[l].ops).flatten();
+      std::vector<torch::Tensor> rows;
+      for (int64_t i = 0; i < out.numel(); ++i)
+        rows.push_back(torch::autograd::grad({out[i]}, {leaf}, {}, /*retain_graph=*/true)[0].flatten());
+      actual = std::max(actual, at::linalg_svdvals(torch::stack(rows)).max().item<double>());
+    }
+    const double few = seg.jacobian_norm(e.s[l - 1], e.tape[l], mep::LayerSweep::kAutogradPowerIterations).item<double>();
+    const double many = seg.jacobian_norm(e.s[l - 1], e.tape[l], 300).item<double>();
+    std::cout << "[ measured ] autograd segment " << l << ": ‖J‖ " << actual << ", estimate " << few << " ("
+              << mep::LayerSweep::kAutogradPowerIterations << " iterations), " << many << " (300)\n";
+    EXPECT_LE(few, actual * (1 + 1e-9));
+    EXPECT_GE(few, actual / std::sqrt(2.0));  // what keeps the scaled sweep contracting
+    EXPECT_NEAR(many, actual, 1e-6 * actual);
+  }
+}
+
+// A first layer run through autograd may read integer input: an Embedding of token indices.
+TEST(Gradient, AnEmbeddingFirstReadsIndices) {
+  torch::manual_seed(67);
+  auto m = scaled(nn::Sequential(nn::Embedding(10, 4), nn::Flatten(), nn::Tanh(), nn::Linear(12, 6), nn::Tanh(),
+                                 nn::Linear(6, 3)));
+  auto x = torch::randint(0, 10, {5, 3}, torch::kLong);
+  auto y = torch::randint(0, 3, {5}, torch::kLong);
+  auto bp = backprop(m, x, y, mep::Loss::MSE);
+  const double err = relative_error(ep_grads<mep::LayerSweep>(m, x, y, 1e-3, true), bp);
+  std::cout << "[ measured ] Embedding first, symmetric β=1e-3: relative error " << err << "\n";
+  EXPECT_LE(err, 5e-5);
+  mep::EPGradient ep{mep::EPGradientOptions()};
+  EXPECT_THROW(ep.compute(m, x.to(torch::kFloat64), y), mep::ChainError);  // Embedding reads indices, named
+}
+
+// A model ending in LogSoftmax trains against the negative log-likelihood of its output:
+// step returns torch::nll_loss(output, target), with no label smoothing, and its gradient is
+// backprop's of that loss (the equivalence cases above). Other losses against log-probabilities
+// are refused at construction, as is NLL without them.
+TEST(Gradient, LogSoftmaxModelsTrainAgainstTheirNegativeLogLikelihood) {
+  torch::manual_seed(65);
+  auto m = nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 5), nn::LogSoftmax(1));
+  auto x = torch::randn({16, 6});
+  auto y = torch::randint(0, 5, {16}, torch::kLong);
+  mep::EqProp opt(m, mep::EqPropOptions().loss(mep::Loss::NLL));
+  for (int step = 0; step < 3; ++step) {
+    const auto expected = torch::nll_loss(m->forward(x), y).item<float>();
+    const auto loss = opt.step(x, y).item<float>();
+    EXPECT_EQ(loss, expected) << "step " << step;
+  }
+  EXPECT_EQ(mep::loss_value(mep::Loss::NLL, m->forward(x), y).item<float>(), torch::nll_loss(m->forward(x), y).item<float>());
+  auto soft = torch::softmax(torch::randn({16, 5}), 1);  // a distribution as the target: −Σ y·ŷ
+  EXPECT_NEAR(mep::loss_value(mep::Loss::NLL, m->forward(x), soft).item<float>(),
+              -(soft * m->forward(x)).sum().item<float>() / 16, 1e-6);
+  try {
+    mep::SMEP mse(m);  // the default, MSE nudging
+    ADD_FAILURE() << "MSE nudging of log-probabilities";
+  } catch (const mep::ChainError& e) {
+    EXPECT_NE(std::string(e.what()).find("Loss::NLL"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("position 3"), std::string::npos) << e.what();
+  }
+  try {
+    mep::SMEP nll(nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 5)), mep::SMEPOptions().loss(mep::Loss::NLL));
+    ADD_FAILURE() << "NLL of logits";
+  } catch (const mep::ChainError& e) {
+    EXPECT_NE(std::string(e.what()).find("LogSoftmax(1)"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(mep::SMEP(m, mep::SMEPOptions().loss(mep::Loss::CrossEntropy)));  // CE of log-probabilities is NLL
+}
+
+// pytorch/examples, cpp/mnist: a custom Module with its layers as members and a forward of
+// functional steps (as there, and as in the README).
+struct NetImpl : nn::Module {
+  NetImpl()
+      : conv1(nn::Conv2dOptions(1, 10, /*kernel_size=*/5)),
+        conv2(nn::Conv2dOptions(10, 20, /*kernel_size=*/5)),
+        fc1(320, 50),
+        fc2(50, 10) {
+    register_module("conv1", conv1);
+    register_module("conv2", conv2);
+    register_module("conv2_drop", conv2_drop);
+    register_module("fc1", fc1);
+    register_module("fc2", fc2);
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::relu(torch::max_pool2d(conv1->forward(x), 2));
+    x = torch::relu(torch::max_pool2d(conv2_drop->forward(conv2->forward(x)), 2));
+    x = x.view({-1, 320});
+    x = torch::relu(fc1->forward(x));
+    x = torch::dropout(x, /*p=*/0.5, /*training=*/is_training());
+    x = fc2->forward(x);
+    return torch::log_softmax(x, /*dim=*/1);
+  }
+  nn::Conv2d conv1, conv2;
+  nn::Dropout2d conv2_drop;
+  nn::Linear fc1, fc2;
+};
+TORCH_MODULE(Net);
+
+nn::Sequential net_listing(const std::shared_ptr<NetImpl>& net) {
+  return nn::Sequential(net->conv1, nn::MaxPool2d(2), nn::ReLU(), net->conv2, net->conv2_drop, nn::MaxPool2d(2),
+                        nn::ReLU(), nn::Flatten(), net->fc1, nn::ReLU(), nn::Dropout(0.5), net->fc2, nn::LogSoftmax(1));
+}
+
+// The listing shares the Net's modules: EP on it is backprop of the Net's forward (eval mode),
+// and training it trains the Net.
+TEST(Gradient, AListingOfACustomModuleTrainsThatModule) {
+  torch::manual_seed(66);
+  Net net;
+  net->to(torch::kFloat64);
+  auto x = torch::randn({3, 1, 28, 28}, torch::kFloat64);
+  auto y = torch::randint(0, 10, {3}, torch::kLong);
+  auto layers = mep::listing(net, net_listing(net.ptr()), x);  // a TORCH_MODULE holder
+  auto value = [&] {
+    mep::EvalMode eval({net.ptr()});
+    return torch::nll_loss(net->forward(x), y);
+  };
+  auto bp = torch::autograd::grad({value()}, net->parameters());
+  // ReLU and max pooling have kinks: β = 1e-4 keeps every state on its side of them here (at
+  // β = 1e-3 some cross, and the estimate is off by 3 %).
+  mep::EPGradient ep(mep::EPGradientOptions().beta(1e-4).symmetric(true).settle_steps(300).tol(0).loss(mep::Loss::NLL));
+  ep.compute(layers, x, y);
+  std::vector<torch::Tensor> g;
+  for (auto& p : net->parameters()) g.push_back(p.grad().clone());
+  const double err = relative_error(g, bp);
+  std::cout << "[ measured ] MNIST Net through its listing, symmetric β=1e-4: relative error " << err
+            << " to backprop of its forward\n";
+  EXPECT_LE(err, 5e-5);
+
+  net->to(torch::kFloat32);
+  auto xf = x.to(torch::kFloat32);
+  const auto before = net->fc1->weight.clone();
+  mep::SMEP opt(mep::listing(net, net_listing(net.ptr())), mep::SMEPOptions().loss(mep::Loss::NLL));
+  const double first = opt.step(xf, y).item<double>();
+  double last = first;
+  for (int step = 0; step < 30; ++step) last = opt.step(xf, y).item<double>();
+  std::cout << "[ measured ] SMEP on the Net's listing, one batch: loss " << first << " → " << last << "\n";
+  EXPECT_LT(last, 0.5 * first);
+  EXPECT_FALSE(torch::equal(net->fc1->weight, before));
+}
+
+TEST(Gradient, AListingThatLeavesOutOrAddsALayerIsRefusedNamingIt) {
+  auto net = std::make_shared<NetImpl>();  // a std::shared_ptr, as in pytorch/examples
+  namespace nn = torch::nn;
+  auto expect_refused = [](const std::function<void()>& f, const std::vector<std::string>& parts) {
+    try {
+      f();
+      ADD_FAILURE() << "no ChainError";
+    } catch (const mep::ChainError& e) {
+      for (const auto& part : parts) EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  };
+  expect_refused([&] { mep::listing(net, nn::Sequential(net->conv1, nn::MaxPool2d(2), nn::ReLU(), net->conv2,
+                                                        nn::MaxPool2d(2), nn::ReLU(), nn::Flatten(), net->fc1,
+                                                        nn::ReLU(), nn::Linear(50, 10), nn::LogSoftmax(1))); },
+                 {"Linear", "position 9", "not one of the model's modules"});
+  expect_refused([&] { mep::listing(net, nn::Sequential(net->conv1, nn::MaxPool2d(2), nn::ReLU(), net->conv2,
+                                                        nn::MaxPool2d(2), nn::ReLU(), nn::Flatten(), net->fc1)); },
+                 {"fc2.weight", "fc2.bias"});
+  auto x = torch::randn({2, 1, 28, 28});
+  expect_refused([&] { mep::listing(net, nn::Sequential(net->conv1, nn::MaxPool2d(2), nn::ReLU(), net->conv2,
+                                                        nn::ReLU(), nn::Flatten(), net->fc1, net->fc2), x); },
+                 {"fails on the example input"});
+  expect_refused([&] { mep::listing(net, nn::Sequential(net->conv1, nn::MaxPool2d(2), nn::ReLU(), net->conv2,
+                                                        nn::MaxPool2d(2), nn::ReLU(), nn::Flatten(), net->fc1,
+                                                        net->fc2, nn::LogSoftmax(1)), x); },
+                 {"differs from the model's forward"});  // fc1's ReLU left out
+  expect_refused([&] { mep::listing(net, nn::Sequential(net->conv1, nn::LSTM(4, 4), net->conv2, net->fc1, net->fc2)); },
+                 {"LSTM", "position 1"});
+  EXPECT_NO_THROW(mep::listing(net, net_listing(net), x));
+  // The same listing with functional steps run through autograd.
+  auto functional = nn::Sequential(
+      net->conv1, nn::Functional([](torch::Tensor t) { return torch::max_pool2d(t, 2); }), nn::Functional(torch::relu),
+      net->conv2, net->conv2_drop, nn::Functional([](torch::Tensor t) { return torch::max_pool2d(t, 2); }),
+      nn::Functional(torch::relu), nn::Flatten(), net->fc1, nn::Functional(torch::relu), nn::Dropout(0.5), net->fc2,
+      nn::LogSoftmax(1));
+  EXPECT_NO_THROW(mep::listing(net, functional, x));
+  EXPECT_TRUE(net->is_training());
 }
 
 TEST(Gradient, BadTargetsAndInputsAreRejectedBeforeAnyWork) {

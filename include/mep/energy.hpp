@@ -6,6 +6,7 @@
 ///
 ///   MSE nudging:  E_L = ½‖s_L − f_L‖²,  C = ‖ŷ − y‖² (one-hot y; no ½, the reference's convention)
 ///   CE nudging:   E_L = KL(softmax(f_L/T) ‖ softmax(s_L/T)),  C = CE(ŷ, ỹ), ỹ = (1−ε)·y + ε/K, ε = 0.1
+///   NLL nudging:  E_L = ½‖s_L − f_L‖²,  C = −Σ_k y_k·ŷ_k (ŷ = post(s_L) log-probabilities, one-hot y)
 ///
 /// Each internal term is described by δ_l = ∂E_l/∂s_l and ε_l = −∂E_l/∂f_l (both s_l − f_l
 /// for the squared error), so that
@@ -33,7 +34,7 @@ struct Nudging {
   double label_smoothing = 0.1;  // cross-entropy only
   double temperature = 1.0;      // softmax temperature of the KL last-layer term
 
-  /// The dense target the cost compares with: one-hot (MSE) or smoothed distribution (CE).
+  /// The dense target the cost compares with: one-hot (MSE, NLL) or smoothed distribution (CE).
   torch::Tensor dense(const torch::Tensor& target, const torch::Tensor& like) const {
     auto y = dense_target(target, like);
     if (loss == Loss::CrossEntropy && label_smoothing > 0) y = y * (1 - label_smoothing) + label_smoothing / like.size(1);
@@ -51,19 +52,24 @@ struct Nudging {
   /// Per-sample cost C(ŷ_b, y_b), shape [B].
   torch::Tensor cost(const torch::Tensor& out, const torch::Tensor& y) const {
     if (loss == Loss::MSE) return (out - y).pow(2).flatten(1).sum(1);
+    if (loss == Loss::NLL) return -(y * out).flatten(1).sum(1);
     return -(y * torch::log_softmax(out, 1)).sum(1);
   }
 
   /// ∂C/∂ŷ per sample (not divided by the batch size).
   torch::Tensor cost_grad(const torch::Tensor& out, const torch::Tensor& y) const {
     if (loss == Loss::MSE) return 2 * (out - y);
+    if (loss == Loss::NLL) return -y;
     return torch::softmax(out, 1) - y;
   }
+
+  /// Whether the last internal term is the KL divergence (cross-entropy) rather than ½‖s_L − f_L‖².
+  bool kl_last() const { return loss == Loss::CrossEntropy; }
 
   /// Last internal term: writes δ_L and ε_L, returns E_L per sample.
   torch::Tensor last_term(const torch::Tensor& s, const torch::Tensor& f, torch::Tensor& delta,
                           torch::Tensor& eps) const {
-    if (loss == Loss::MSE) {
+    if (!kl_last()) {
       eps = s - f;
       delta = eps;
       return 0.5 * eps.pow(2).flatten(1).sum(1);
@@ -116,21 +122,26 @@ class Energy {
       tape.assign(L, {});
       s.assign(L, {}), ff.assign(L, {}), g.assign(L, {});
       scratch_.clear();
-      rows_ = torch::empty({x.size(0)}, x.options());
-      row_ = torch::empty({x.size(0)}, x.options());
-      total_ = torch::empty({}, x.options());
     }
     torch::Tensor h = x;
     for (size_t l = 0; l < L; ++l) {
       const Segment& seg = chain.segments[l];
       if (fresh) seg.prepare(h, tape[l]);
+      const torch::Tensor state = h;  // s_{l−1}
       for (size_t j = 0; j < seg.pre.size(); ++j) {
         freeze(seg.pre[j], h, tape[l].ops[j]);
+        keep_input(seg.pre[j], h, tape[l].ops[j]);
         h = seg.pre[j].forward(h, tape[l].ops[j]);
       }
       tape[l].in = h;
-      if (seg.kind == LayerKind::Linear && h.dim() == 2) seg.layer_forward(h, &tape[l].pred);
-      else tape[l].pred = seg.layer_forward(h);
+      tape[l].ff_in = seg.kind == LayerKind::Module && seg.block.stateful ? h.clone() : torch::Tensor();
+      if (l > 0 && (!analytic || !seg.analytic())) {
+        seg.forward(state, tape[l], true);  // the graph of the first sweep's VJP
+      } else {
+        tape[l].leaf = tape[l].graph = torch::Tensor();
+        if (seg.kind == LayerKind::Linear && h.dim() == 2) seg.layer_forward(h, &tape[l].pred);
+        else tape[l].pred = seg.layer_forward(h);
+      }
       if (fresh) {
         ff[l] = torch::empty_like(tape[l].pred, torch::MemoryFormat::Contiguous);
         s[l] = torch::empty_like(ff[l]);
@@ -144,10 +155,15 @@ class Energy {
     for (size_t j = 0; j < chain.post.size(); ++j) {
       if (fresh) chain.post[j].prepare(h, post_tape[j]);
       freeze(chain.post[j], h, post_tape[j]);
+      keep_input(chain.post[j], h, post_tape[j]);
       h = chain.post[j].forward(h, post_tape[j]);
     }
     output = chain.post.empty() ? ff[L - 1] : h.clone();
     if (fresh) {
+      const auto states = ff[0].options();  // x's, unless the first layer reads integer input
+      rows_ = torch::empty({x.size(0)}, states);
+      row_ = torch::empty({x.size(0)}, states);
+      total_ = torch::empty({}, states);
       diff_ = torch::empty_like(output);
       dcost_ = torch::empty_like(output);
       sq_.clear();
@@ -167,10 +183,16 @@ class Energy {
   }
 
   /// Advances BatchNorm's running statistics with the batch statistics frozen by the last
-  /// `feedforward` in train mode, as one forward pass of the model would.
+  /// `feedforward` in train mode, as one forward pass of the model would; and the buffers of
+  /// a module run through its forward (in train mode) by one forward in its own mode at its
+  /// feedforward input.
   void commit_norm_statistics() {
     torch::NoGradGuard no_grad;
     auto commit = [](const Op& op, OpTape& t) {
+      if (op.kind == OpKind::Module) {
+        commit_module(op.call, t.ff_in, t.saved_running);
+        return;
+      }
       if (op.kind != OpKind::BatchNorm) return;
       t.saved_running.clear();
       if (t.count == 0) return;
@@ -186,8 +208,11 @@ class Energy {
       if (auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(op.module)) advance(*bn);
       t.count = 0;
     };
-    for (size_t l = 0; l < chain_->size(); ++l)
+    for (size_t l = 0; l < chain_->size(); ++l) {
       for (size_t j = 0; j < chain_->segments[l].pre.size(); ++j) commit(chain_->segments[l].pre[j], tape[l].ops[j]);
+      if (chain_->segments[l].kind == LayerKind::Module)
+        commit_module(chain_->segments[l].block, tape[l].ff_in, tape[l].saved_buffers);
+    }
     for (size_t j = 0; j < chain_->post.size(); ++j) commit(chain_->post[j], post_tape[j]);
   }
 
@@ -201,6 +226,10 @@ class Energy {
   void undo_norm_statistics() {
     torch::NoGradGuard no_grad;
     auto undo = [](const Op& op, OpTape& t) {
+      if (op.kind == OpKind::Module) {
+        undo_module(op.call, t.saved_running);
+        return;
+      }
       if (op.kind != OpKind::BatchNorm || t.saved_running.empty()) return;
       auto back = [&](auto& bn) {
         bn.running_mean.copy_(t.saved_running[0]), bn.running_var.copy_(t.saved_running[1]);
@@ -210,8 +239,10 @@ class Energy {
       if (auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(op.module)) back(*bn);
       t.saved_running.clear();
     };
-    for (size_t l = 0; l < chain_->size(); ++l)
+    for (size_t l = 0; l < chain_->size(); ++l) {
       for (size_t j = 0; j < chain_->segments[l].pre.size(); ++j) undo(chain_->segments[l].pre[j], tape[l].ops[j]);
+      if (chain_->segments[l].kind == LayerKind::Module) undo_module(chain_->segments[l].block, tape[l].saved_buffers);
+    }
     for (size_t j = 0; j < chain_->post.size(); ++j) undo(chain_->post[j], post_tape[j]);
   }
 
@@ -247,7 +278,7 @@ class Energy {
   void errors(size_t l, double beta) {
     torch::NoGradGuard no_grad;
     SegmentTape& t = tape[l];
-    if (l + 1 < s.size() || nudging_.loss == Loss::MSE) {
+    if (l + 1 < s.size() || !nudging_.kl_last()) {
       at::sub_out(t.eps, s[l], t.pred);
       t.delta = t.eps;
     } else {
@@ -292,7 +323,7 @@ class Energy {
     const size_t L = s.size();
     rows_.zero_();
     for (size_t l = 0; l < L; ++l) {
-      if (l + 1 == L && nudging_.loss == Loss::CrossEntropy) {
+      if (l + 1 == L && nudging_.kl_last()) {
         rows_.add_(kl_);
         continue;
       }
@@ -350,7 +381,8 @@ class Energy {
  private:
   bool matches(const torch::Tensor& x) const { return chain_ != nullptr && fits(*chain_, x); }
 
-  // δ_L += β·∂C/∂s_L, with ∂C/∂ŷ = 2(ŷ − y) (MSE) or softmax(ŷ) − ỹ (CE) taken back through the post ops.
+  // δ_L += β·∂C/∂s_L, with ∂C/∂ŷ = 2(ŷ − y) (MSE), softmax(ŷ) − ỹ (CE) or −y (NLL) taken back
+  // through the post ops.
   void nudge(double beta) {
     const size_t L = s.size();
     SegmentTape& last = tape[L - 1];
@@ -374,6 +406,9 @@ class Energy {
       at::sub_out(diff_, out_, y_);
       grad = diff_;
       scale = 2 * beta;  // ∂C/∂ŷ = 2(ŷ − y)
+    } else if (nudging_.loss == Loss::NLL) {
+      at::neg_out(dcost_, y_);
+      grad = dcost_;
     } else {
       at::_softmax_out(dcost_, out_, 1, false);
       dcost_.sub_(y_);
@@ -400,6 +435,25 @@ class Energy {
     } else {
       last.delta = last.delta + scale * grad;
     }
+  }
+
+  // A module run through its forward keeps its feedforward input when it has buffers to commit.
+  static void keep_input(const Op& op, const torch::Tensor& in, OpTape& t) {
+    t.ff_in = op.kind == OpKind::Module && op.call.stateful ? in.clone() : torch::Tensor();
+  }
+
+  // One forward of a module in train mode at its feedforward input, its buffers saved first.
+  static void commit_module(const AutogradModule& m, const torch::Tensor& in, std::vector<torch::Tensor>& saved) {
+    saved.clear();
+    if (!m.stateful || !in.defined() || !m.module->is_training()) return;
+    for (const auto& b : m.module->buffers()) saved.push_back(b.clone());
+    m.call(in);
+  }
+  static void undo_module(const AutogradModule& m, std::vector<torch::Tensor>& saved) {
+    if (saved.empty()) return;
+    auto buffers = m.module->buffers();
+    for (size_t i = 0; i < saved.size() && i < buffers.size(); ++i) buffers[i].copy_(saved[i]);
+    saved.clear();
   }
 
   void freeze(const Op& op, const torch::Tensor& in, OpTape& t) const {

@@ -5,6 +5,8 @@
 ///   MSE:           L = mean_b Σ_k (ŷ_bk − y_bk)²   (y one-hot for class targets; no ½,
 ///                  the reference's convention, so ∂L/∂ŷ = 2(ŷ − y)/B)
 ///   CrossEntropy:  L = mean_b CE(ŷ_b, y_b) with label smoothing (0.1 in EP nudging)
+///   NLL:           L = mean_b −Σ_k y_bk·ŷ_bk for log-probabilities ŷ (a model ending in
+///                  LogSoftmax): −ŷ_{b,y_b} for class targets, torch::nll_loss; no smoothing
 
 #include <torch/torch.h>
 
@@ -15,13 +17,13 @@
 
 namespace mep {
 
-enum class Loss { MSE, CrossEntropy };
+enum class Loss { MSE, CrossEntropy, NLL };
 
-inline const char* to_string(Loss loss) { return loss == Loss::MSE ? "mse" : "ce"; }
+inline const char* to_string(Loss loss) { return loss == Loss::MSE ? "mse" : loss == Loss::NLL ? "nll" : "ce"; }
 
 /// The names of the losses in options set by name (OptimizerOptions::set) and in records.
 inline const std::vector<std::pair<Loss, const char*>>& enum_names(Loss) {
-  static const std::vector<std::pair<Loss, const char*>> names = {{Loss::MSE, "mse"}, {Loss::CrossEntropy, "ce"}};
+  static const std::vector<std::pair<Loss, const char*>> names = {{Loss::MSE, "mse"}, {Loss::CrossEntropy, "ce"}, {Loss::NLL, "nll"}};
   return names;
 }
 
@@ -77,12 +79,17 @@ inline torch::Tensor dense_target(const torch::Tensor& target, const torch::Tens
   return target.to(like.options());
 }
 
-/// Mean over the batch of the per-sample loss of `output` against `target`.
+/// Mean over the batch of the per-sample loss of `output` against `target` (label smoothing:
+/// cross-entropy only).
 inline torch::Tensor loss_value(Loss loss, const torch::Tensor& output, const torch::Tensor& target,
                                 double label_smoothing = 0.0) {
   if (loss == Loss::MSE) {
     auto diff = output - dense_target(target, output);
     return diff.pow(2).sum() / output.size(0);
+  }
+  if (loss == Loss::NLL) {
+    if (target.scalar_type() == torch::kLong) return torch::nll_loss(output, target);
+    return -(target.to(output.options()) * output).sum() / output.size(0);
   }
   namespace F = torch::nn::functional;
   if (target.scalar_type() == torch::kLong)

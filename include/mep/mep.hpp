@@ -3,8 +3,10 @@
 /// mep — Equilibrium Propagation and backprop optimizers for LibTorch. The umbrella header.
 
 #include <mep/device.hpp>
+#include <mep/listing.hpp>
 #include <mep/loss.hpp>
 #include <mep/models.hpp>
 #include <mep/optimizer.hpp>
 #include <mep/presets.hpp>
+#include <mep/version.hpp>
 #include <mep/data/idx.hpp>

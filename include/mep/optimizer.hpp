@@ -1,25 +1,30 @@
 #pragma once
 /// \file optimizer.hpp
-/// `mep::Optimizer<Gradient, Update, Constraint, Feedback>`: one optimizer assembled from
-/// four policies. For each parameter W with gradient g (SPEC §7):
+/// `mep::Optimizer<Gradient, Update, Constraint, Feedback, Defaults>`: one optimizer assembled
+/// from four policies, with a preset's defaults. For each parameter W with gradient g:
 ///
 ///   g     ← g + λ·W                      (coupled weight decay, when Update asks for it)
 ///   g_aug = feedback.accumulate(g)
 ///   u     = update.direction(g_aug)
 ///   feedback.remember(g_aug, u)
-///   m     ← μ·m + (1 − dampening)·u       (skipped when Update owns its moments: Adam, Dion)
-///   W     ← W·(1 − lr·λ) − lr·m           (decoupled weight decay otherwise)
+///   m     ← μ·m + (1 − dampening)·u       (skipped when Update owns its moments: Adam, Muon, Dion)
+///   W     ← W·(1 − lr·λ) − lr·s·m         (decoupled weight decay otherwise; s = update.lr_scale(W), or 1)
 ///   constraint.enforce(W)                (told whether W is the input layer's weight)
 ///
 /// Policies (see each header for its rule and source):
-///  - Gradient: `compute(model, x, target)` writes `.grad()` and returns the loss/energy.
-///  - Update: `direction(g, state)`, with `coupled_weight_decay` and `owns_momentum`.
+///  - Gradient: `compute(model, x, target)` writes `.grad()` and returns the loss/energy;
+///    an EP gradient also has `bind(model)`, which reads the model when the optimizer is built.
+///  - Update: `direction(g, state)`, with `coupled_weight_decay` and `owns_momentum`; optionally
+///    `lr_scale(W)`, `check_parameter(W, which)` (refuses a parameter it cannot update, at
+///    construction) and `apply(W, g, lr, state)` (the whole step in the rounding of the
+///    implementation it follows, used where no feedback needs u).
 ///  - Constraint: `enforce(W, state, input_layer)`.   - Feedback: `accumulate(g, state)`, `remember(g_aug, u, state)`.
-/// Each contributes an options mixin `Policy::Options<Derived>` to OptimizerOptions.
+/// Each contributes an options mixin `Policy::Options<Derived>` to OptimizerOptions; `Defaults`
+/// (options.hpp) names the preset and sets its defaults.
 ///
-/// The class derives from `torch::optim::Optimizer`: parameter groups (lr, momentum,
-/// dampening, nesterov and weight_decay may differ per group), zero_grad, and
-/// `torch::save(opt, path)` / `torch::load(opt, path)` of the full state.
+/// The class derives from `torch::optim::Optimizer`: parameter groups (lr, weight_decay, and
+/// momentum, dampening and nesterov where the optimizer applies momentum, may differ per
+/// group), zero_grad, and `torch::save(opt, path)` / `torch::load(opt, path)` of the full state.
 /// A step either updates every parameter or none: non-finite gradients are rejected
 /// before anything is written, and an update that throws (a failed Cholesky or QR) or leaves
 /// a non-finite parameter is rolled back — parameters, their state, and for the EP family

@@ -1,7 +1,8 @@
 #pragma once
 /// \file segment.hpp
 /// The unit of the EP engine: a *segment* is a state-producing layer f (Linear, Conv1d,
-/// Conv2d) with the ops a that feed it (activations, pooling, Flatten, Dropout, norms):
+/// Conv2d, or any other module with parameters) with the ops a that feed it (activations,
+/// pooling, Flatten, Dropout, norms, or any other parameter-free module):
 ///
 ///   s_{l−1} ─a→ in_l ─f→ f_l(in_l)
 ///
@@ -15,13 +16,18 @@
 /// BatchNorm allocate nothing. Convolutions run through ATen's convolution kernels, which
 /// return fresh tensors (LibTorch has no out= form of them); LayerNorm through ATen's
 /// layer-norm kernels likewise. An op or layer without an analytic form (a convolution
-/// with a non-zero padding mode) makes its segment take an autograd vector-Jacobian
-/// product instead, as does `analytic = false` everywhere (tests, benchmarks).
+/// with a non-zero padding mode, a module run through its forward: autograd_module.hpp)
+/// makes its segment take autograd's vector-Jacobian product and parameter gradient
+/// instead; `analytic = false` takes autograd's vector-Jacobian product everywhere (tests,
+/// benchmarks). ‖J‖ of a segment with a module run through its forward comes from power
+/// iterations through autograd.
 ///
-/// Dropout is the identity (EP has no dropout). BatchNorm normalises with statistics
-/// frozen for the step (the batch's in train mode, the running ones in eval mode), which
+/// Dropout (every kind) is the identity (EP has no dropout), as is Identity. BatchNorm
+/// normalises with statistics frozen for the step (the batch's in train mode, the running ones in eval mode), which
 /// makes it an affine map per channel, x·scale + shift; those statistics live in the
 /// workspace, not in the op.
+
+#include <mep/autograd_module.hpp>
 
 #include <torch/torch.h>
 
@@ -33,7 +39,10 @@
 
 namespace mep {
 
-enum class OpKind { Activation, Flatten, Dropout, BatchNorm, LayerNorm, MaxPool, AvgPool, AdaptiveAvgPool, Softmax };
+/// Module: a parameter-free module without an analytic form, run through its forward.
+enum class OpKind {
+  Activation, Flatten, Dropout, BatchNorm, LayerNorm, MaxPool, AvgPool, AdaptiveAvgPool, Softmax, LogSoftmax, Module
+};
 enum class Activation { ReLU, LeakyReLU, Sigmoid, Tanh, GELU, GELUTanh, SiLU, ELU, Softplus };
 
 /// Per-step buffers of one op: its output, what its VJP needs, its VJP's result.
@@ -43,16 +52,18 @@ struct OpTape {
   // of values per channel they came from (0: nothing for the running statistics to take in).
   torch::Tensor mean, var, scale, shift;
   int64_t count = 0;
-  std::vector<torch::Tensor> saved_running;  // running mean, var, count before the last commit
+  std::vector<torch::Tensor> saved_running;  // running mean, var, count (or a module's buffers) before the last commit
+  torch::Tensor ff_in;                       // OpKind::Module with buffers: its input at the feedforward states
 };
 
 /// A parameter-free or normalising op between two layers (SPEC §1).
 struct Op {
   OpKind kind = OpKind::Dropout;
   std::shared_ptr<torch::nn::Module> module;
+  size_t position = 0;  // in the Sequential
   Activation act = Activation::ReLU;
   double a = 0, b = 0;                  // activation parameters: slope/alpha, (beta, threshold)
-  int64_t start_dim = 1, end_dim = -1;  // Flatten; Softmax uses start_dim as its dim
+  int64_t start_dim = 1, end_dim = -1;  // Flatten; Softmax and LogSoftmax use start_dim as their dim
   int64_t pool_dims = 2;                // pooling over 1 or 2 spatial dimensions
   std::vector<int64_t> kernel, stride, padding, dilation, output_size;  // pooling
   bool ceil_mode = false, count_include_pad = true;
@@ -61,6 +72,9 @@ struct Op {
   std::vector<int64_t> normalized_shape;  // LayerNorm
 
   torch::Tensor weight, bias;             // norms: affine parameters (undefined without)
+  AutogradModule call;                    // OpKind::Module
+
+  bool analytic() const { return kind != OpKind::Module; }
 
   /// The op as a function (allocates); BatchNorm uses the frozen statistics of `t`.
   torch::Tensor forward(const torch::Tensor& x, const OpTape& t) const {
@@ -69,6 +83,8 @@ struct Op {
       case OpKind::Flatten: return x.flatten(start_dim, end_dim);
       case OpKind::Activation: return activate(x);
       case OpKind::Softmax: return torch::softmax(x, start_dim);
+      case OpKind::LogSoftmax: return torch::log_softmax(x, start_dim);
+      case OpKind::Module: return call.forward(x);
       case OpKind::BatchNorm: return torch::batch_norm(x, weight, bias, t.mean, t.var, false, 0.0, norm_eps, false);
       case OpKind::LayerNorm: return torch::layer_norm(x, normalized_shape, weight, bias, norm_eps);
       case OpKind::MaxPool:
@@ -95,9 +111,16 @@ struct Op {
     return s;
   }
 
-  /// Allocates the buffers of `t` for input `in` (runs the op once to learn its shape).
+  /// Allocates the buffers of `t` for input `in` (runs the op once to learn its shape; a
+  /// module run through its forward twice, to refuse one whose output is random).
   void prepare(const torch::Tensor& in, OpTape& t) const {
     auto out = kind == OpKind::BatchNorm ? in : forward(in, static_cast<const OpTape&>(t));
+    if (kind == OpKind::Module) {
+      call.check_deterministic(in, out);
+      t.out = out;
+      t.grad = torch::Tensor();
+      return;
+    }
     if (kind == OpKind::Flatten || kind == OpKind::Dropout) {
       t.out = torch::Tensor();
       t.grad = torch::Tensor();
@@ -115,6 +138,8 @@ struct Op {
       case OpKind::Flatten: return in.flatten(start_dim, end_dim);
       case OpKind::Activation: activate_out(in, t.out); return t.out;
       case OpKind::Softmax: at::_softmax_out(t.out, in, start_dim, false); return t.out;
+      case OpKind::LogSoftmax: at::_log_softmax_out(t.out, in, start_dim, false); return t.out;
+      case OpKind::Module: t.out = call.forward(in); return t.out;
       case OpKind::BatchNorm: {
         auto scale = channel_view(t.scale, in), shift = channel_view(t.shift, in);
         at::mul_out(t.out, in, scale);
@@ -152,6 +177,10 @@ struct Op {
       case OpKind::Flatten: return grad.view(in.sizes());
       case OpKind::Activation: activation_vjp(grad, in, t); return t.grad;
       case OpKind::Softmax: at::_softmax_backward_data_out(t.grad, grad, t.out, start_dim, in.scalar_type()); return t.grad;
+      case OpKind::LogSoftmax:
+        at::_log_softmax_backward_data_out(t.grad, grad, t.out, start_dim, in.scalar_type());
+        return t.grad;
+      case OpKind::Module: t.grad = call.vjp(grad, in); return t.grad;
       case OpKind::BatchNorm: at::mul_out(t.grad, grad, channel_view(t.scale, in)); return t.grad;
       case OpKind::LayerNorm:
         t.grad = std::get<0>(at::native_layer_norm_backward(grad, in, normalized_shape, t.mean, t.var, weight, bias,
@@ -181,11 +210,19 @@ struct Op {
   /// An upper bound of ‖∂op/∂in‖₂ for input `in`, as far as it depends on neither learned
   /// values nor statistics (the norms' part is `norm_gain`; here they count 1):
   ///   activations sup|a′| (ReLU, tanh, softplus 1; sigmoid ¼; GELU 1.129; SiLU 1.100;
-  ///   leaky ReLU and ELU max(1, |a|)); Softmax 1 (‖diag p − ppᵀ‖ ≤ max p); Flatten, Dropout 1;
+  ///   leaky ReLU and ELU max(1, |a|)); Softmax 1 (‖diag p − ppᵀ‖ ≤ max p); LogSoftmax over K
+  ///   classes max(1, √(2(K − 1))) (√(‖J‖₁‖J‖_∞) for J = I − 1pᵀ); Flatten, Dropout 1;
   ///   pooling √(‖J‖₁‖J‖_∞): max √m, m = the most windows sharing one input; average √(m/k)
   ///   with k taps per window (√m where border windows divide by less, √(m·k)/d with divisor d).
+  ///   A module run through its forward has no such bound: its segment's norm comes from
+  ///   power iterations instead (Segment::jacobian_norm), and it counts 1 here.
   double gain(const torch::Tensor& in) const {
     switch (kind) {
+      case OpKind::LogSoftmax: {
+        const double k = static_cast<double>(in.size(start_dim));
+        return std::max(1.0, std::sqrt(2 * (k - 1)));
+      }
+      case OpKind::Module:
       case OpKind::Dropout:
       case OpKind::Flatten:
       case OpKind::BatchNorm:
@@ -310,7 +347,8 @@ struct Op {
   }
 };
 
-enum class LayerKind { Linear, Conv1d, Conv2d };
+/// Module: any other module with parameters (a user's block), run through its forward.
+enum class LayerKind { Linear, Conv1d, Conv2d, Module };
 
 /// Per-step buffers of one segment.
 struct SegmentTape {
@@ -321,20 +359,55 @@ struct SegmentTape {
   torch::Tensor back;          // J_lᵀ·ε_l with respect to s_{l−1}
   torch::Tensor layer_grad;    // (∂f/∂in)ᵀ·ε_l, before the ops' VJPs
   torch::Tensor leaf, graph;   // autograd fallback: s_{l−1} as a leaf, and f_l built from it
+  torch::Tensor ff_in;         // LayerKind::Module with buffers: its input at the feedforward states
+  std::vector<torch::Tensor> saved_buffers;  // that module's buffers before the last commit
 };
 
 /// A state-producing layer f_l and the ops a_{l−1} that feed it.
 struct Segment {
   LayerKind kind = LayerKind::Linear;
   std::shared_ptr<torch::nn::Module> module;
+  size_t position = 0;  // in the Sequential
   torch::Tensor weight, bias;  // bias may be undefined
   std::vector<Op> pre;
   std::vector<int64_t> stride, padding, dilation;
   int64_t groups = 1;
   bool zero_padding = true;  // conv: explicit zero padding, so the analytic VJP applies
+  AutogradModule block;      // LayerKind::Module
 
-  /// Whether the analytic forward and VJP apply (otherwise: autograd through the module).
-  bool analytic() const { return kind == LayerKind::Linear || zero_padding; }
+  /// Whether the analytic forward, VJP and parameter gradient apply (otherwise: autograd
+  /// through the modules' forms).
+  bool analytic() const {
+    if (kind == LayerKind::Module || (kind != LayerKind::Linear && !zero_padding)) return false;
+    for (const auto& op : pre)
+      if (!op.analytic()) return false;
+    return true;
+  }
+
+  /// Whether ‖J‖ comes from power iterations through autograd (a module run through its
+  /// forward) rather than from the weight's norm and the ops' bounds.
+  bool autograd_jacobian() const {
+    if (kind == LayerKind::Module) return true;
+    for (const auto& op : pre)
+      if (!op.analytic()) return true;
+    return false;
+  }
+
+  /// The parameters of the segment in the model's order: its ops' (norms), then its layer's.
+  std::vector<torch::Tensor> parameters() const {
+    std::vector<torch::Tensor> out;
+    for (const auto& op : pre)
+      for (const auto& p : op.module->parameters()) out.push_back(p);
+    for (const auto& p : module->parameters()) out.push_back(p);
+    return out;
+  }
+
+  /// A parameter that says the dtype and device the segment computes in.
+  torch::Tensor reference_parameter() const {
+    if (weight.defined()) return weight;
+    auto params = module->parameters();
+    return params.empty() ? torch::Tensor() : params.front();
+  }
 
   /// f(in) for the layer alone (allocates unless `out` is given for a 2-D Linear).
   torch::Tensor layer_forward(const torch::Tensor& in, torch::Tensor* out = nullptr) const {
@@ -355,6 +428,7 @@ struct Segment {
       case LayerKind::Conv2d:
         if (zero_padding) return torch::conv2d(in, weight, bias, stride, padding, dilation, groups);
         return module->as<torch::nn::Conv2d>()->forward(in);
+      case LayerKind::Module: return block.forward(in);
     }
     return in;
   }
@@ -372,6 +446,7 @@ struct Segment {
       if (e.dim() == 2 && out.defined()) return at::mm_out(out, e, weight);
       return torch::matmul(e, weight);
     }
+    if (kind == LayerKind::Module) return block.vjp(e, in);
     return std::get<0>(at::convolution_backward(e, in, weight, c10::nullopt, stride, padding, dilation,
                                                 /*transposed=*/false, std::vector<int64_t>(stride.size(), 0), groups,
                                                 {true, false, false}));
@@ -383,9 +458,11 @@ struct Segment {
     torch::Tensor h = s;
     for (size_t j = 0; j < pre.size(); ++j) {
       pre[j].prepare(h, t.ops[j]);
-      h = pre[j].kind == OpKind::BatchNorm ? h : pre[j].forward(h, static_cast<const OpTape&>(t.ops[j]));
+      if (pre[j].kind == OpKind::Module) h = t.ops[j].out;
+      else if (pre[j].kind != OpKind::BatchNorm) h = pre[j].forward(h, static_cast<const OpTape&>(t.ops[j]));
     }
     auto f = layer_forward(h);
+    if (kind == LayerKind::Module) block.check_deterministic(h, f);
     t.pred = torch::empty_like(f, torch::MemoryFormat::Contiguous);
     t.eps = torch::empty_like(t.pred);
     t.delta = t.eps;
@@ -417,8 +494,11 @@ struct Segment {
 
   /// J_lᵀ·e with respect to s_{l−1}, after forward(s, t): into t.back.
   const torch::Tensor& vjp(const torch::Tensor& e, const torch::Tensor& s, SegmentTape& t) const {
+    if (!t.leaf.defined() && !analytic()) forward(s, t, true);
     if (t.leaf.defined()) {
-      t.back = torch::autograd::grad({t.graph}, {t.leaf}, {e}, /*retain_graph=*/true)[0];
+      t.back = torch::autograd::grad({t.graph}, {t.leaf}, {e}, /*retain_graph=*/true, /*create_graph=*/false,
+                                     /*allow_unused=*/true)[0];
+      if (!t.back.defined()) t.back = torch::zeros_like(s);  // f_l does not depend on s_{l−1}
       return t.back;
     }
     torch::Tensor g = layer_vjp(e, t.in, t.layer_grad);
@@ -432,8 +512,13 @@ struct Segment {
   /// Op::norm_gain) times ‖W‖₂ for a Linear layer, ‖W‖₂·√m for a convolution, W viewed as
   /// out × (in/groups · kernel) and m = Π_d min(k_d, ⌈((k_d − 1)·dilation_d + 1)/stride_d⌉)
   /// the most patches one input element enters. ‖W‖₂ comes from `iters` power iterations
-  /// from a fixed start vector: deterministic, and an estimate from below.
+  /// from a fixed start vector: deterministic, and an estimate from below. A segment with a
+  /// module run through its forward (autograd_jacobian) takes `iters` power iterations on
+  /// J_lᵀJ_l through autograd instead (jacobian_norm_by_power_iteration: about 2·iters + 3
+  /// passes through the segment), also from below.
   torch::Tensor jacobian_norm(const torch::Tensor& s, const SegmentTape& t, int64_t iters) const {
+    if (autograd_jacobian())
+      return jacobian_norm_by_power_iteration([&](const torch::Tensor& x) { return forward(x, t.ops); }, s, iters);
     torch::NoGradGuard no_grad;
     const auto w = weight.flatten(1);
     auto v = torch::ones({w.size(1)}, w.options());

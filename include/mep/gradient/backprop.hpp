@@ -1,7 +1,7 @@
 #pragma once
 /// \file backprop.hpp
 /// Backpropagation gradient: ∇_θ L(model(x), y) by autograd, for L the policy's loss
-/// (cross-entropy on the logits by default, or MSE as in loss.hpp).
+/// (cross-entropy on the logits by default, MSE, or NLL of log-probabilities, as in loss.hpp).
 /// Optimizers built on it are used like `torch::optim` ones (`backward()`, then `step()`);
 /// `step(x, target)` also works when the optimizer was given the model.
 
@@ -45,8 +45,8 @@ struct BackpropGradient {
     /// `skipped_steps()`) instead of throwing; either way no parameter or state changes.
     MEP_ARG(bool, skip_nonfinite, false)
     void validate() const {
-      MEP_CHECK_OPTION(loss_ == Loss::MSE || loss_ == Loss::CrossEntropy, "loss", static_cast<int>(loss_),
-                       "Loss::MSE or Loss::CrossEntropy");
+      MEP_CHECK_OPTION(loss_ == Loss::MSE || loss_ == Loss::CrossEntropy || loss_ == Loss::NLL, "loss",
+                       static_cast<int>(loss_), "Loss::MSE, Loss::CrossEntropy or Loss::NLL");
     }
     template <class V>
     void visit_options(V&& v) const {

@@ -12,7 +12,15 @@
 /// `free_phase(true)`. As β → 0 with converged settling, g → ∇_θ mean_b C(ŷ_b, y_b).
 /// Linear layers take the Hebbian outer product −ε_lᵀ·in_l; convolutions ATen's weight
 /// gradient kernel; norms inside a segment their affine gradient at the VJP reaching them;
-/// norms after the last layer the gradient of the loss on the nudged output.
+/// norms after the last layer the gradient of the loss on the nudged output; a segment with a
+/// module run through its forward (autograd_module.hpp) autograd's −(∂f_l/∂θ)ᵀ·ε_l on a
+/// forward recomputed from the settled s_{l−1}, those modules in eval mode for the whole step.
+///
+/// `bind(model)` reads the model's chain (chain.hpp) and checks it against the loss: NLL
+/// needs log-probabilities (a model ending in LogSoftmax or in a module run through its
+/// forward, trusted to make them), and MSE nudging refuses a model ending in LogSoftmax. A
+/// chain EP cannot use is a ChainError there, naming the module and its position; the
+/// optimizers call it when they are built, and `compute` on the first call for another model.
 ///
 /// The gradient owns its workspaces (energy.hpp) for its lifetime: two, one per batch shape
 /// last seen (the full batches and an epoch's last one), reallocated only for a third shape. `compute` overwrites `.grad()` and returns the loss at the
@@ -65,8 +73,8 @@ struct EPOptionsBase {
     MEP_CHECK_OPTION(label_smoothing_ >= 0 && label_smoothing_ < 1, "label_smoothing", label_smoothing_,
                      "a value in [0, 1)");
     MEP_CHECK_OPTION(temperature_ > 0 && std::isfinite(temperature_), "temperature", temperature_, "a finite value > 0");
-    MEP_CHECK_OPTION(loss_ == Loss::MSE || loss_ == Loss::CrossEntropy, "loss", static_cast<int>(loss_),
-                     "Loss::MSE or Loss::CrossEntropy");
+    MEP_CHECK_OPTION(loss_ == Loss::MSE || loss_ == Loss::CrossEntropy || loss_ == Loss::NLL, "loss",
+                     static_cast<int>(loss_), "Loss::MSE, Loss::CrossEntropy or Loss::NLL");
     MEP_CHECK_OPTION(mode_ == Mode::EP || mode_ == Mode::Backprop, "mode", static_cast<int>(mode_),
                      "Mode::EP or Mode::Backprop");
   }
@@ -77,16 +85,19 @@ struct EPOptionsBase {
   }
 };
 
-/// Checks the input against the model's parameters before any work.
+/// Checks the input against the model's parameters before any work (a first layer run
+/// through its forward may take integer input, an Embedding's indices).
 inline void check_input(const torch::Tensor& x, const Chain& chain) {
   if (!x.defined()) throw std::invalid_argument("mep: input is undefined");
-  const auto& w = chain.segments[0].weight;
+  const Segment& first = chain.segments[0];
+  const auto w = first.reference_parameter();
   if (x.dim() < 2 || x.size(0) == 0) {
     std::ostringstream os;
     os << "mep: input must be a non-empty batch [B, ...], got shape " << x.sizes();
     throw std::invalid_argument(os.str());
   }
-  if (x.scalar_type() != w.scalar_type() || x.device() != w.device()) {
+  const bool typed = first.kind != LayerKind::Module || x.is_floating_point();
+  if ((typed && x.scalar_type() != w.scalar_type()) || x.device() != w.device()) {
     std::ostringstream os;
     os << "mep: input is " << x.scalar_type() << " on " << x.device() << " but the model's parameters are "
        << w.scalar_type() << " on " << w.device();
@@ -156,6 +167,11 @@ class BasicEPGradient {
   /// The workspace of the last `compute` (states, errors, tapes).
   const Energy& energy() const noexcept { return workspaces_[last_]; }
 
+  /// Reads the chain of `model` and checks it against the loss, for the `compute` calls on
+  /// it that follow. Throws ChainError for a model EP cannot use, naming the module and its
+  /// position.
+  void bind(const torch::nn::Sequential& model) { chain_for(model); }
+
   /// Takes back the last `compute`: `.grad()`, BatchNorm's running statistics and the report
   /// as they were before it (the optimizer calls it when its update fails).
   void undo() {
@@ -181,12 +197,15 @@ class BasicEPGradient {
     detail::check_input(x, chain);
     x_ = x;
     select_workspace(chain, x);
+    EvalMode eval(chain.autograd_modules);
     try {
       work().feedforward(chain, nudging_, x, analytic_);
     } catch (const c10::Error& e) {
       std::ostringstream os;
-      os << "mep: the input of shape " << x.sizes() << " does not fit the model (its first layer's weight is "
-         << chain.segments[0].weight.sizes() << "): " << e.what_without_backtrace();
+      os << "mep: the input of shape " << x.sizes() << " does not fit the model (";
+      if (chain.segments[0].kind == LayerKind::Module) os << "its first layer is " << chain.segments[0].block.where();
+      else os << "its first layer's weight is " << chain.segments[0].weight.sizes();
+      os << "): " << e.what_without_backtrace();
       throw std::invalid_argument(os.str());
     }
     check_target(target, work().output.sizes());
@@ -205,6 +224,7 @@ class BasicEPGradient {
       if (p == 0) post_gradients(target);
     }
     // Settling succeeded: the gradients, BatchNorm's statistics and the report are committed.
+    eval.restore();
     auto params = chain.parameters();
     for (size_t i = 0; i < params.size(); ++i) std::swap(params[i].mutable_grad(), acc_[i]);
     work().commit_norm_statistics();
@@ -219,12 +239,38 @@ class BasicEPGradient {
   Chain& chain_for(const torch::nn::Sequential& model) {
     if (model.is_empty()) throw ChainError("mep: the model is null");
     if (!chain_ || model.ptr() != model_.ptr()) {
-      chain_ = std::make_unique<Chain>(Chain::from(model));
+      auto chain = std::make_unique<Chain>(Chain::from(model));
+      check_output(*chain);
+      chain_ = std::move(chain);
       model_ = model;  // held, so that its address cannot be reused by another model
       workspaces_[0] = Energy(), workspaces_[1] = Energy();
       acc_.assign(chain_->parameters().size(), torch::Tensor());
     }
     return *chain_;
+  }
+
+  // The loss against the model's output: NLL needs log-probabilities, and log-probabilities
+  // are not nudged towards one-hot targets by MSE.
+  void check_output(const Chain& chain) const {
+    const Op* last = chain.post.empty() ? nullptr : &chain.post.back();
+    const bool log_softmax = last != nullptr && last->kind == OpKind::LogSoftmax;
+    std::ostringstream os;
+    if (nudging_.loss == Loss::NLL) {
+      if (log_softmax && (last->start_dim == 1 || last->start_dim == -1)) return;
+      if (last != nullptr && last->kind == OpKind::Module) return;  // trusted to make log-probabilities
+      os << "mep: Loss::NLL trains log-probabilities over the classes, but the model ends in ";
+      if (log_softmax) os << "LogSoftmax over dimension " << last->start_dim << " (position " << last->position << ")";
+      else if (last != nullptr) os << last->module->name() << " (position " << last->position << ")";
+      else os << chain.segments.back().module->name() << " (position " << chain.segments.back().position << ")";
+      os << "; end it with torch::nn::LogSoftmax(1), or train its logits with Loss::CrossEntropy";
+      throw ChainError(os.str());
+    }
+    if (nudging_.loss == Loss::MSE && log_softmax) {
+      os << "mep: the model ends in LogSoftmax (position " << last->position << "): its outputs are "
+         << "log-probabilities, which MSE nudging would pull towards one-hot targets they cannot reach; train it with "
+         << ".loss(mep::Loss::NLL), the negative log-likelihood of torch::nll_loss";
+      throw ChainError(os.str());
+    }
   }
 
   // The workspace that fits x, or else the one not used last.
@@ -245,6 +291,10 @@ class BasicEPGradient {
     for (size_t l = 0; l < chain_->size(); ++l) {
       const Segment& seg = chain_->segments[l];
       SegmentTape& t = work().tape[l];
+      if (!seg.analytic()) {
+        i = autograd_gradients(seg, t, l, c, first, i);
+        continue;
+      }
       bool norms = false;
       for (const auto& op : seg.pre) norms = norms || op.weight.defined() || op.bias.defined();
       if (norms) i = norm_gradients(seg, t, l, c, first, i);
@@ -294,6 +344,36 @@ class BasicEPGradient {
       size_t k = 0;
       if (seg.pre[j].weight.defined()) detail::accumulate(acc_[i++], seg.pre[j].weight, per_op[j][k++], c, first);
       if (seg.pre[j].bias.defined()) detail::accumulate(acc_[i++], seg.pre[j].bias, per_op[j][k++], c, first);
+    }
+    return i;
+  }
+
+  // The gradients of a segment without an analytic form, ops and layer: autograd's
+  // (∂f_l/∂θ)ᵀ·ε_l on the segment run again from the settled s_{l−1} (x for the first). A
+  // parameter that does not require grad gets none.
+  size_t autograd_gradients(const Segment& seg, const SegmentTape& t, size_t l, double c, bool first, size_t i) {
+    const auto params = seg.parameters();
+    std::vector<torch::Tensor> wanted;
+    for (const auto& p : params)
+      if (p.requires_grad()) wanted.push_back(p);
+    std::vector<torch::Tensor> grads;
+    if (!wanted.empty()) {
+      torch::AutoGradMode grad_mode(true);
+      auto out = seg.forward((l == 0 ? x_ : work().s[l - 1]).detach(), t.ops);
+      if (out.requires_grad())
+        grads = torch::autograd::grad({out}, wanted, {t.eps}, /*retain_graph=*/false, /*create_graph=*/false,
+                                      /*allow_unused=*/true);
+    }
+    size_t k = 0;
+    for (const auto& p : params) {
+      auto& acc = acc_[i++];
+      if (!p.requires_grad()) {
+        acc = torch::Tensor();
+        continue;
+      }
+      auto g = k < grads.size() && grads[k].defined() ? grads[k] : torch::zeros_like(p);
+      ++k;
+      detail::accumulate(acc, p, g, c, first || !acc.defined());
     }
     return i;
   }
