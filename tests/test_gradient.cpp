@@ -5,6 +5,8 @@
 #include <mep/mep.hpp>
 #include <torch/version.h>
 
+#include "mnist_net.hpp"
+
 #include <atomic>
 
 namespace {
@@ -983,34 +985,8 @@ TEST(Gradient, LogSoftmaxModelsTrainAgainstTheirNegativeLogLikelihood) {
   EXPECT_NO_THROW(mep::SMEP(m, mep::SMEPOptions().loss(mep::Loss::CrossEntropy)));  // CE of log-probabilities is NLL
 }
 
-// pytorch/examples, cpp/mnist: a custom Module with its layers as members and a forward of
-// functional steps (as there, and as in the README).
-struct NetImpl : nn::Module {
-  NetImpl()
-      : conv1(nn::Conv2dOptions(1, 10, /*kernel_size=*/5)),
-        conv2(nn::Conv2dOptions(10, 20, /*kernel_size=*/5)),
-        fc1(320, 50),
-        fc2(50, 10) {
-    register_module("conv1", conv1);
-    register_module("conv2", conv2);
-    register_module("conv2_drop", conv2_drop);
-    register_module("fc1", fc1);
-    register_module("fc2", fc2);
-  }
-  torch::Tensor forward(torch::Tensor x) {
-    x = torch::relu(torch::max_pool2d(conv1->forward(x), 2));
-    x = torch::relu(torch::max_pool2d(conv2_drop->forward(conv2->forward(x)), 2));
-    x = x.view({-1, 320});
-    x = torch::relu(fc1->forward(x));
-    x = torch::dropout(x, /*p=*/0.5, /*training=*/is_training());
-    x = fc2->forward(x);
-    return torch::log_softmax(x, /*dim=*/1);
-  }
-  nn::Conv2d conv1, conv2;
-  nn::Dropout2d conv2_drop;
-  nn::Linear fc1, fc2;
-};
-TORCH_MODULE(Net);
+using mep_test::Net;  // pytorch/examples, cpp/mnist (mnist_net.hpp)
+using mep_test::NetImpl;
 
 nn::Sequential net_listing(const std::shared_ptr<NetImpl>& net) {
   return nn::Sequential(net->conv1, nn::MaxPool2d(2), nn::ReLU(), net->conv2, net->conv2_drop, nn::MaxPool2d(2),

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <mep/mep.hpp>
 
+#include "mnist_net.hpp"
 #include "support.hpp"
 
 #include <cstdio>
@@ -14,35 +15,7 @@
 
 namespace {
 
-// The network of LibTorch's MNIST example (pytorch/examples, cpp/mnist): convolutions with
-// biases, Dropout2d, functional relu / max_pool2d / dropout, log_softmax.
-struct ExampleNet : torch::nn::Module {
-  ExampleNet()
-      : conv1(torch::nn::Conv2dOptions(1, 10, /*kernel_size=*/5)),
-        conv2(torch::nn::Conv2dOptions(10, 20, /*kernel_size=*/5)),
-        fc1(320, 50),
-        fc2(50, 10) {
-    register_module("conv1", conv1);
-    register_module("conv2", conv2);
-    register_module("conv2_drop", conv2_drop);
-    register_module("fc1", fc1);
-    register_module("fc2", fc2);
-  }
-  torch::Tensor forward(torch::Tensor x) {
-    x = torch::relu(torch::max_pool2d(conv1->forward(x), 2));
-    x = torch::relu(torch::max_pool2d(conv2_drop->forward(conv2->forward(x)), 2));
-    x = x.view({-1, 320});
-    x = torch::relu(fc1->forward(x));
-    x = torch::dropout(x, /*p=*/0.5, /*train=*/is_training());
-    x = fc2->forward(x);
-    return torch::log_softmax(x, /*dim=*/1);
-  }
-  torch::nn::Conv2d conv1;
-  torch::nn::Conv2d conv2;
-  torch::nn::Dropout2d conv2_drop;
-  torch::nn::Linear fc1;
-  torch::nn::Linear fc2;
-};
+using ExampleNet = mep_test::NetImpl;  // pytorch/examples, cpp/mnist (mnist_net.hpp)
 
 // One LibTorch training program, written once with `optim_ns` standing for torch::optim or mep:
 // 50 steps of the example's loop with optimizer number `which`. Returns the parameters.
@@ -242,6 +215,31 @@ TEST(TorchOptim, EPPresetsNeedTheModel) {
   expect_names(option_error_of([&] { mep::LocalEPMuon opt(model->parameters()); }), {"mep::LocalEPMuon"});
   EXPECT_NO_THROW(mep::SMEP(model->parameters(), mep::SMEPOptions().mode(mep::Mode::Backprop)));
   EXPECT_NO_THROW(mep::SMEP(model, mep::SMEPOptions()));
+}
+
+// A user's block with parameters: EP runs it through autograd.
+struct Block : torch::nn::Module {
+  Block() : fc(register_module("fc", torch::nn::Linear(6, 5))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc->forward(x); }
+  torch::nn::Linear fc;
+};
+
+TEST(TorchOptim, AUserBlockFirstIsTheInputLayer) {
+  for (bool bound : {true, false}) {
+    torch::manual_seed(4);
+    auto block = std::make_shared<Block>();
+    auto model = torch::nn::Sequential(block, torch::nn::Tanh(), torch::nn::Linear(5, 3));
+    {
+      torch::NoGradGuard no_grad;
+      block->fc->weight.mul_(20);  // σ far above γ
+    }
+    mep::SMEP opt(model, mep::SMEPOptions(0.01).spectral_mode(mep::SpectralMode::Clip).bound_input_layer(bound));
+    opt.step(torch::randn({8, 6}), torch::randint(0, 3, {8}, torch::kLong));
+    auto sigma = [](const torch::Tensor& w) { return std::get<1>(torch::svd(w.detach())).max().item<double>(); };
+    EXPECT_LE(sigma(model->parameters()[2]), 0.95 + 1e-4);  // the last Linear's weight
+    if (bound) EXPECT_LE(sigma(block->fc->weight), 0.95 + 1e-4);
+    else EXPECT_GT(sigma(block->fc->weight), 2.0);
+  }
 }
 
 }  // namespace

@@ -79,6 +79,12 @@ template <class U, class = void>
 struct has_apply : std::false_type {};
 template <class U>
 struct has_apply<U, std::void_t<decltype(&U::apply)>> : std::true_type {};
+// Whether the update has `apply` and wants it used (Adam; not the reference's rounding).
+template <class U>
+constexpr bool rounds_as_torch() {
+  if constexpr (has_apply<U>::value) return U::torch_rounding;
+  else return false;
+}
 template <class G, class = void>
 struct has_bind : std::false_type {};
 template <class G>
@@ -386,13 +392,25 @@ class Optimizer : public torch::optim::Optimizer {
     }
   }
 
-  // The weight of the model's first Linear/Conv layer, the one that maps the input.
+  // The weight of the layer that maps the input: the first module with a parameter of two or
+  // more dims, norms aside — a Linear's or Conv's weight, or a user block's first matrix.
   static c10::TensorImpl* input_layer_weight(const torch::nn::Sequential& model) {
     for (const auto& m : model->children()) {
+      if (std::dynamic_pointer_cast<torch::nn::LayerNormImpl>(m) ||
+          std::dynamic_pointer_cast<torch::nn::BatchNorm1dImpl>(m) ||
+          std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(m) ||
+          std::dynamic_pointer_cast<torch::nn::GroupNormImpl>(m))
+        continue;
       torch::Tensor w;
       if (auto lin = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) w = lin->weight;
       else if (auto c1 = std::dynamic_pointer_cast<torch::nn::Conv1dImpl>(m)) w = c1->weight;
       else if (auto c2 = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m)) w = c2->weight;
+      else
+        for (const auto& p : m->parameters())
+          if (p.dim() >= 2) {
+            w = p;
+            break;
+          }
       if (w.defined()) return w.unsafeGetTensorImpl();
     }
     return nullptr;
@@ -474,7 +492,7 @@ class Optimizer : public torch::optim::Optimizer {
   // Whether the update applies W ← W − lr·u itself, in its own rounding (Adam, as torch's): when
   // the optimizer adds no momentum and no feedback needs u.
   static constexpr bool kWholeStep =
-      detail::has_apply<Update>::value && !Options::has_momentum && std::is_same_v<Feedback, NoFeedback>;
+      detail::rounds_as_torch<Update>() && !Options::has_momentum && std::is_same_v<Feedback, NoFeedback>;
 
   // Whether every value the update writes is bounded by the ranges of its inputs, and it
   // cannot throw: then a step whose bound is finite needs no rollback.

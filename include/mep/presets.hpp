@@ -197,7 +197,8 @@ struct with_settling<Optimizer<G, U, C, F, D>, Settling> {
 namespace reference {
 using SGD = Optimizer<BackpropGradient, Plain, NoConstraint, NoFeedback, preset_defaults::reference::SGD>;
 using SGDOptions = SGD::Options;
-using Adam = Optimizer<BackpropGradient, AdamUpdate, NoConstraint, NoFeedback, preset_defaults::reference::Adam>;
+using Adam =
+    Optimizer<BackpropGradient, ReferenceAdamUpdate, NoConstraint, NoFeedback, preset_defaults::reference::Adam>;
 using AdamOptions = Adam::Options;
 using Muon =
     Optimizer<BackpropGradient, NewtonSchulz, SpectralConstraint, NoFeedback, preset_defaults::reference::Muon>;

@@ -37,6 +37,8 @@ struct AdamUpdate {
 
   static constexpr bool coupled_weight_decay = true;
   static constexpr bool owns_momentum = true;
+  /// The step is `apply`'s, rounded as torch::optim rounds it.
+  static constexpr bool torch_rounding = true;
 
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   bool amsgrad = false;
@@ -98,6 +100,14 @@ struct AdamUpdate {
     }
     return second.sqrt().div_(std::sqrt(bias_correction(beta2, st.step))).add_(eps);
   }
+};
+
+/// Adam rounded as mep's first benchmark tables were computed, u = (m / (√v̂/√(1−β₂ᵗ) + ε)) /
+/// (1−β₁ᵗ), then W ← W − lr·u (a relative 1e-7 from torch's rounding per step): the update of
+/// `mep::reference::Adam`, whose tables it reproduces bit for bit.
+struct ReferenceAdamUpdate : AdamUpdate {
+  static constexpr bool torch_rounding = false;
+  using AdamUpdate::AdamUpdate;
 };
 
 /// AdamW: Adam's direction, decoupled weight decay (see the file's comment).
