@@ -30,7 +30,7 @@ using ExampleNet = mep_test::NetImpl;  // pytorch/examples, cpp/mnist (mnist_net
         optimizer = std::make_unique<optim_ns::SGD>(                                                                  \
             model->parameters(), optim_ns::SGDOptions(0.01).momentum(0.5).nesterov(true).weight_decay(1e-3));         \
         break;                                                                                                     \
-      case 2: optimizer = std::make_unique<optim_ns::Adam>(model->parameters(), optim_ns::AdamOptions(1e-3)); break;     \
+      case 2: optimizer = std::make_unique<optim_ns::Adam>(model->parameters(), 1e-3); break;                         \
       case 3:                                                                                                      \
         optimizer = std::make_unique<optim_ns::Adam>(                                                                 \
             model->parameters(), optim_ns::AdamOptions(2e-4).betas(std::make_tuple(0.5, 0.5)).amsgrad(true));        \

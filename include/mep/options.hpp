@@ -349,8 +349,9 @@ class OptimizerOptions
   /// The preset's defaults with its learning rate (only where it has one).
   template <class D = Defaults, std::enable_if_t<detail::has_default_lr<D>::value, int> = 0>
   OptimizerOptions() : OptimizerOptions(D::lr) {}
-  /// The preset's defaults with learning rate `lr`.
-  explicit OptimizerOptions(double lr) {
+  /// The preset's defaults with learning rate `lr` (implicit, as torch::optim's options are:
+  /// `mep::SGD opt(params, 0.01)`).
+  OptimizerOptions(double lr) {  // NOLINT(google-explicit-constructor)
     Defaults::apply(*this);
     this->lr(lr);
   }
