@@ -9,6 +9,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <iostream>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -71,6 +72,7 @@ TEST(TorchOptim, RenamedProgramTakesTheSameSteps) {
       worst = std::max(worst, ((ours[i] - theirs[i]).abs().max() / theirs[i].abs().max()).item<double>());
       moved = std::max(moved, (theirs[i] - initial[i]).abs().max().item<double>());
     }
+    std::cout << "[ measured ] " << names[which] << ": mep " << worst << " relative from torch::optim after 50 steps\n";
     EXPECT_LE(worst, 1e-6) << names[which];
     EXPECT_GT(moved, 1e-3) << names[which] << ": the program did not train";
   }
