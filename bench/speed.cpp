@@ -171,7 +171,7 @@ class Floor {
     mep::EPGradient ep;
     ep.compute(model_, batch().x, batch().y);
     for (size_t l = 0; l < chain_.size(); ++l) {
-      const auto& t = ep.energy().tape[l];
+      const auto& t = ep.workspace().tape[l];
       layers_.push_back({&chain_.segments[l], t.in.clone(), torch::randn_like(t.pred)});
     }
   }

@@ -28,19 +28,19 @@
 ///
 /// A functional step is any module: its analytic twin where LibTorch has one (nn::ReLU for
 /// torch::relu, nn::MaxPool2d for torch::max_pool2d, nn::Flatten for view, nn::Dropout for
-/// torch::dropout, nn::LogSoftmax for torch::log_softmax: chain.hpp), or
+/// torch::dropout, nn::LogSoftmax for torch::log_softmax: ep/chain.hpp), or
 /// nn::Functional(torch::relu), nn::Functional([](torch::Tensor x) { return torch::max_pool2d(x, 2); })
 /// for any other, which EP runs through autograd (autograd_module.hpp).
 ///
 /// The listing shares the modules, so training it trains the Net. `listing` refuses, with a
-/// ChainError: a listing EP cannot read (chain.hpp); a parameter of the Net the listing
+/// ChainError: a listing EP cannot read (ep/chain.hpp); a parameter of the Net the listing
 /// leaves out (named as in net->named_parameters()); a module with parameters that is not
 /// the Net's (it would be trained, but the Net's forward never uses it). Given an example
 /// input, it also checks that the listing computes what the Net's forward computes (both in
 /// eval mode) — the one thing it cannot see from the modules alone.
 
-#include <mep/autograd_module.hpp>
-#include <mep/chain.hpp>
+#include <mep/ep/autograd_module.hpp>
+#include <mep/ep/chain.hpp>
 
 #include <torch/torch.h>
 

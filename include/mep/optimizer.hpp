@@ -38,6 +38,7 @@
 /// before the update (data_parallel.hpp).
 
 #include <mep/constraint/none.hpp>
+#include <mep/ep/chain.hpp>
 #include <mep/feedback/none.hpp>
 #include <mep/options.hpp>
 #include <mep/state.hpp>
@@ -146,7 +147,7 @@ class Optimizer : public torch::optim::Optimizer {
     if constexpr (detail::has_bind<Gradient>::value) gradient_.bind(model);
     add_param_group(torch::optim::OptimizerParamGroup(std::move(params)));
     init_parameters();
-    input_weight_ = input_layer_weight(model);
+    input_weight_ = Chain::input_layer_weight(model);
     model_ = std::move(model);
     parallel_.broadcast(model_->buffers(), "model's buffers");
   }
@@ -390,30 +391,6 @@ class Optimizer : public torch::optim::Optimizer {
          << "set " << names << ")";
       throw OptionError(os.str());
     }
-  }
-
-  // The weight of the layer that maps the input: the first module with a parameter of two or
-  // more dims, norms aside — a Linear's or Conv's weight, or a user block's first matrix.
-  static c10::TensorImpl* input_layer_weight(const torch::nn::Sequential& model) {
-    for (const auto& m : model->children()) {
-      if (std::dynamic_pointer_cast<torch::nn::LayerNormImpl>(m) ||
-          std::dynamic_pointer_cast<torch::nn::BatchNorm1dImpl>(m) ||
-          std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(m) ||
-          std::dynamic_pointer_cast<torch::nn::GroupNormImpl>(m))
-        continue;
-      torch::Tensor w;
-      if (auto lin = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) w = lin->weight;
-      else if (auto c1 = std::dynamic_pointer_cast<torch::nn::Conv1dImpl>(m)) w = c1->weight;
-      else if (auto c2 = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m)) w = c2->weight;
-      else
-        for (const auto& p : m->parameters())
-          if (p.dim() >= 2) {
-            w = p;
-            break;
-          }
-      if (w.defined()) return w.unsafeGetTensorImpl();
-    }
-    return nullptr;
   }
 
   static std::vector<torch::Tensor> checked_parameters(const torch::nn::Sequential& model) {

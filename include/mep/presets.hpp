@@ -20,11 +20,11 @@
 /// | EqProp | EP | Plain | none | none | 0.05 |
 /// | SMEP | EP (or backprop: `mode`) | Newton-Schulz | spectral | error feedback (off) | 0.01 |
 /// | SDMEP | EP | Dion (Newton-Schulz below dion_thresh) | spectral | error feedback (off) | 0.01 |
-/// | LocalEPMuon | layer-local EP | Newton-Schulz | spectral | none | 0.01 |
+/// | LocalEPMuon | EP, layer-local defaults | Newton-Schulz | spectral | none | 0.01 |
 /// | NaturalEPMuon | EP + Fisher proxy | Fisher whitening + Newton-Schulz | spectral | none | 0.01 |
 ///
 /// EP defaults: β = 0.5 (LocalEPMuon: 0.1), MSE nudging, the default settling
-/// (`mep::DefaultSettling`, settle.hpp). `mep::with_settling_t<Opt, Settling>` is the same
+/// (`mep::DefaultSettling`, ep/settling.hpp). `mep::with_settling_t<Opt, Settling>` is the same
 /// optimizer with another settling policy.
 ///
 /// `mep::reference::` holds the presets with the reference implementation's defaults, which
@@ -38,8 +38,7 @@
 #include <mep/feedback/error_feedback.hpp>
 #include <mep/feedback/none.hpp>
 #include <mep/gradient/backprop.hpp>
-#include <mep/gradient/ep.hpp>
-#include <mep/gradient/local_ep.hpp>
+#include <mep/ep/gradient.hpp>
 #include <mep/optimizer.hpp>
 #include <mep/update/adam.hpp>
 #include <mep/update/dion.hpp>
@@ -96,7 +95,31 @@ struct Muon {
 MEP_EP_PRESET_DEFAULTS(EqProp, "mep::EqProp", 0.05)
 MEP_EP_PRESET_DEFAULTS(SMEP, "mep::SMEP", 0.01)
 MEP_EP_PRESET_DEFAULTS(SDMEP, "mep::SDMEP", 0.01)
-MEP_EP_PRESET_DEFAULTS(LocalEPMuon, "mep::LocalEPMuon", 0.01)
+/// LocalEP's defaults (the reference's): β = 0.1, and with HeavyBall settling tol 1e-4,
+/// patience 5, not adaptive. Its gradient is EP's: each layer's term −(∂f_l/∂θ_l)ᵀ·ε_l uses
+/// only that layer's settled input and output states.
+template <class O>
+struct settling_of;
+template <class G, class U, class C, class F, class D>
+struct settling_of<OptimizerOptions<G, U, C, F, D>> {
+  using type = typename G::SettlingPolicy;
+};
+template <class O>
+void local_ep_defaults(O& o) {
+  o.beta(0.1);
+  if constexpr (std::is_same_v<typename settling_of<O>::type, HeavyBall>)
+    o.tol(1e-4).patience(5).adaptive(false);
+}
+#define MEP_LOCAL_EP_PRESET_DEFAULTS(NAME) \
+  struct LocalEPMuon {                     \
+    MEP_PRESET(NAME, MEP_FROM_MODEL)       \
+    static constexpr double lr = 0.01;     \
+    template <class O>                     \
+    static void apply(O& o) {              \
+      local_ep_defaults(o);                \
+    }                                      \
+  };
+MEP_LOCAL_EP_PRESET_DEFAULTS("mep::LocalEPMuon")
 MEP_EP_PRESET_DEFAULTS(NaturalEPMuon, "mep::NaturalEPMuon", 0.01)
 
 /// The reference implementation's defaults.
@@ -128,10 +151,11 @@ struct Muon {
 MEP_EP_PRESET_DEFAULTS(EqProp, "mep::reference::EqProp", 0.01)
 MEP_EP_PRESET_DEFAULTS(SMEP, "mep::reference::SMEP", 0.01)
 MEP_EP_PRESET_DEFAULTS(SDMEP, "mep::reference::SDMEP", 0.01)
-MEP_EP_PRESET_DEFAULTS(LocalEPMuon, "mep::reference::LocalEPMuon", 0.01)
+MEP_LOCAL_EP_PRESET_DEFAULTS("mep::reference::LocalEPMuon")
 MEP_EP_PRESET_DEFAULTS(NaturalEPMuon, "mep::reference::NaturalEPMuon", 0.01)
 }  // namespace reference
 #undef MEP_EP_PRESET_DEFAULTS
+#undef MEP_LOCAL_EP_PRESET_DEFAULTS
 
 }  // namespace preset_defaults
 
@@ -156,8 +180,7 @@ using SMEPOptions = SMEP::Options;
 using SDMEP = Optimizer<EPGradient, Dion, SpectralConstraint, ErrorFeedback, preset_defaults::SDMEP>;
 using SDMEPOptions = SDMEP::Options;
 
-using LocalEPMuon =
-    Optimizer<LocalEPGradient, NewtonSchulz, SpectralConstraint, NoFeedback, preset_defaults::LocalEPMuon>;
+using LocalEPMuon = Optimizer<EPGradient, NewtonSchulz, SpectralConstraint, NoFeedback, preset_defaults::LocalEPMuon>;
 using LocalEPMuonOptions = LocalEPMuon::Options;
 
 using NaturalEPMuon =
@@ -181,10 +204,6 @@ struct rebind_settling {
 template <class S0, class Settling>
 struct rebind_settling<BasicEPGradient<S0>, Settling> {
   using type = BasicEPGradient<Settling>;
-};
-template <class S0, class Settling>
-struct rebind_settling<BasicLocalEPGradient<S0>, Settling> {
-  using type = BasicLocalEPGradient<Settling>;
 };
 }  // namespace detail
 
@@ -213,7 +232,7 @@ using SMEPOptions = SMEP::Options;
 using SDMEP =
     Optimizer<BasicEPGradient<HeavyBall>, Dion, SpectralConstraint, ErrorFeedback, preset_defaults::reference::SDMEP>;
 using SDMEPOptions = SDMEP::Options;
-using LocalEPMuon = Optimizer<BasicLocalEPGradient<HeavyBall>, NewtonSchulz, SpectralConstraint, NoFeedback,
+using LocalEPMuon = Optimizer<BasicEPGradient<HeavyBall>, NewtonSchulz, SpectralConstraint, NoFeedback,
                               preset_defaults::reference::LocalEPMuon>;
 using LocalEPMuonOptions = LocalEPMuon::Options;
 using NaturalEPMuon = Optimizer<BasicEPGradient<HeavyBall>, FisherNewtonSchulz, SpectralConstraint, NoFeedback,

@@ -1,6 +1,6 @@
 #pragma once
 /// \file chain.hpp
-/// A `torch::nn::Sequential` read as a chain of segments (SPEC §1, segment.hpp):
+/// A `torch::nn::Sequential` read as a chain of segments (ep/segment.hpp):
 ///
 ///   x ─a₀→ f₁ → s₁ ─a₁→ f₂ → s₂ … ─a_{L−1}→ f_L → s_L ─post→ ŷ
 ///
@@ -18,10 +18,11 @@
 /// two positions, or two modules sharing a parameter (each position has its own state); a
 /// model without a layer. LibTorch has no forward hooks, so this is how EP sees the states.
 /// The chain is structure only: the per-step values (states, errors, frozen BatchNorm
-/// statistics) live in the engine's workspace.
+/// statistics) live in the workspace (ep/workspace.hpp). This file is the one place that
+/// maps module types to layers and ops.
 
-#include <mep/chain_error.hpp>
-#include <mep/segment.hpp>
+#include <mep/ep/chain_error.hpp>
+#include <mep/ep/segment.hpp>
 
 #include <memory>
 #include <optional>
@@ -57,25 +58,17 @@ struct Chain {
       const torch::nn::AnyModule& any = *it;
       const auto m = any.ptr();
       check_placement(*m, position, !chain.segments.empty(), placed, owner);
-      Segment seg;
-      seg.module = m;
-      seg.position = position;
-      if (auto lin = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
-        seg.kind = LayerKind::Linear, seg.weight = lin->weight, seg.bias = lin->bias;
-      } else if (auto c1 = std::dynamic_pointer_cast<torch::nn::Conv1dImpl>(m)) {
-        seg.kind = LayerKind::Conv1d, seg.weight = c1->weight, seg.bias = c1->bias;
-        set_conv(seg, c1->options);
-      } else if (auto c2 = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m)) {
-        seg.kind = LayerKind::Conv2d, seg.weight = c2->weight, seg.bias = c2->bias;
-        set_conv(seg, c2->options);
-      } else if (auto op = read_op(any, position)) {
-        op->position = position;
-        pending.push_back(std::move(*op));
-        continue;
-      } else {
-        seg.kind = LayerKind::Module;
-        seg.block = autograd_module(any, position);
+      std::optional<Segment> layer = read_layer(m);
+      if (!layer) {
+        if (auto op = read_op(any, position)) {
+          pending.push_back(std::move(*op));
+          continue;
+        }
+        layer = layer_of(LayerKind::Module, m, {}, {});
+        layer->block = autograd_module(any, position);
       }
+      Segment& seg = *layer;
+      seg.position = position;
       seg.pre = std::move(pending);
       pending.clear();
       chain.segments.push_back(std::move(seg));
@@ -86,11 +79,11 @@ struct Chain {
     chain.post = std::move(pending);
     for (const auto& seg : chain.segments) {
       for (const auto& op : seg.pre)
-        if (op.kind == OpKind::Module) chain.autograd_modules.push_back(op.module);
+        if (!op.analytic()) chain.autograd_modules.push_back(op.module);
       if (seg.kind == LayerKind::Module) chain.autograd_modules.push_back(seg.module);
     }
     for (const auto& op : chain.post)
-      if (op.kind == OpKind::Module) chain.autograd_modules.push_back(op.module);
+      if (!op.analytic()) chain.autograd_modules.push_back(op.module);
     // Ops run through their forward are read last: a module is probed only once the chain is otherwise sound.
     position = 0;
     for (auto it = model->begin(); it != model->end(); ++it, ++position) probe(*it, position);
@@ -98,6 +91,21 @@ struct Chain {
   }
 
   size_t size() const { return segments.size(); }
+
+  /// The weight of the layer that maps the input (a spectral constraint may leave it free):
+  /// the first module with a parameter of two or more dims, ops and norms aside — a Linear's
+  /// or Conv's weight, or a user block's first matrix; null when there is none.
+  static c10::TensorImpl* input_layer_weight(const torch::nn::Sequential& model) {
+    size_t position = 0;
+    for (auto it = model->begin(); it != model->end(); ++it, ++position) {
+      const auto m = it->ptr();
+      if (auto layer = read_layer(m)) return layer->weight.unsafeGetTensorImpl();
+      if (read_op(*it, position)) continue;
+      for (const auto& p : m->parameters())
+        if (p.dim() >= 2) return p.unsafeGetTensorImpl();
+    }
+    return nullptr;
+  }
 
   /// Parameters in the model's order: each segment's ops (norms), its layer, then `post`.
   std::vector<torch::Tensor> parameters() const {
@@ -114,6 +122,30 @@ struct Chain {
   }
 
  private:
+  static Segment layer_of(LayerKind kind, const std::shared_ptr<torch::nn::Module>& m, const torch::Tensor& weight,
+                          const torch::Tensor& bias) {
+    Segment seg;
+    seg.kind = kind, seg.module = m, seg.weight = weight, seg.bias = bias;
+    return seg;
+  }
+
+  // The layer with an analytic form a module makes (Linear, Conv1d, Conv2d); nothing otherwise.
+  static std::optional<Segment> read_layer(const std::shared_ptr<torch::nn::Module>& m) {
+    if (auto lin = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m))
+      return layer_of(LayerKind::Linear, m, lin->weight, lin->bias);
+    if (auto c1 = std::dynamic_pointer_cast<torch::nn::Conv1dImpl>(m)) {
+      Segment seg = layer_of(LayerKind::Conv1d, m, c1->weight, c1->bias);
+      set_conv(seg, c1->options);
+      return seg;
+    }
+    if (auto c2 = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m)) {
+      Segment seg = layer_of(LayerKind::Conv2d, m, c2->weight, c2->bias);
+      set_conv(seg, c2->options);
+      return seg;
+    }
+    return std::nullopt;
+  }
+
   // Reads stride/padding/dilation/groups; `visit` is found by ADL for c10::variant (1.13)
   // and std::variant (2.x) alike.
   template <class Options>
@@ -136,102 +168,79 @@ struct Chain {
     seg.zero_padding = explicit_padding && zeros_mode;
   }
 
-  template <class O>
-  static void set_pool(Op& op, OpKind kind, int64_t dims, const O& o) {
-    op.kind = kind, op.pool_dims = dims;
+  template <class Pool, class O>
+  static Pool pool(int64_t dims, const O& o) {
+    Pool p;
     auto widen = [&](std::vector<int64_t> v, int64_t fill) {  // 1-D pooling runs as [1, k] 2-D pooling
       if (dims == 1) v.insert(v.begin(), fill);
       return v;
     };
-    op.kernel = widen(at::IntArrayRef(*o.kernel_size()).vec(), 1);
-    op.stride = widen(at::IntArrayRef(*o.stride()).vec(), 1);
-    op.padding = widen(at::IntArrayRef(*o.padding()).vec(), 0);
-    op.ceil_mode = o.ceil_mode();
+    p.dims = dims;
+    p.kernel = widen(at::IntArrayRef(*o.kernel_size()).vec(), 1);
+    p.stride = widen(at::IntArrayRef(*o.stride()).vec(), 1);
+    p.padding = widen(at::IntArrayRef(*o.padding()).vec(), 0);
+    p.ceil_mode = o.ceil_mode();
+    return p;
   }
 
   // The op a parameter-free module or known norm makes; nothing for a layer with parameters.
   static std::optional<Op> read_op(const torch::nn::AnyModule& any, size_t position) {
     namespace nn = torch::nn;
     const auto m = any.ptr();
-    Op op;
-    op.module = m;
-    auto activation = [&](Activation a, double p1 = 0, double p2 = 0) {
-      op.kind = OpKind::Activation, op.act = a, op.a = p1, op.b = p2;
-      return op;
-    };
-    if (std::dynamic_pointer_cast<nn::ReLUImpl>(m)) return activation(Activation::ReLU);
-    if (auto r = std::dynamic_pointer_cast<nn::LeakyReLUImpl>(m)) return activation(Activation::LeakyReLU, r->options.negative_slope());
-    if (std::dynamic_pointer_cast<nn::SigmoidImpl>(m)) return activation(Activation::Sigmoid);
-    if (std::dynamic_pointer_cast<nn::TanhImpl>(m)) return activation(Activation::Tanh);
+    auto op = [&](Op::Fn fn) { return std::optional<Op>(Op{std::move(fn), m, position}); };
+    using Fn = ops::Activation::Fn;
+    auto activation = [&](Fn fn, double a = 0, double b = 0) { return op(ops::Activation{{}, fn, a, b}); };
+    if (std::dynamic_pointer_cast<nn::ReLUImpl>(m)) return activation(Fn::ReLU);
+    if (auto r = std::dynamic_pointer_cast<nn::LeakyReLUImpl>(m)) return activation(Fn::LeakyReLU, r->options.negative_slope());
+    if (std::dynamic_pointer_cast<nn::SigmoidImpl>(m)) return activation(Fn::Sigmoid);
+    if (std::dynamic_pointer_cast<nn::TanhImpl>(m)) return activation(Fn::Tanh);
     if (auto g = std::dynamic_pointer_cast<nn::GELUImpl>(m))
-      return activation(g->options.approximate() == "tanh" ? Activation::GELUTanh : Activation::GELU);
-    if (std::dynamic_pointer_cast<nn::SiLUImpl>(m)) return activation(Activation::SiLU);
-    if (auto e = std::dynamic_pointer_cast<nn::ELUImpl>(m)) return activation(Activation::ELU, e->options.alpha());
+      return activation(g->options.approximate() == "tanh" ? Fn::GELUTanh : Fn::GELU);
+    if (std::dynamic_pointer_cast<nn::SiLUImpl>(m)) return activation(Fn::SiLU);
+    if (auto e = std::dynamic_pointer_cast<nn::ELUImpl>(m)) return activation(Fn::ELU, e->options.alpha());
     if (auto s = std::dynamic_pointer_cast<nn::SoftplusImpl>(m))
-      return activation(Activation::Softplus, s->options.beta(), s->options.threshold());
-    if (auto s = std::dynamic_pointer_cast<nn::SoftmaxImpl>(m)) {
-      op.kind = OpKind::Softmax, op.start_dim = s->options.dim();
-      return op;
-    }
-    if (auto f = std::dynamic_pointer_cast<nn::FlattenImpl>(m)) {
-      op.kind = OpKind::Flatten, op.start_dim = f->options.start_dim(), op.end_dim = f->options.end_dim();
-      return op;
-    }
+      return activation(Fn::Softplus, s->options.beta(), s->options.threshold());
+    if (auto s = std::dynamic_pointer_cast<nn::SoftmaxImpl>(m)) return op(ops::Softmax{{}, s->options.dim()});
+    if (auto s = std::dynamic_pointer_cast<nn::LogSoftmaxImpl>(m)) return op(ops::LogSoftmax{{}, s->options.dim()});
+    if (auto f = std::dynamic_pointer_cast<nn::FlattenImpl>(m))
+      return op(ops::Flatten{{}, f->options.start_dim(), f->options.end_dim()});
     if (std::dynamic_pointer_cast<nn::DropoutImpl>(m) || std::dynamic_pointer_cast<nn::Dropout2dImpl>(m) ||
         std::dynamic_pointer_cast<nn::Dropout3dImpl>(m) || std::dynamic_pointer_cast<nn::AlphaDropoutImpl>(m) ||
-        std::dynamic_pointer_cast<nn::FeatureAlphaDropoutImpl>(m) || std::dynamic_pointer_cast<nn::IdentityImpl>(m)) {
-      op.kind = OpKind::Dropout;
-      return op;
-    }
-    if (auto ln = std::dynamic_pointer_cast<nn::LayerNormImpl>(m)) {
-      op.kind = OpKind::LayerNorm, op.normalized_shape = ln->options.normalized_shape(), op.norm_eps = ln->options.eps();
-      op.weight = ln->weight, op.bias = ln->bias;
-      return op;
-    }
-    auto batch_norm = [&](auto& bn) {
-      op.kind = OpKind::BatchNorm, op.norm_eps = bn.options.eps(), op.weight = bn.weight, op.bias = bn.bias;
-      return op;
-    };
-    if (auto bn = std::dynamic_pointer_cast<nn::BatchNorm1dImpl>(m)) return batch_norm(*bn);
-    if (auto bn = std::dynamic_pointer_cast<nn::BatchNorm2dImpl>(m)) return batch_norm(*bn);
+        std::dynamic_pointer_cast<nn::FeatureAlphaDropoutImpl>(m) || std::dynamic_pointer_cast<nn::IdentityImpl>(m))
+      return op(ops::Identity{});
+    if (auto ln = std::dynamic_pointer_cast<nn::LayerNormImpl>(m))
+      return op(ops::LayerNorm{{}, ln->options.normalized_shape(), ln->options.eps(), ln->weight, ln->bias});
+    if (auto bn = BatchNorm::from(m)) return op(std::move(*bn));
     if (auto p = std::dynamic_pointer_cast<nn::MaxPool1dImpl>(m)) {
-      set_pool(op, OpKind::MaxPool, 1, p->options);
-      op.dilation = {1, (*p->options.dilation())[0]};
-      return op;
+      auto pool_op = pool<ops::MaxPool>(1, p->options);
+      pool_op.dilation = {1, (*p->options.dilation())[0]};
+      return op(std::move(pool_op));
     }
     if (auto p = std::dynamic_pointer_cast<nn::MaxPool2dImpl>(m)) {
-      set_pool(op, OpKind::MaxPool, 2, p->options);
-      op.dilation = at::IntArrayRef(*p->options.dilation()).vec();
-      return op;
+      auto pool_op = pool<ops::MaxPool>(2, p->options);
+      pool_op.dilation = at::IntArrayRef(*p->options.dilation()).vec();
+      return op(std::move(pool_op));
     }
-    auto avg = [&](auto& p, int64_t dims) {
-      set_pool(op, OpKind::AvgPool, dims, p.options);
-      op.count_include_pad = p.options.count_include_pad();
-      return op;
-    };
-    if (auto p = std::dynamic_pointer_cast<nn::AvgPool1dImpl>(m)) return avg(*p, 1);
+    if (auto p = std::dynamic_pointer_cast<nn::AvgPool1dImpl>(m)) {
+      auto pool_op = pool<ops::AvgPool>(1, p->options);
+      pool_op.count_include_pad = p->options.count_include_pad();
+      return op(std::move(pool_op));
+    }
     if (auto p = std::dynamic_pointer_cast<nn::AvgPool2dImpl>(m)) {
-      avg(*p, 2);
-      op.divisor = p->options.divisor_override();
-      return op;
+      auto pool_op = pool<ops::AvgPool>(2, p->options);
+      pool_op.count_include_pad = p->options.count_include_pad();
+      pool_op.divisor = p->options.divisor_override();
+      return op(std::move(pool_op));
     }
-    if (auto p = std::dynamic_pointer_cast<nn::AdaptiveAvgPool1dImpl>(m)) {
-      op.kind = OpKind::AdaptiveAvgPool, op.pool_dims = 1, op.output_size = {(*p->options.output_size())[0]};
-      return op;
-    }
+    if (auto p = std::dynamic_pointer_cast<nn::AdaptiveAvgPool1dImpl>(m))
+      return op(ops::AdaptiveAvgPool{{}, 1, {(*p->options.output_size())[0]}});
     if (auto p = std::dynamic_pointer_cast<nn::AdaptiveAvgPool2dImpl>(m)) {
-      op.kind = OpKind::AdaptiveAvgPool, op.pool_dims = 2;
-      for (const auto& v : *p->options.output_size()) op.output_size.push_back(v.has_value() ? *v : -1);
-      return op;
-    }
-    if (auto s = std::dynamic_pointer_cast<nn::LogSoftmaxImpl>(m)) {
-      op.kind = OpKind::LogSoftmax, op.start_dim = s->options.dim();
-      return op;
+      ops::AdaptiveAvgPool pool_op;
+      for (const auto& v : *p->options.output_size()) pool_op.size.push_back(v.has_value() ? *v : -1);
+      return op(std::move(pool_op));
     }
     if (!m->parameters().empty()) return std::nullopt;
-    op.kind = OpKind::Module;
-    op.call = autograd_module(any, position);
-    return op;
+    return op(ops::ModuleOp{{}, autograd_module(any, position)});
   }
 
   static AutogradModule autograd_module(const torch::nn::AnyModule& any, size_t position) {
@@ -285,10 +294,8 @@ struct Chain {
   static void probe(const torch::nn::AnyModule& module, size_t position) {
     torch::nn::AnyModule any = module;
     const auto m = any.ptr();
-    if (dynamic_cast<const torch::nn::LinearImpl*>(m.get()) || dynamic_cast<const torch::nn::Conv1dImpl*>(m.get()) ||
-        dynamic_cast<const torch::nn::Conv2dImpl*>(m.get()))
-      return;
-    if (auto op = read_op(module, position); op && op->kind != OpKind::Module) return;
+    if (read_layer(m)) return;
+    if (auto op = read_op(module, position); op && op->analytic()) return;
     std::string message;
     try {
       any.any_forward(detail::ArityProbe{});

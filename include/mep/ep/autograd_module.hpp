@@ -1,6 +1,6 @@
 #pragma once
 /// \file autograd_module.hpp
-/// A module of the chain without an analytic form (segment.hpp): any parameter-free module
+/// A module of the chain without an analytic form (ep/segment.hpp): any parameter-free module
 /// other than the known ops (torch::nn::Functional, a user's op module), and any module with
 /// parameters other than Linear/Conv1d/Conv2d and the norms (a user's block). It runs through
 /// its own forward() and autograd differentiates it:
@@ -15,11 +15,11 @@
 /// BatchNorm normalises with the running statistics, frozen for the step. When the module
 /// holds buffers and is in train mode, they advance once per successful step by one forward
 /// in train mode at the module's feedforward input, as a forward pass of the model would
-/// (Energy::commit_norm_statistics). A module whose output still differs between two calls
+/// (commit_statistics, ep/batch_norm.hpp). A module whose output still differs between two calls
 /// on the same input (a random op, such as torch::dropout(x, p, true) in a Functional) is a
 /// ChainError when the workspace is built, as is a forward that fails or returns no tensor.
 
-#include <mep/chain_error.hpp>
+#include <mep/ep/chain_error.hpp>
 
 #include <torch/torch.h>
 
@@ -111,6 +111,22 @@ struct AutogradModule {
                      " gives a different output for the same input (a random op, such as dropout?); EP runs "
                      "every module as a fixed function of its input: use torch::nn::Dropout for dropout, which EP "
                      "skips");
+  }
+
+  /// Advances the module's buffers (train mode only) by one forward in its own mode at its
+  /// feedforward input `in`, as a forward pass of the model would; saves them first.
+  void commit(const torch::Tensor& in, std::vector<torch::Tensor>& saved) const {
+    saved.clear();
+    if (!stateful || !in.defined() || !module->is_training()) return;
+    for (const auto& b : module->buffers()) saved.push_back(b.clone());
+    call(in);
+  }
+  /// Puts the buffers back as they were before the last `commit`.
+  void undo(std::vector<torch::Tensor>& saved) const {
+    if (saved.empty()) return;
+    auto buffers = module->buffers();
+    for (size_t i = 0; i < saved.size() && i < buffers.size(); ++i) buffers[i].copy_(saved[i]);
+    saved.clear();
   }
 
   std::string where() const {

@@ -1,42 +1,46 @@
 #pragma once
-/// \file ep.hpp
+/// \file gradient.hpp
 /// Equilibrium Propagation gradient (Scellier & Bengio 2017; symmetric variant: Laborieux
-/// et al. 2021). Settle from the feedforward states at +β (and −β) with the `Settling`
-/// policy (settle.hpp), then
+/// et al. 2021). Settle from the feedforward states (ep/feedforward.hpp) at +β (and −β)
+/// with the `Settling` policy (ep/settling.hpp), then
 ///
 ///   one-sided:  g_θ = [∂_θE(s^β) − ∂_θE(s^0)] / β          (bias O(β))
 ///   symmetric:  g_θ = [∂_θE(s^{+β}) − ∂_θE(s^{−β})] / (2β)  (bias O(β²))
 ///
-/// with ∂_θE = mean_b −(∂f_l/∂θ)ᵀ·ε_l (energy.hpp). The free phase is exact at the
+/// with ∂_θE = mean_b −(∂f_l/∂θ)ᵀ·ε_l (ep/energy.hpp). The free phase is exact at the
 /// feedforward states (every ε_l = 0, so ∂_θE(s^0) = 0) and is skipped unless
 /// `free_phase(true)`. As β → 0 with converged settling, g → ∇_θ mean_b C(ŷ_b, y_b).
-/// Linear layers take the Hebbian outer product −ε_lᵀ·in_l; convolutions ATen's weight
-/// gradient kernel; norms inside a segment their affine gradient at the VJP reaching them;
-/// norms after the last layer the gradient of the loss on the nudged output; a segment with a
-/// module run through its forward (autograd_module.hpp) autograd's −(∂f_l/∂θ)ᵀ·ε_l on a
-/// forward recomputed from the settled s_{l−1}, those modules in eval mode for the whole step.
+/// Since E is a sum of layer terms, each layer's gradient uses only its own input and output
+/// states (layer-local EP). Linear layers take the Hebbian outer product −ε_lᵀ·in_l;
+/// convolutions ATen's weight gradient kernel; norms inside a segment their affine gradient
+/// at the VJP reaching them; norms after the last layer the gradient of the loss on the
+/// nudged output; a segment with a module run through its forward (ep/autograd_module.hpp)
+/// autograd's −(∂f_l/∂θ)ᵀ·ε_l on a forward recomputed from the settled s_{l−1}, those
+/// modules in eval mode for the whole step.
 ///
-/// `bind(model)` reads the model's chain (chain.hpp) and checks it against the loss: NLL
-/// needs log-probabilities (a model ending in LogSoftmax or in a module run through its
-/// forward, trusted to make them), and MSE nudging refuses a model ending in LogSoftmax. A
-/// chain EP cannot use is a ChainError there, naming the module and its position; the
-/// optimizers call it when they are built, and `compute` on the first call for another model.
+/// `bind(model)` reads the model's chain (ep/chain.hpp) and checks it against the loss
+/// (energy::check_output); a chain EP cannot use is a ChainError there, naming the module
+/// and its position. The optimizers call it when they are built, and `compute` on the first
+/// call for another model.
 ///
-/// The gradient owns its workspaces (energy.hpp) for its lifetime: two, one per batch shape
-/// last seen (the full batches and an epoch's last one), reallocated only for a third shape. `compute` overwrites `.grad()` and returns the loss at the
-/// feedforward prediction; on any error (bad input or target, diverged settling) no
-/// gradient, parameter or BatchNorm statistic has changed. `report()` says what settling did.
+/// The gradient owns two workspaces, one per batch shape last seen (the full batches and an
+/// epoch's last one), reallocated only for a third shape. `compute` overwrites `.grad()` and
+/// returns the loss at the feedforward prediction; on any error (bad input or target,
+/// diverged settling) no gradient, parameter or BatchNorm statistic has changed. `report()`
+/// says what settling did.
 
-#include <mep/chain.hpp>
-#include <mep/energy.hpp>
+#include <mep/ep/chain.hpp>
+#include <mep/ep/energy.hpp>
+#include <mep/ep/feedforward.hpp>
+#include <mep/ep/heavy_ball.hpp>
+#include <mep/ep/layer_sweep.hpp>
+#include <mep/ep/settling.hpp>
 #include <mep/gradient/backprop.hpp>
 #include <mep/loss.hpp>
 #include <mep/options.hpp>
 
-#include <cmath>
-#include <mep/settle.hpp>
-
 #include <array>
+#include <cmath>
 #include <memory>
 #include <sstream>
 #include <utility>
@@ -56,7 +60,7 @@ inline const std::vector<std::pair<Mode, const char*>>& enum_names(Mode) {
 
 namespace detail {
 
-/// Options of the EP gradient policies other than settling (defaults: SPEC §8).
+/// Options of the EP gradient other than settling.
 template <class Derived>
 struct EPOptionsBase {
   MEP_ARG(double, beta, 0.5)
@@ -129,6 +133,119 @@ inline void accumulate(torch::Tensor& acc, const torch::Tensor& p, const torch::
   else acc.add_(v.reshape(p.sizes()), c);
 }
 
+/// The parameter gradients −c·(∂f_l/∂θ)ᵀ·ε_l of every segment at the settled states in
+/// `ws`, added to (or, in the first phase, written into) `acc`, in Chain::parameters() order;
+/// `x` is the batch (segment 1's input state).
+class ParameterGradients {
+ public:
+  ParameterGradients(Workspace& ws, const torch::Tensor& x, std::vector<torch::Tensor>& acc, double c, bool first)
+      : ws_(ws), x_(x), acc_(acc), c_(c), first_(first) {}
+
+  void all() {
+    const Chain& chain = *ws_.chain;
+    for (size_t l = 0; l < chain.size(); ++l) {
+      const Segment& seg = chain.segments[l];
+      if (!seg.analytic()) {
+        autograd(seg, l);
+        continue;
+      }
+      bool norms = false;
+      for (const auto& op : seg.pre) norms = norms || op.has_parameters();
+      if (norms) norm_gradients(seg, l);
+      layer(seg, ws_.tape[l]);
+    }
+  }
+
+ private:
+  const torch::Tensor& input_state(size_t l) const { return l == 0 ? x_ : ws_.s[l - 1]; }
+  void add(const torch::Tensor& p, const torch::Tensor& v) { accumulate(acc_[i_++], p, v, c_, first_); }
+
+  void layer(const Segment& seg, const SegmentTape& t) {
+    if (seg.kind == LayerKind::Linear && t.in.dim() == 2) {
+      // Hebbian: −ε_lᵀ·in_l (written into the reused buffers: a fresh result per step
+      // costs page faults that rival the product itself).
+      auto& gw = fitted(acc_[i_++], seg.weight);
+      at::addmm_out(gw, gw, t.eps.t(), t.in, /*beta=*/first_ ? 0.0 : 1.0, /*alpha=*/c_);
+      if (seg.bias.defined()) {
+        auto& gb = fitted(acc_[i_++], seg.bias);
+        if (first_) at::sum_out(gb, t.eps, {0}), gb.mul_(c_);
+        else gb.add_(t.eps.sum(0), c_);
+      }
+      return;
+    }
+    torch::Tensor gw, gb;
+    if (seg.kind == LayerKind::Linear) {
+      auto e = t.eps.reshape({-1, seg.weight.size(0)}), in = t.in.reshape({-1, seg.weight.size(1)});
+      gw = torch::mm(e.t(), in);
+      if (seg.bias.defined()) gb = e.sum(0);
+    } else {
+      const auto bias_sizes = seg.bias.defined() ? c10::optional<at::IntArrayRef>(seg.bias.sizes()) : c10::nullopt;
+      auto r = at::convolution_backward(t.eps, t.in, seg.weight, bias_sizes, seg.stride, seg.padding, seg.dilation,
+                                        false, std::vector<int64_t>(seg.stride.size(), 0), seg.groups,
+                                        {false, true, seg.bias.defined()});
+      gw = std::get<1>(r), gb = std::get<2>(r);
+    }
+    add(seg.weight, gw);
+    if (seg.bias.defined()) add(seg.bias, gb);
+  }
+
+  // The norms among segment l's ops: the VJP of ε_l taken back to each, through the ops run
+  // again at the settled input.
+  void norm_gradients(const Segment& seg, size_t l) {
+    SegmentTape& t = ws_.tape[l];
+    std::vector<torch::Tensor> ins(seg.pre.size());
+    torch::Tensor h = input_state(l);
+    for (size_t j = 0; j < seg.pre.size(); ++j) ins[j] = h, h = seg.pre[j].forward(h, t.ops[j]);
+    torch::Tensor unused;
+    torch::Tensor g = seg.layer_vjp(t.eps, h, unused);
+    std::vector<std::vector<torch::Tensor>> per_op(seg.pre.size());
+    for (size_t j = seg.pre.size(); j-- > 0;) {
+      seg.pre[j].parameter_gradients(g, ins[j], t.ops[j], per_op[j]);
+      if (j > 0) g = seg.pre[j].vjp(g, ins[j], t.ops[j]);
+    }
+    for (size_t j = 0; j < seg.pre.size(); ++j) {
+      const auto params = seg.pre[j].module->parameters();
+      for (size_t k = 0; k < per_op[j].size(); ++k) add(params[k], per_op[j][k]);
+    }
+  }
+
+  // A segment without an analytic form, ops and layer: autograd's (∂f_l/∂θ)ᵀ·ε_l on the
+  // segment run again from the settled s_{l−1}. A parameter that does not require grad gets none.
+  void autograd(const Segment& seg, size_t l) {
+    const SegmentTape& t = ws_.tape[l];
+    const auto params = seg.parameters();
+    std::vector<torch::Tensor> wanted;
+    for (const auto& p : params)
+      if (p.requires_grad()) wanted.push_back(p);
+    std::vector<torch::Tensor> grads;
+    if (!wanted.empty()) {
+      torch::AutoGradMode grad_mode(true);
+      auto out = seg.apply(input_state(l).detach(), t.ops);
+      if (out.requires_grad())
+        grads = torch::autograd::grad({out}, wanted, {t.eps}, /*retain_graph=*/false, /*create_graph=*/false,
+                                      /*allow_unused=*/true);
+    }
+    size_t k = 0;
+    for (const auto& p : params) {
+      auto& acc = acc_[i_++];
+      if (!p.requires_grad()) {
+        acc = torch::Tensor();
+        continue;
+      }
+      auto g = k < grads.size() && grads[k].defined() ? grads[k] : torch::zeros_like(p);
+      ++k;
+      accumulate(acc, p, g, c_, first_ || !acc.defined());
+    }
+  }
+
+  Workspace& ws_;
+  const torch::Tensor& x_;
+  std::vector<torch::Tensor>& acc_;
+  double c_;
+  bool first_;
+  size_t i_ = 0;
+};
+
 }  // namespace detail
 
 /// The EP gradient policy with settling policy `Settling`.
@@ -165,7 +282,7 @@ class BasicEPGradient {
   /// What settling did in the last successful `compute` (empty in backprop mode).
   const SettleReport& report() const noexcept { return report_; }
   /// The workspace of the last `compute` (states, errors, tapes).
-  const Energy& energy() const noexcept { return workspaces_[last_]; }
+  const Workspace& workspace() const noexcept { return workspaces_[last_]; }
 
   /// Reads the chain of `model` and checks it against the loss, for the `compute` calls on
   /// it that follow. Throws ChainError for a model EP cannot use, naming the module and its
@@ -178,7 +295,7 @@ class BasicEPGradient {
     if (!chain_ || !committed_) return;
     auto params = chain_->parameters();
     for (size_t i = 0; i < params.size(); ++i) std::swap(params[i].mutable_grad(), acc_[i]);
-    work().undo_norm_statistics();
+    undo_statistics(work());
     report_ = std::move(previous_report_);
     committed_ = false;
   }
@@ -195,11 +312,11 @@ class BasicEPGradient {
     torch::NoGradGuard no_grad;
     committed_ = false;
     detail::check_input(x, chain);
-    x_ = x;
     select_workspace(chain, x);
     EvalMode eval(chain.autograd_modules);
+    Workspace& ws = work();
     try {
-      work().feedforward(chain, nudging_, x, analytic_);
+      feedforward(ws, chain, nudging_, x, analytic_);
     } catch (const c10::Error& e) {
       std::ostringstream os;
       os << "mep: the input of shape " << x.sizes() << " does not fit the model (";
@@ -208,9 +325,9 @@ class BasicEPGradient {
       os << "): " << e.what_without_backtrace();
       throw std::invalid_argument(os.str());
     }
-    check_target(target, work().output.sizes());
-    detail::check_finite_output(work().output, x, chain);
-    work().set_target(target);
+    check_target(target, ws.output.sizes());
+    detail::check_finite_output(ws.output, x, chain);
+    energy::set_target(ws, target);
 
     std::vector<std::pair<double, double>> phases;  // (β_p, coef_p): g = Σ_p coef_p·∂_θE(s^{β_p})
     if (symmetric_) phases = {{beta_, 0.5 / beta_}, {-beta_, -0.5 / beta_}};
@@ -218,21 +335,22 @@ class BasicEPGradient {
     if (!symmetric_ && free_phase_) phases.push_back({0.0, -1.0 / beta_});
 
     SettleReport report;
+    States states(ws);
     for (size_t p = 0; p < phases.size(); ++p) {
-      report.phases.push_back(settling_.settle(work(), phases[p].first));
-      accumulate_parameter_gradients(phases[p].second, p == 0);
-      if (p == 0) post_gradients(target);
+      report.phases.push_back(settling_.settle(states, phases[p].first));
+      const double c = -phases[p].second / static_cast<double>(ws.batch());
+      detail::ParameterGradients(ws, x, acc_, c, p == 0).all();
+      if (p == 0) post_gradients(ws, target);
     }
     // Settling succeeded: the gradients, BatchNorm's statistics and the report are committed.
     eval.restore();
     auto params = chain.parameters();
     for (size_t i = 0; i < params.size(); ++i) std::swap(params[i].mutable_grad(), acc_[i]);
-    work().commit_norm_statistics();
+    commit_statistics(ws);
     previous_report_ = std::move(report_);
     report_ = std::move(report);
     committed_ = true;
-    x_ = torch::Tensor();
-    return nudging_.loss_of(work().output, target);
+    return energy::loss(nudging_, ws.output, target);
   }
 
  private:
@@ -240,156 +358,37 @@ class BasicEPGradient {
     if (model.is_empty()) throw ChainError("mep: the model is null");
     if (!chain_ || model.ptr() != model_.ptr()) {
       auto chain = std::make_unique<Chain>(Chain::from(model));
-      check_output(*chain);
+      energy::check_output(*chain, nudging_);
       chain_ = std::move(chain);
       model_ = model;  // held, so that its address cannot be reused by another model
-      workspaces_[0] = Energy(), workspaces_[1] = Energy();
+      workspaces_[0] = Workspace(), workspaces_[1] = Workspace();
       acc_.assign(chain_->parameters().size(), torch::Tensor());
     }
     return *chain_;
   }
 
-  // The loss against the model's output: NLL needs log-probabilities, and log-probabilities
-  // are not nudged towards one-hot targets by MSE.
-  void check_output(const Chain& chain) const {
-    const Op* last = chain.post.empty() ? nullptr : &chain.post.back();
-    const bool log_softmax = last != nullptr && last->kind == OpKind::LogSoftmax;
-    std::ostringstream os;
-    if (nudging_.loss == Loss::NLL) {
-      if (log_softmax && (last->start_dim == 1 || last->start_dim == -1)) return;
-      if (last != nullptr && last->kind == OpKind::Module) return;  // trusted to make log-probabilities
-      os << "mep: Loss::NLL trains log-probabilities over the classes, but the model ends in ";
-      if (log_softmax) os << "LogSoftmax over dimension " << last->start_dim << " (position " << last->position << ")";
-      else if (last != nullptr) os << last->module->name() << " (position " << last->position << ")";
-      else os << chain.segments.back().module->name() << " (position " << chain.segments.back().position << ")";
-      os << "; end it with torch::nn::LogSoftmax(1), or train its logits with Loss::CrossEntropy";
-      throw ChainError(os.str());
-    }
-    if (nudging_.loss == Loss::MSE && log_softmax) {
-      os << "mep: the model ends in LogSoftmax (position " << last->position << "): its outputs are "
-         << "log-probabilities, which MSE nudging would pull towards one-hot targets they cannot reach; train it with "
-         << ".loss(mep::Loss::NLL), the negative log-likelihood of torch::nll_loss";
-      throw ChainError(os.str());
-    }
-  }
-
   // The workspace that fits x, or else the one not used last.
   void select_workspace(const Chain& chain, const torch::Tensor& x) {
     for (size_t i = 0; i < workspaces_.size(); ++i)
-      if (workspaces_[i].fits(chain, x)) {
+      if (fits(workspaces_[i], chain, x)) {
         last_ = i;
         return;
       }
     last_ = 1 - last_;
   }
-  Energy& work() { return workspaces_[last_]; }
-
-  // acc += coef·∂_θE at the settled states of the phase, in Chain::parameters() order.
-  void accumulate_parameter_gradients(double coef, bool first) {
-    const double c = -coef / static_cast<double>(work().batch());
-    size_t i = 0;
-    for (size_t l = 0; l < chain_->size(); ++l) {
-      const Segment& seg = chain_->segments[l];
-      SegmentTape& t = work().tape[l];
-      if (!seg.analytic()) {
-        i = autograd_gradients(seg, t, l, c, first, i);
-        continue;
-      }
-      bool norms = false;
-      for (const auto& op : seg.pre) norms = norms || op.weight.defined() || op.bias.defined();
-      if (norms) i = norm_gradients(seg, t, l, c, first, i);
-      if (seg.kind == LayerKind::Linear && t.in.dim() == 2) {
-        // Hebbian: −ε_lᵀ·in_l (written into the reused buffers: a fresh result per step
-        // costs page faults that rival the product itself).
-        auto& gw = detail::fitted(acc_[i++], seg.weight);
-        at::addmm_out(gw, gw, t.eps.t(), t.in, /*beta=*/first ? 0.0 : 1.0, /*alpha=*/c);
-        if (seg.bias.defined()) {
-          auto& gb = detail::fitted(acc_[i++], seg.bias);
-          if (first) at::sum_out(gb, t.eps, {0}), gb.mul_(c);
-          else gb.add_(t.eps.sum(0), c);
-        }
-        continue;
-      }
-      torch::Tensor gw, gb;
-      if (seg.kind == LayerKind::Linear) {
-        auto e = t.eps.reshape({-1, seg.weight.size(0)}), in = t.in.reshape({-1, seg.weight.size(1)});
-        gw = torch::mm(e.t(), in);
-        if (seg.bias.defined()) gb = e.sum(0);
-      } else {
-        auto r = at::convolution_backward(t.eps, t.in, seg.weight, seg.bias.defined() ? c10::optional<at::IntArrayRef>(seg.bias.sizes()) : c10::nullopt,
-                                          seg.stride, seg.padding, seg.dilation, false,
-                                          std::vector<int64_t>(seg.stride.size(), 0), seg.groups,
-                                          {false, true, seg.bias.defined()});
-        gw = std::get<1>(r), gb = std::get<2>(r);
-      }
-      detail::accumulate(acc_[i++], seg.weight, gw, c, first);
-      if (seg.bias.defined()) detail::accumulate(acc_[i++], seg.bias, gb, c, first);
-    }
-  }
-
-  // The gradients of the norms among segment l's ops: the VJP of ε_l taken back to each,
-  // through the ops run again at the settled input (x for the first segment).
-  size_t norm_gradients(const Segment& seg, SegmentTape& t, size_t l, double c, bool first, size_t i) {
-    std::vector<torch::Tensor> ins(seg.pre.size());
-    torch::Tensor h = l == 0 ? x_ : work().s[l - 1];
-    for (size_t j = 0; j < seg.pre.size(); ++j) ins[j] = h, h = seg.pre[j].forward(h, t.ops[j]);
-    torch::Tensor unused;
-    torch::Tensor g = seg.layer_vjp(t.eps, h, unused);
-    std::vector<std::vector<torch::Tensor>> per_op(seg.pre.size());
-    for (size_t j = seg.pre.size(); j-- > 0;) {
-      seg.pre[j].parameter_gradients(g, ins[j], t.ops[j], per_op[j]);
-      if (j > 0) g = seg.pre[j].vjp(g, ins[j], t.ops[j]);
-    }
-    for (size_t j = 0; j < seg.pre.size(); ++j) {
-      size_t k = 0;
-      if (seg.pre[j].weight.defined()) detail::accumulate(acc_[i++], seg.pre[j].weight, per_op[j][k++], c, first);
-      if (seg.pre[j].bias.defined()) detail::accumulate(acc_[i++], seg.pre[j].bias, per_op[j][k++], c, first);
-    }
-    return i;
-  }
-
-  // The gradients of a segment without an analytic form, ops and layer: autograd's
-  // (∂f_l/∂θ)ᵀ·ε_l on the segment run again from the settled s_{l−1} (x for the first). A
-  // parameter that does not require grad gets none.
-  size_t autograd_gradients(const Segment& seg, const SegmentTape& t, size_t l, double c, bool first, size_t i) {
-    const auto params = seg.parameters();
-    std::vector<torch::Tensor> wanted;
-    for (const auto& p : params)
-      if (p.requires_grad()) wanted.push_back(p);
-    std::vector<torch::Tensor> grads;
-    if (!wanted.empty()) {
-      torch::AutoGradMode grad_mode(true);
-      auto out = seg.forward((l == 0 ? x_ : work().s[l - 1]).detach(), t.ops);
-      if (out.requires_grad())
-        grads = torch::autograd::grad({out}, wanted, {t.eps}, /*retain_graph=*/false, /*create_graph=*/false,
-                                      /*allow_unused=*/true);
-    }
-    size_t k = 0;
-    for (const auto& p : params) {
-      auto& acc = acc_[i++];
-      if (!p.requires_grad()) {
-        acc = torch::Tensor();
-        continue;
-      }
-      auto g = k < grads.size() && grads[k].defined() ? grads[k] : torch::zeros_like(p);
-      ++k;
-      detail::accumulate(acc, p, g, c, first || !acc.defined());
-    }
-    return i;
-  }
+  Workspace& work() { return workspaces_[last_]; }
 
   // Parameters of norms after the last layer: the gradient of the loss on the nudged output
   // of the first phase (autograd through the ops' functional forms).
-  void post_gradients(const torch::Tensor& target) {
+  void post_gradients(const Workspace& ws, const torch::Tensor& target) {
     std::vector<torch::Tensor> params;
     for (const auto& op : chain_->post)
       for (const auto& p : op.module->parameters()) params.push_back(p);
     if (params.empty()) return;
     torch::AutoGradMode grad_mode(true);
-    torch::Tensor h = work().s.back().detach();
-    for (size_t j = 0; j < chain_->post.size(); ++j)
-      h = chain_->post[j].forward(h, static_cast<const OpTape&>(work().post_tape[j]));
-    auto g = torch::autograd::grad({nudging_.loss_of(h, target)}, params);
+    torch::Tensor h = ws.s.back().detach();
+    for (size_t j = 0; j < chain_->post.size(); ++j) h = chain_->post[j].apply(h, ws.post_tape[j]);
+    auto g = torch::autograd::grad({energy::loss(nudging_, h, target)}, params);
     for (size_t k = 0; k < g.size(); ++k) acc_[acc_.size() - g.size() + k] = g[k].detach();
   }
 
@@ -402,16 +401,15 @@ class BasicEPGradient {
   torch::nn::Sequential model_{nullptr};
   // Two workspaces, so that an epoch's last, smaller batch does not reallocate the one the
   // full batches use; last_ is the one of the current step.
-  std::array<Energy, 2> workspaces_;
+  std::array<Workspace, 2> workspaces_;
   size_t last_ = 0;
   std::vector<torch::Tensor> acc_;  // the gradients being accumulated, swapped into .grad() on success
   SettleReport report_, previous_report_;
   bool committed_ = false;  // the last compute committed (undo() can take it back)
-  torch::Tensor x_;  // the batch of the current compute
 };
 
-/// The settling policy EP uses unless told otherwise (README, "Settling": the cheapest that
-/// reaches cos ≥ 0.99 to the converged EP gradient on every benchmark model).
+/// The settling policy EP uses unless told otherwise: the cheapest that reaches cos ≥ 0.99 to
+/// the converged EP gradient on every benchmark model (README, "Settling").
 using DefaultSettling = LayerSweep;
 
 /// The EP gradient with the default settling (contract name).

@@ -1,11 +1,11 @@
 #pragma once
 /// \file heavy_ball.hpp
-/// Heavy-ball settling, the reference's rule (SPEC §3): gradient descent on the per-sample
+/// Heavy-ball settling, the reference's rule: gradient descent on the per-sample
 /// energy with momentum,
 ///
 ///   v ← μ·v + ∂E_b/∂s ;   s ← s − settle_lr·v,     μ = kMomentum = 0.5,
 ///
-/// for at most settle_steps steps (settle.hpp's stopping rule). Adaptive mode undoes a step
+/// for at most settle_steps steps (ep/settling.hpp). Adaptive mode undoes a step
 /// that raises the batch energy and multiplies settle_lr by kShrink = 0.5, and multiplies it
 /// by kGrow = 1.1 after an accepted step, up to kMaxLrFactor = 10 times its initial value
 /// (Polyak 1964 for the momentum; the step control is the reference's). With check_every = 1
@@ -15,7 +15,7 @@
 /// adaptive, tol 1e-5, patience 3 — which stop short of the equilibrium on deeper models
 /// (README, "Settling").
 
-#include <mep/settle.hpp>
+#include <mep/ep/settling.hpp>
 
 namespace mep {
 
@@ -35,15 +35,17 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
 
   using SettlingPolicy<HeavyBallDefaults>::SettlingPolicy;
 
-  PhaseReport settle(Energy& e, double beta) const {
+  PhaseReport settle(States& e, double beta) const {
     torch::NoGradGuard no_grad;
     const size_t L = e.size();
     const SettleConfig& c = config;
     e.start();
-    auto& v = e.scratch(0);
+    auto& s = e.s();
+    auto& g = e.dE_ds();
+    auto& v = e.scratch(&Scratch::velocity);
     for (auto& t : v) t.zero_();
     e.evaluate(beta);
-    detail::StopRule rule(c, e.s[0]);
+    detail::StopRule rule(c, s[0]);
     if (c.adaptive && rule.every() > 1) return settle_on_device(e, beta, v, rule);
     double lr = c.lr, energy = 0;
     if (rule.watching()) {
@@ -55,8 +57,8 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
     for (k = 1; k <= c.steps; ++k) {
       if (c.adaptive) save(e, v);
       for (size_t l = 0; l < L; ++l) {
-        at::add_out(v[l], e.g[l], v[l], kMomentum);  // v ← μ·v + g without a scalar tensor
-        e.s[l].sub_(v[l], lr);
+        at::add_out(v[l], g[l], v[l], kMomentum);  // v ← μ·v + g without a scalar tensor
+        s[l].sub_(v[l], lr);
       }
       e.evaluate(beta);
       if (!rule.check_at(k, c.steps)) continue;
@@ -86,18 +88,21 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
   // adapted with tensor operations, and the host reads the energy and the stopping rule's
   // count only every check_every steps (settling then stops at the first check after the rule
   // was met). The same rule as the host path above, which reads the energy after every step.
-  PhaseReport settle_on_device(Energy& e, double beta, std::vector<torch::Tensor>& v, detail::StopRule& rule) const {
+  PhaseReport settle_on_device(States& e, double beta, std::vector<torch::Tensor>& v, detail::StopRule& rule) const {
     const SettleConfig& c = config;
     const size_t L = e.size();
-    const auto scalar = [&](double value) { return torch::full({}, value, e.s[0].options().dtype(torch::kDouble)); };
+    auto& s = e.s();
+    auto& g = e.dE_ds();
+    const auto scalar = [&](double value) { return torch::full({}, value, s[0].options().dtype(torch::kDouble)); };
     auto lr = scalar(c.lr), shrink = scalar(kShrink), grow = scalar(kGrow), factor = scalar(1), calm = scalar(0);
     auto energy = scalar(0), next = scalar(0), change = scalar(0), bound = scalar(0);
-    auto rejected = torch::zeros({}, e.s[0].options().dtype(torch::kBool)), accepted = torch::zeros_like(rejected);
+    auto rejected = torch::zeros({}, s[0].options().dtype(torch::kBool)), accepted = torch::zeros_like(rejected);
     auto small = torch::zeros_like(rejected);
-    auto lr_state = torch::zeros({}, e.s[0].options());  // lr in the states' dtype (no cast inside the products)
+    auto lr_state = torch::zeros({}, s[0].options());  // lr in the states' dtype (no cast inside the products)
     auto pair = torch::zeros({2}, energy.options()), host = torch::zeros({2}, torch::kDouble);  // what a check reads
-    auto& step = e.scratch(4);
-    auto &s0 = e.scratch(1), &v0 = e.scratch(2), &g0 = e.scratch(3);
+    auto& step = e.scratch(&Scratch::step);
+    auto &s0 = e.scratch(&Scratch::saved_states), &v0 = e.scratch(&Scratch::saved_velocity);
+    auto& g0 = e.scratch(&Scratch::saved_gradients);
     energy.copy_(e.total(beta));
     int64_t k = 0;
     bool converged = false;
@@ -105,18 +110,18 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
       save(e, v);
       lr_state.copy_(lr);
       for (size_t l = 0; l < L; ++l) {
-        at::add_out(v[l], e.g[l], v[l], kMomentum);
+        at::add_out(v[l], g[l], v[l], kMomentum);
         at::mul_out(step[l], v[l], lr_state);
-        e.s[l].sub_(step[l]);
+        s[l].sub_(step[l]);
       }
       e.evaluate(beta);
       next.copy_(e.total(beta));
       at::gt_out(rejected, next, energy);  // a NaN energy is accepted, and caught at the next check
       at::logical_not_out(accepted, rejected);
       for (size_t l = 0; l < L; ++l) {
-        at::where_out(e.s[l], rejected, s0[l], e.s[l]);
+        at::where_out(s[l], rejected, s0[l], s[l]);
         at::where_out(v[l], rejected, v0[l], v[l]);
-        at::where_out(e.g[l], rejected, g0[l], e.g[l]);
+        at::where_out(g[l], rejected, g0[l], g[l]);
       }
       at::where_out(factor, rejected, shrink, grow);
       lr.mul_(factor).clamp_max_(kMaxLrFactor * c.lr);
@@ -143,13 +148,15 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
   }
 
  private:
-  static void save(Energy& e, const std::vector<torch::Tensor>& v) {
-    auto &s0 = e.scratch(1), &v0 = e.scratch(2), &g0 = e.scratch(3);
-    for (size_t l = 0; l < e.size(); ++l) s0[l].copy_(e.s[l]), v0[l].copy_(v[l]), g0[l].copy_(e.g[l]);
+  static void save(States& e, const std::vector<torch::Tensor>& v) {
+    auto &s0 = e.scratch(&Scratch::saved_states), &v0 = e.scratch(&Scratch::saved_velocity);
+    auto& g0 = e.scratch(&Scratch::saved_gradients);
+    for (size_t l = 0; l < e.size(); ++l) s0[l].copy_(e.s()[l]), v0[l].copy_(v[l]), g0[l].copy_(e.dE_ds()[l]);
   }
-  static void restore(Energy& e, std::vector<torch::Tensor>& v) {
-    auto &s0 = e.scratch(1), &v0 = e.scratch(2), &g0 = e.scratch(3);
-    for (size_t l = 0; l < e.size(); ++l) e.s[l].copy_(s0[l]), v[l].copy_(v0[l]), e.g[l].copy_(g0[l]);
+  static void restore(States& e, std::vector<torch::Tensor>& v) {
+    auto &s0 = e.scratch(&Scratch::saved_states), &v0 = e.scratch(&Scratch::saved_velocity);
+    auto& g0 = e.scratch(&Scratch::saved_gradients);
+    for (size_t l = 0; l < e.size(); ++l) e.s()[l].copy_(s0[l]), v[l].copy_(v0[l]), e.dE_ds()[l].copy_(g0[l]);
   }
 };
 

@@ -7,10 +7,10 @@
 ///                                              (f_L + 2β·y)/(1 + 2β) of the last layer's energy)
 ///   s_l ← s_l − η·ρ_l·(ε_l − J_{l+1}ᵀ·ε_{l+1})    for l = L−1, …, 1   (η = settle_lr; η = 1 gives
 ///                                              the fixed-point form s_l = f_l + J_{l+1}ᵀ·ε_{l+1})
-///   ρ_l = min(1, 1/σ_{l+1}²),  σ_{l+1} ≈ ‖J_{l+1}‖₂ (Segment::jacobian_norm)
+///   ρ_l = min(1, 1/σ_{l+1}²),  σ_{l+1} ≈ ‖J_{l+1}‖₂ (ep/segment.hpp)
 ///
 /// σ_{l+1} is a bound from the weight's norm (kPowerIterations power iterations on W) and
-/// the ops' bounds; for a segment with a module run through its forward (autograd_module.hpp)
+/// the ops' bounds; for a segment with a module run through its forward (ep/autograd_module.hpp)
 /// it comes from kAutogradPowerIterations power iterations on JᵀJ through autograd, about
 /// 2·4 + 3 = 11 passes through the segment per phase, against 2 (one forward, one VJP) per sweep.
 ///
@@ -28,7 +28,7 @@
 /// feedforward states, needs no forward. settle_steps counts sweeps; adaptive mode undoes a
 /// sweep that raised the energy and halves η, as HeavyBall does.
 
-#include <mep/settle.hpp>
+#include <mep/ep/settling.hpp>
 
 namespace mep {
 
@@ -47,36 +47,35 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
 
   using SettlingPolicy<LayerSweepDefaults>::SettlingPolicy;
 
-  PhaseReport settle(Energy& e, double beta) const {
+  PhaseReport settle(States& e, double beta) const {
     torch::NoGradGuard no_grad;
     const SettleConfig& c = config;
     e.start();
-    detail::StopRule rule(c, e.s[0]);
+    detail::StopRule rule(c, e.s()[0]);
     // ρ_l from the weights and the feedforward point, once per phase.
     std::vector<torch::Tensor> rho(e.size());
     for (size_t l = 0; l + 1 < e.size(); ++l) {
-      const bool autograd = e.chain().segments[l + 1].autograd_jacobian();
-      rho[l] = e.jacobian_norm(l + 1, autograd ? kAutogradPowerIterations : kPowerIterations)
-                   .square()
-                   .reciprocal()
-                   .clamp_max(1.0);
+      const int64_t iters = e.autograd_jacobian(l + 1) ? kAutogradPowerIterations : kPowerIterations;
+      rho[l] = e.jacobian_norm(l + 1, iters).square().reciprocal().clamp_max(1.0);
     }
+    std::vector<torch::Tensor> none;
+    auto& saved = c.adaptive ? e.scratch(&Scratch::saved_states) : none;  // the states before a sweep
     double lr = c.lr, energy = 0;
     int64_t k = 0;
     bool converged = false;
     for (k = 1; k <= c.steps; ++k) {
-      if (k > 1 || !e.tapes_at_feedforward()) e.forward_all();
+      if (k > 1 || !e.at_feedforward()) e.forward();
       // The energy of the states after k − 1 sweeps, where the rule (or adaptive mode) reads it.
       if (k == 1 && rule.watching()) {
-        e.errors_all(beta);
+        e.errors(beta);
         energy = e.mean(beta);
         detail::check_finite_energy(energy, 0, beta);
       } else if (k > 1 && (rule.check_at(k - 1, c.steps) || c.adaptive)) {
-        e.errors_all(beta);
+        e.errors(beta);
         const double next = e.mean(beta);
         detail::check_finite_energy(next, k - 1, beta);
         if (c.adaptive && next > energy) {
-          undo(e);
+          undo(e, saved);
           lr *= kShrink;
           rule.reset_calm();
         } else {
@@ -89,7 +88,7 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
         }
       }
       if (c.adaptive)
-        for (size_t l = 0; l < e.size(); ++l) e.scratch(0)[l].copy_(e.s[l]);
+        for (size_t l = 0; l < e.size(); ++l) saved[l].copy_(e.s()[l]);
       sweep(e, beta, lr, rho);
     }
     const int64_t taken = converged ? k - 1 : c.steps;
@@ -98,7 +97,7 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
       const double next = e.mean(beta);
       detail::check_finite_energy(next, taken, beta);
       if (c.adaptive && next > energy) {
-        undo(e);
+        undo(e, saved);
         e.evaluate(beta);
       } else {
         converged = rule.met(energy, next);
@@ -108,24 +107,17 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
   }
 
  private:
-  static void undo(Energy& e) {
-    for (size_t l = 0; l < e.size(); ++l) e.s[l].copy_(e.scratch(0)[l]);
-    e.forward_all();
+  static void undo(States& e, const std::vector<torch::Tensor>& saved) {
+    for (size_t l = 0; l < e.size(); ++l) e.s()[l].copy_(saved[l]);
+    e.forward();
   }
 
   // One top-down sweep; the segments' predictions describe the current states on entry.
-  static void sweep(Energy& e, double beta, double lr, const std::vector<torch::Tensor>& rho) {
+  static void sweep(States& e, double beta, double lr, const std::vector<torch::Tensor>& rho) {
     const size_t L = e.size();
-    e.errors(L - 1, beta);
     const double curvature = e.last_curvature(beta);
-    e.s[L - 1].sub_(e.tape[L - 1].delta, curvature > 0 ? lr / curvature : lr);
-    for (size_t l = L - 1; l-- > 0;) {
-      e.errors(l + 1, 0.0);  // ε_{l+1} at the new s_{l+1}
-      e.backproject(l + 1);
-      e.errors(l, beta);
-      e.gradient(l);
-      e.s[l].addcmul_(e.g[l], rho[l], -lr);
-    }
+    e.s()[L - 1].sub_(e.layer_gradient(L - 1, beta), curvature > 0 ? lr / curvature : lr);
+    for (size_t l = L - 1; l-- > 0;) e.s()[l].addcmul_(e.layer_gradient(l, beta), rho[l], -lr);
   }
 };
 

@@ -1,14 +1,16 @@
 #pragma once
-/// \file settle.hpp
-/// Settling (SPEC §3): from the feedforward states, move the states s_1..s_L (s_0 = x
-/// fixed) to a minimum of the energy E(s; θ, β) of energy.hpp. How is a policy type, the
-/// `Settling` parameter of the EP gradient policies (gradient/ep.hpp):
+/// \file settling.hpp
+/// Settling: from the feedforward states, move the states s_1..s_L (s_0 = x fixed) to a
+/// minimum of the energy E(s; θ, β) of ep/energy.hpp. How is a policy type, the `Settling`
+/// parameter of the EP gradient (ep/gradient.hpp):
 ///
-///   settle/layer_sweep.hpp  LayerSweep — top-down block-coordinate sweeps (the default)
-///   settle/heavy_ball.hpp   HeavyBall  — gradient descent with momentum (the reference's rule)
+///   ep/layer_sweep.hpp  LayerSweep — top-down block-coordinate sweeps (the default)
+///   ep/heavy_ball.hpp   HeavyBall  — gradient descent with momentum (the reference's rule)
 ///
-/// Every policy takes the same options (`SettleOptions`, with its own defaults), stops
-/// early by the same rule and reports what it did in a `PhaseReport`:
+/// A policy is a value with `PhaseReport settle(States&, double beta) const`; it sees the
+/// workspace only through `States`, the interface below. Every policy takes the same options
+/// (`SettleOptions`, with its own defaults), stops early by the same rule and reports what it
+/// did in a `PhaseReport`:
 ///
 ///   stop when |ΔE| < tol·max(1, |E|) for `patience` consecutive checks   (tol = 0: never)
 ///
@@ -20,7 +22,7 @@
 /// energy after every sweep. A non-finite energy throws SettleError naming the step (or the
 /// check after it); nothing has been written then.
 
-#include <mep/energy.hpp>
+#include <mep/ep/energy.hpp>
 #include <mep/options.hpp>
 
 #include <algorithm>
@@ -95,9 +97,9 @@ struct SettleOptions {
 
 /// The settling options as a value, read from any options type that has them.
 struct SettleConfig {
-  int64_t steps = 10;
-  double lr = 0.05;
-  double tol = 0.0;
+  int64_t steps = 0;
+  double lr = 0;
+  double tol = 0;
   int64_t patience = 1;
   bool adaptive = false;
   int64_t check_every = 0;
@@ -109,17 +111,79 @@ struct SettleConfig {
 };
 
 /// What every settling policy holds: its options as a value, with `Defaults` (a struct of
-/// constants steps, lr, tol, patience, adaptive) for a default-constructed policy.
+/// constants steps, lr, tol, patience, adaptive: the policy's one table of defaults) for a
+/// default-constructed policy.
 template <class Defaults>
 struct SettlingPolicy {
   template <class Derived>
   using Options = SettleOptions<Derived, Defaults>;
 
-  SettleConfig config{Defaults::steps, Defaults::lr, Defaults::tol, Defaults::patience, Defaults::adaptive, 0};
+  struct DefaultOptions : Options<DefaultOptions> {};
+  SettleConfig config = SettleConfig::from(DefaultOptions());
 
   SettlingPolicy() = default;
   template <class O>
   explicit SettlingPolicy(const O& o) : config(SettleConfig::from(o)) {}
+};
+
+/// What a settling policy sees of the workspace: the states it moves, their gradients, and
+/// the energy's functions (ep/energy.hpp). Policies change the workspace only through it.
+class States {
+ public:
+  explicit States(Workspace& ws) : ws_(ws) {}
+
+  size_t size() const { return ws_.size(); }
+  int64_t batch() const { return ws_.batch(); }
+  /// The states s_1..s_L, moved in place by the policy.
+  std::vector<torch::Tensor>& s() { return ws_.s; }
+  /// ∂E/∂s_l after `evaluate` (a policy may put back a saved copy).
+  std::vector<torch::Tensor>& dE_ds() { return ws_.dE_ds; }
+
+  /// s ← the feedforward states.
+  void start() { energy::start(ws_); }
+  /// Whether the segments' predictions still describe the feedforward states (every ε_l = 0).
+  bool at_feedforward() const { return ws_.at_feedforward; }
+  /// The segments' predictions at the current states.
+  void forward() { energy::forward(ws_); }
+  /// The errors at the current predictions (the energy's terms).
+  void errors(double beta) { energy::errors(ws_, beta); }
+  /// ∂E/∂s of every state at the current states.
+  void evaluate(double beta) { energy::evaluate(ws_, beta); }
+  /// Σ_b E_b (after errors), on the device; its batch mean on the host; the residual.
+  const torch::Tensor& total(double beta) { return energy::total(ws_, beta); }
+  double mean(double beta) { return energy::mean(ws_, beta); }
+  double residual() const { return energy::residual(ws_); }
+
+  /// ∂E/∂s_l with the neighbours' latest states, for block-coordinate sweeps from the top:
+  /// needs segment l+1's prediction at the current s_l (δ_L alone for the last layer).
+  const torch::Tensor& layer_gradient(size_t l, double beta) {
+    if (l + 1 == size()) {
+      energy::errors(ws_, l, beta);
+      return ws_.tape[l].delta;
+    }
+    energy::errors(ws_, l + 1, 0.0);  // ε_{l+1} at the new s_{l+1}
+    energy::backproject(ws_, l + 1);
+    energy::errors(ws_, l, beta);
+    return energy::state_gradient(ws_, l);
+  }
+  /// The curvature of the last layer's energy when it is quadratic (0 otherwise).
+  double last_curvature(double beta) const { return energy::last_curvature(ws_, beta); }
+  /// An estimate of ‖J_l‖₂ for segment l ≥ 1, and whether it comes through autograd.
+  torch::Tensor jacobian_norm(size_t l, int64_t iters) const { return energy::jacobian_norm(ws_, l, iters); }
+  bool autograd_jacobian(size_t l) const { return ws_.chain->segments[l].autograd_jacobian(); }
+
+  /// A named set of buffers shaped like the states (Scratch), allocated on first use.
+  std::vector<torch::Tensor>& scratch(std::vector<torch::Tensor> Scratch::*set) {
+    auto& buffers = ws_.scratch.*set;
+    if (buffers.size() != ws_.s.size()) {
+      buffers.clear();
+      for (const auto& t : ws_.s) buffers.push_back(torch::empty_like(t));
+    }
+    return buffers;
+  }
+
+ private:
+  Workspace& ws_;
 };
 
 /// Energy reads off the CPU, every this many steps, when check_every = 0.
@@ -165,20 +229,18 @@ inline void check_finite_energy(double energy, int64_t step, double beta) {
 }
 
 /// The report of a settled phase: energy and residual at the final states (after
-/// energy.evaluate(beta)).
-inline PhaseReport finish(Energy& energy, double beta, int64_t steps, bool converged, int64_t last_step) {
+/// evaluate(beta)).
+inline PhaseReport finish(States& e, double beta, int64_t steps, bool converged, int64_t last_step) {
   PhaseReport r;
   r.beta = beta;
   r.steps = steps;
   r.converged = converged;
-  r.energy = energy.mean(beta);
+  r.energy = e.mean(beta);
   check_finite_energy(r.energy, last_step, beta);
-  r.residual = energy.residual();
+  r.residual = e.residual();
   return r;
 }
 
 }  // namespace detail
 }  // namespace mep
 
-#include <mep/settle/heavy_ball.hpp>
-#include <mep/settle/layer_sweep.hpp>

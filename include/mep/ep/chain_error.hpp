@@ -1,6 +1,6 @@
 #pragma once
 /// \file chain_error.hpp
-/// The error of a model EP cannot read or run as a chain (chain.hpp): it names the module,
+/// The error of a model EP cannot read or run as a chain (ep/chain.hpp): it names the module,
 /// its position in the Sequential and what EP needs instead.
 
 #include <stdexcept>

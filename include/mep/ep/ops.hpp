@@ -1,0 +1,368 @@
+#pragma once
+/// \file ops.hpp
+/// The ops a_i between two layers: parameter-free maps and norms, each a small struct that
+/// knows its map in analytic form (no autograd graph):
+///
+///   forward   out = a(in)           into the op's tape (`forward`), or as a function (`apply`)
+///   VJP       (∂a/∂in)ᵀ·g           into the tape
+///   gain      an upper bound of ‖∂a/∂in‖₂ that depends on neither learned values nor
+///             statistics (the norms' part is `norm_gain`, at the statistics in the tape)
+///
+/// The forward and VJP of activations, pooling, Flatten, Identity and BatchNorm write into
+/// buffers allocated once per batch shape (`prepare`) and allocate nothing; LayerNorm runs
+/// through ATen's layer-norm kernels, which return fresh tensors. Dropout (every kind) is the
+/// identity, as EP has no dropout. BatchNorm lives in ep/batch_norm.hpp; a module without an
+/// analytic form runs through its forward (`ModuleOp`, ep/autograd_module.hpp).
+
+#include <mep/ep/autograd_module.hpp>
+#include <mep/ep/batch_norm.hpp>
+#include <mep/ep/workspace.hpp>
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <variant>
+#include <vector>
+
+namespace mep {
+
+namespace ops {
+
+/// What every op has unless it says otherwise: out and grad buffers shaped by one call of
+/// `apply`, a gain of 1, no norm gain, no parameters.
+template <class Op>
+struct Base {
+  void prepare(const torch::Tensor& in, OpTape& t) const {
+    auto out = static_cast<const Op&>(*this).apply(in, t);
+    t.out = torch::empty_like(out, torch::MemoryFormat::Contiguous);
+    t.grad = torch::empty_like(in, torch::MemoryFormat::Contiguous);
+  }
+  double gain(const torch::Tensor&) const { return 1.0; }
+  torch::Tensor norm_gain(const OpTape&) const { return {}; }
+  void parameter_gradients(const torch::Tensor&, const torch::Tensor&, const OpTape&, std::vector<torch::Tensor>&) const {}
+};
+
+/// Dropout of every kind, and Identity: out = in.
+struct Identity : Base<Identity> {
+  void prepare(const torch::Tensor&, OpTape& t) const { t.out = t.grad = torch::Tensor(); }
+  torch::Tensor apply(const torch::Tensor& x, const OpTape&) const { return x; }
+  torch::Tensor forward(const torch::Tensor& in, OpTape&) const { return in; }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor&, OpTape&) const { return g; }
+};
+
+/// Flatten over [start, end]: a view of in.
+struct Flatten : Base<Flatten> {
+  int64_t start = 1, end = -1;
+  void prepare(const torch::Tensor&, OpTape& t) const { t.out = t.grad = torch::Tensor(); }
+  torch::Tensor apply(const torch::Tensor& x, const OpTape&) const { return x.flatten(start, end); }
+  torch::Tensor forward(const torch::Tensor& in, OpTape&) const { return in.flatten(start, end); }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& in, OpTape&) const { return g.view(in.sizes()); }
+};
+
+/// An elementwise activation a(s), its derivative through ATen's backward kernels, and
+/// sup|a′|: ReLU, tanh, softplus 1; sigmoid ¼; GELU 1.129; SiLU 1.100; leaky ReLU and ELU max(1, |a|).
+struct Activation : Base<Activation> {
+  enum class Fn { ReLU, LeakyReLU, Sigmoid, Tanh, GELU, GELUTanh, SiLU, ELU, Softplus };
+  Fn fn = Fn::ReLU;
+  double a = 0, b = 0;  // negative slope or alpha; softplus (beta, threshold)
+
+  torch::Tensor apply(const torch::Tensor& s, const OpTape&) const {
+    switch (fn) {
+      case Fn::ReLU: return torch::relu(s);
+      case Fn::LeakyReLU: return torch::leaky_relu(s, a);
+      case Fn::Sigmoid: return torch::sigmoid(s);
+      case Fn::Tanh: return torch::tanh(s);
+      case Fn::GELU: return torch::gelu(s, "none");
+      case Fn::GELUTanh: return torch::gelu(s, "tanh");
+      case Fn::SiLU: return torch::silu(s);
+      case Fn::ELU: return torch::elu(s, a);
+      case Fn::Softplus: return torch::softplus(s, a, b);
+    }
+    return s;
+  }
+  torch::Tensor forward(const torch::Tensor& s, OpTape& t) const {
+    switch (fn) {
+      case Fn::ReLU: at::clamp_min_out(t.out, s, 0); break;
+      case Fn::LeakyReLU: at::leaky_relu_out(t.out, s, a); break;
+      case Fn::Sigmoid: at::sigmoid_out(t.out, s); break;
+      case Fn::Tanh: at::tanh_out(t.out, s); break;
+      case Fn::GELU: at::gelu_out(t.out, s, "none"); break;
+      case Fn::GELUTanh: at::gelu_out(t.out, s, "tanh"); break;
+      case Fn::SiLU: at::silu_out(t.out, s); break;
+      case Fn::ELU: at::elu_out(t.out, s, a); break;
+      case Fn::Softplus: at::softplus_out(t.out, s, a, b); break;
+    }
+    return t.out;
+  }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& s, OpTape& t) const {
+    switch (fn) {
+      case Fn::ReLU: at::threshold_backward_out(t.grad, g, s, 0); break;
+      case Fn::LeakyReLU: at::leaky_relu_backward_out(t.grad, g, s, a, false); break;
+      case Fn::Sigmoid: at::sigmoid_backward_out(t.grad, g, t.out); break;
+      case Fn::Tanh: at::tanh_backward_out(t.grad, g, t.out); break;
+      case Fn::GELU: at::gelu_backward_out(t.grad, g, s, "none"); break;
+      case Fn::GELUTanh: at::gelu_backward_out(t.grad, g, s, "tanh"); break;
+      case Fn::SiLU: at::silu_backward_out(t.grad, g, s); break;
+      case Fn::ELU: at::elu_backward_out(t.grad, g, a, 1, 1, false, s); break;
+      case Fn::Softplus: at::softplus_backward_out(t.grad, g, s, a, b); break;
+    }
+    return t.grad;
+  }
+  double gain(const torch::Tensor&) const {
+    switch (fn) {
+      case Fn::Sigmoid: return 0.25;
+      case Fn::GELU:
+      case Fn::GELUTanh: return 1.129;
+      case Fn::SiLU: return 1.1;
+      case Fn::LeakyReLU:
+      case Fn::ELU: return std::max(1.0, std::abs(a));
+      default: return 1.0;
+    }
+  }
+};
+
+/// softmax over `dim`; ‖diag p − ppᵀ‖ ≤ max p ≤ 1.
+struct Softmax : Base<Softmax> {
+  int64_t dim = 1;
+  torch::Tensor apply(const torch::Tensor& x, const OpTape&) const { return torch::softmax(x, dim); }
+  torch::Tensor forward(const torch::Tensor& in, OpTape& t) const { return at::_softmax_out(t.out, in, dim, false); }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& in, OpTape& t) const {
+    return at::_softmax_backward_data_out(t.grad, g, t.out, dim, in.scalar_type());
+  }
+};
+
+/// log-softmax over `dim`; over K classes ‖J‖ ≤ max(1, √(2(K − 1))) (√(‖J‖₁‖J‖_∞) for J = I − 1pᵀ).
+struct LogSoftmax : Base<LogSoftmax> {
+  int64_t dim = 1;
+  torch::Tensor apply(const torch::Tensor& x, const OpTape&) const { return torch::log_softmax(x, dim); }
+  torch::Tensor forward(const torch::Tensor& in, OpTape& t) const { return at::_log_softmax_out(t.out, in, dim, false); }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& in, OpTape& t) const {
+    return at::_log_softmax_backward_data_out(t.grad, g, t.out, dim, in.scalar_type());
+  }
+  double gain(const torch::Tensor& in) const {
+    return std::max(1.0, std::sqrt(2 * (static_cast<double>(in.size(dim)) - 1)));
+  }
+};
+
+/// LayerNorm over the trailing `shape`: the bound max|γ|·max_b 1/σ_b at the tape's statistics.
+struct LayerNorm : Base<LayerNorm> {
+  std::vector<int64_t> shape;
+  double eps = 1e-5;
+  torch::Tensor weight, bias;  // undefined without elementwise affine
+
+  torch::Tensor apply(const torch::Tensor& x, const OpTape&) const {
+    return torch::layer_norm(x, shape, weight, bias, eps);
+  }
+  torch::Tensor forward(const torch::Tensor& in, OpTape& t) const {
+    auto r = at::native_layer_norm(in, shape, weight, bias, eps);
+    t.out = std::get<0>(r), t.aux = std::get<1>(r), t.rstd = std::get<2>(r);
+    return t.out;
+  }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& in, OpTape& t) const {
+    t.grad = std::get<0>(at::native_layer_norm_backward(g, in, shape, t.aux, t.rstd, weight, bias, {true, false, false}));
+    return t.grad;
+  }
+  torch::Tensor norm_gain(const OpTape& t) const {
+    auto g = t.rstd.max();
+    return weight.defined() ? g * weight.abs().max() : g;
+  }
+  void parameter_gradients(const torch::Tensor& g, const torch::Tensor& in, const OpTape& t,
+                           std::vector<torch::Tensor>& out) const {
+    if (!weight.defined() && !bias.defined()) return;
+    auto r = at::native_layer_norm_backward(g, in, shape, t.aux, t.rstd, weight, bias,
+                                            {false, weight.defined(), bias.defined()});
+    if (weight.defined()) out.push_back(std::get<1>(r));
+    if (bias.defined()) out.push_back(std::get<2>(r));
+  }
+};
+
+/// Pooling over 1 or 2 spatial dimensions, run as 2-D pooling ([N, C, W] as [N, C, 1, W]).
+struct Pooling {
+  int64_t dims = 2;
+  std::vector<int64_t> kernel, stride, padding;
+  bool ceil_mode = false;
+
+  torch::Tensor as2d(const torch::Tensor& x) const { return dims == 1 ? x.unsqueeze(-2) : x; }
+  torch::Tensor from2d(const torch::Tensor& x) const { return dims == 1 ? x.squeeze(-2) : x; }
+  /// The most windows one input element enters, m = Π_d min(k_d, ⌊((k_d − 1)·dil_d + s_d)/s_d⌋),
+  /// and the taps per window.
+  std::pair<double, double> overlap(const std::vector<int64_t>& dilation) const {
+    double m = 1, taps = 1;
+    for (size_t d = 0; d < kernel.size(); ++d) {
+      const int64_t dil = dilation.empty() ? 1 : dilation[d];
+      m *= static_cast<double>(std::min(kernel[d], ((kernel[d] - 1) * dil + stride[d]) / stride[d]));
+      taps *= static_cast<double>(kernel[d]);
+    }
+    return {m, taps};
+  }
+};
+
+/// Max pooling; ‖J‖ ≤ √m (√(‖J‖₁‖J‖_∞)).
+struct MaxPool : Base<MaxPool>, Pooling {
+  std::vector<int64_t> dilation;
+  void prepare(const torch::Tensor& in, OpTape& t) const {
+    Base<MaxPool>::prepare(in, t);
+    t.aux = torch::empty(as2d(t.out).sizes(), in.options().dtype(torch::kLong));
+  }
+  torch::Tensor apply(const torch::Tensor& x, const OpTape&) const {
+    return from2d(std::get<0>(at::max_pool2d_with_indices(as2d(x), kernel, stride, padding, dilation, ceil_mode)));
+  }
+  torch::Tensor forward(const torch::Tensor& in, OpTape& t) const {
+    auto out2 = as2d(t.out);
+    at::max_pool2d_with_indices_out(out2, t.aux, as2d(in), kernel, stride, padding, dilation, ceil_mode);
+    return t.out;
+  }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& in, OpTape& t) const {
+    auto g2 = as2d(t.grad);
+    at::max_pool2d_with_indices_backward_out(g2, as2d(g), as2d(in), kernel, stride, padding, dilation, ceil_mode, t.aux);
+    return t.grad;
+  }
+  double gain(const torch::Tensor&) const { return std::sqrt(overlap(dilation).first); }
+};
+
+/// Average pooling; ‖J‖ ≤ √(m/k) with k taps per window (√m where border windows divide by
+/// less, √(m·k)/d with divisor d).
+struct AvgPool : Base<AvgPool>, Pooling {
+  bool count_include_pad = true;
+  c10::optional<int64_t> divisor;
+  torch::Tensor apply(const torch::Tensor& x, const OpTape&) const {
+    return from2d(at::avg_pool2d(as2d(x), kernel, stride, padding, ceil_mode, count_include_pad, divisor));
+  }
+  torch::Tensor forward(const torch::Tensor& in, OpTape& t) const {
+    auto out2 = as2d(t.out);
+    at::avg_pool2d_out(out2, as2d(in), kernel, stride, padding, ceil_mode, count_include_pad, divisor);
+    return t.out;
+  }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& in, OpTape& t) const {
+    auto g2 = as2d(t.grad);
+    at::avg_pool2d_backward_out(g2, as2d(g), as2d(in), kernel, stride, padding, ceil_mode, count_include_pad, divisor);
+    return t.grad;
+  }
+  double gain(const torch::Tensor&) const {
+    const auto [m, taps] = overlap({});
+    if (divisor.has_value()) return std::sqrt(m * taps) / static_cast<double>(*divisor);
+    return count_include_pad && !ceil_mode ? std::sqrt(m / taps) : std::sqrt(m);
+  }
+};
+
+/// Adaptive average pooling to `size` (−1: the input's size); per dimension of n inputs and
+/// o outputs the bound takes 1/(n/o) for disjoint windows, else at most 2/⌊n/o⌋ (n > o) or
+/// ⌈o/n⌉ + 1 (n ≤ o) windows per input.
+struct AdaptiveAvgPool : Base<AdaptiveAvgPool> {
+  int64_t dims = 2;
+  std::vector<int64_t> size;
+
+  torch::Tensor as2d(const torch::Tensor& x) const { return dims == 1 ? x.unsqueeze(-2) : x; }
+  torch::Tensor from2d(const torch::Tensor& x) const { return dims == 1 ? x.squeeze(-2) : x; }
+  std::vector<int64_t> output_size(const torch::Tensor& x) const {
+    if (dims == 1) return {1, size[0]};
+    std::vector<int64_t> out = size;
+    for (size_t d = 0; d < 2; ++d)
+      if (out[d] < 0) out[d] = x.size(x.dim() - 2 + static_cast<int64_t>(d));
+    return out;
+  }
+  torch::Tensor apply(const torch::Tensor& x, const OpTape&) const {
+    return from2d(at::adaptive_avg_pool2d(as2d(x), output_size(x)));
+  }
+  torch::Tensor forward(const torch::Tensor& in, OpTape& t) const {
+    auto out2 = as2d(t.out);
+    at::adaptive_avg_pool2d_out(out2, as2d(in), output_size(in));
+    return t.out;
+  }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& in, OpTape& t) const {
+    auto g2 = as2d(t.grad);
+    at::_adaptive_avg_pool2d_backward_out(g2, as2d(g), as2d(in));
+    return t.grad;
+  }
+  double gain(const torch::Tensor& in) const {
+    const auto x = as2d(in);
+    const auto out = output_size(in);
+    double c = 1;
+    for (size_t d = 0; d < 2; ++d) {
+      const int64_t n = x.size(x.dim() - 2 + static_cast<int64_t>(d));
+      const int64_t o = out[d];
+      if (n % o == 0) c /= static_cast<double>(n / o);
+      else if (n > o) c *= 2.0 / static_cast<double>(n / o);
+      else c *= static_cast<double>((o + n - 1) / n + 1);
+    }
+    return std::sqrt(c);
+  }
+};
+
+/// A parameter-free module without an analytic form, run through its forward; its VJP is
+/// autograd's. It has no gain bound (1 here): its segment's ‖J‖ comes from power iterations.
+struct ModuleOp : Base<ModuleOp> {
+  AutogradModule call;
+  void prepare(const torch::Tensor& in, OpTape& t) const {
+    auto out = call.forward(in);
+    call.check_deterministic(in, out);  // runs it twice, to refuse a random output
+    t.out = out;
+    t.grad = torch::Tensor();
+  }
+  torch::Tensor apply(const torch::Tensor& x, const OpTape&) const { return call.forward(x); }
+  torch::Tensor forward(const torch::Tensor& in, OpTape& t) const { return t.out = call.forward(in); }
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& in, OpTape& t) const { return t.grad = call.vjp(g, in); }
+};
+
+}  // namespace ops
+
+/// An op between two layers: one of the structs above, with its module and place.
+struct Op {
+  using Fn = std::variant<ops::Identity, ops::Flatten, ops::Activation, ops::Softmax, ops::LogSoftmax, BatchNorm,
+                          ops::LayerNorm, ops::MaxPool, ops::AvgPool, ops::AdaptiveAvgPool, ops::ModuleOp>;
+  Fn fn;
+  std::shared_ptr<torch::nn::Module> module;
+  size_t position = 0;  // in the Sequential
+
+  template <class T>
+  bool is() const { return std::holds_alternative<T>(fn); }
+  template <class T>
+  const T* as() const { return std::get_if<T>(&fn); }
+  /// Whether the op has an analytic form (otherwise it is a module run through its forward).
+  bool analytic() const { return !is<ops::ModuleOp>(); }
+
+  /// Allocates the tape's buffers for input `in`.
+  void prepare(const torch::Tensor& in, OpTape& t) const {
+    std::visit([&](const auto& f) { f.prepare(in, t); }, fn);
+  }
+  /// a(x) as a function (allocates; autograd-capable; BatchNorm at the tape's frozen statistics).
+  torch::Tensor apply(const torch::Tensor& x, const OpTape& t) const {
+    return std::visit([&](const auto& f) { return f.apply(x, t); }, fn);
+  }
+  /// out = a(in) into the tape (a view of `in` for Flatten, `in` itself for Identity).
+  torch::Tensor forward(const torch::Tensor& in, OpTape& t) const {
+    return std::visit([&](const auto& f) { return f.forward(in, t); }, fn);
+  }
+  /// The output the last `forward` left for input `in`, without running the op again.
+  torch::Tensor output(const torch::Tensor& in, const OpTape& t) const {
+    if (is<ops::Identity>()) return in;
+    if (const auto* f = as<ops::Flatten>()) return in.flatten(f->start, f->end);
+    return t.out;
+  }
+  /// (∂a/∂in)ᵀ·g at `in`, after `forward(in, t)`: into the tape, or a view.
+  torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& in, OpTape& t) const {
+    return std::visit([&](const auto& f) { return f.vjp(g, in, t); }, fn);
+  }
+  double gain(const torch::Tensor& in) const {
+    return std::visit([&](const auto& f) { return f.gain(in); }, fn);
+  }
+  /// The norms' part of the bound, a 0-dim tensor (undefined for the other ops).
+  torch::Tensor norm_gain(const OpTape& t) const {
+    return std::visit([&](const auto& f) { return f.norm_gain(t); }, fn);
+  }
+  /// The gradients of a norm's weight and bias for `g` at its output, appended in module order.
+  void parameter_gradients(const torch::Tensor& g, const torch::Tensor& in, const OpTape& t,
+                           std::vector<torch::Tensor>& out) const {
+    std::visit([&](const auto& f) { f.parameter_gradients(g, in, t, out); }, fn);
+  }
+  /// Whether the op has learned parameters of its own (a norm's affine map).
+  bool has_parameters() const {
+    if (const auto* n = as<ops::LayerNorm>()) return n->weight.defined() || n->bias.defined();
+    if (const auto* n = as<BatchNorm>()) return n->weight.defined() || n->bias.defined();
+    return false;
+  }
+};
+
+}  // namespace mep

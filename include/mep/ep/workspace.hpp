@@ -1,0 +1,106 @@
+#pragma once
+/// \file workspace.hpp
+/// The per-step values of the EP engine, as data: everything a step computes on one batch
+/// shape lives here, allocated once by the feedforward pass (ep/feedforward.hpp) and reused
+/// while the shape, dtype and device stay the same. The structural types (chain, segments,
+/// ops) hold no per-step value; the functions of ep/energy.hpp read and write this.
+///
+/// Names follow the energy (ep/energy.hpp): states s_l, feedforward states f_l(…), the layer
+/// errors ε_l = −∂E_l/∂f_l and δ_l = ∂E_l/∂s_l, and the state gradients ∂E/∂s_l.
+
+#include <mep/loss.hpp>
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace mep {
+
+struct Chain;
+
+/// Frozen statistics of a BatchNorm op for one step, and the affine map they make
+/// (ep/batch_norm.hpp).
+struct NormStatistics {
+  torch::Tensor mean, var, scale, shift;
+  int64_t count = 0;  // values per channel they came from (0: nothing for the running statistics to take in)
+  std::vector<torch::Tensor> saved_running;  // running mean, var, count (or a module's buffers) before the last commit
+};
+
+/// Per-step buffers of one op: its output, what its VJP needs, its VJP's result.
+struct OpTape {
+  torch::Tensor out, aux, grad;  // aux: MaxPool's indices; LayerNorm's mean (grad holds nothing then)
+  torch::Tensor rstd;            // LayerNorm: 1/σ per sample
+  NormStatistics norm;           // BatchNorm
+  torch::Tensor ff_in;           // a module run through its forward, with buffers: its feedforward input
+};
+
+/// Per-step buffers of one segment s_{l−1} ─a→ in_l ─f→ f_l(in_l) (ep/segment.hpp).
+struct SegmentTape {
+  std::vector<OpTape> ops;
+  torch::Tensor in;            // a(s_{l−1}), the layer's input
+  torch::Tensor pred;          // f_l(in)
+  torch::Tensor eps, delta;    // ε_l and δ_l (the same tensor for ½‖s − f‖²)
+  torch::Tensor back;          // J_lᵀ·ε_l with respect to s_{l−1}
+  torch::Tensor layer_grad;    // (∂f/∂in)ᵀ·ε_l, before the ops' VJPs
+  torch::Tensor leaf, graph;   // autograd: s_{l−1} as a leaf, and f_l built from it
+  torch::Tensor ff_in;         // a module layer with buffers: its input at the feedforward states
+  std::vector<torch::Tensor> saved_buffers;  // that module's buffers before the last commit
+};
+
+/// How the output is nudged towards the target (ep/energy.hpp).
+struct Nudging {
+  Loss loss = Loss::MSE;
+  double label_smoothing = 0.1;  // cross-entropy only
+  double temperature = 1.0;      // softmax temperature of the KL last-layer term
+
+  /// Whether the last internal term is the KL divergence (cross-entropy) rather than ½‖s_L − f_L‖².
+  bool kl_last() const { return loss == Loss::CrossEntropy; }
+  /// Label smoothing of the loss EP approximates (cross-entropy only).
+  double loss_smoothing() const { return loss == Loss::CrossEntropy ? label_smoothing : 0.0; }
+};
+
+/// Buffers shaped like the states that settling policies keep between steps, by name;
+/// allocated on first use (ep/settling.hpp: `States::scratch`).
+struct Scratch {
+  std::vector<torch::Tensor> velocity, saved_states, saved_velocity, saved_gradients, step;
+};
+
+/// The values of one EP step on one chain and batch shape.
+struct Workspace {
+  // What the step runs on.
+  const Chain* chain = nullptr;
+  Nudging nudging;
+  bool analytic = true;  // analytic VJPs where the segment has them (else autograd everywhere)
+  std::vector<int64_t> shape;
+  torch::TensorOptions options;
+
+  // States and what the energy leaves.
+  std::vector<torch::Tensor> s;        // states s_1..s_L
+  std::vector<torch::Tensor> ff;       // feedforward states
+  std::vector<torch::Tensor> dE_ds;    // ∂E/∂s_l (after energy's evaluate)
+  std::vector<SegmentTape> tape;       // per segment
+  std::vector<OpTape> post_tape;       // the ops after the last layer
+  torch::Tensor output;                // ŷ = post(s_L) at the feedforward states
+  torch::Tensor target;                // the dense target y (one-hot or smoothed)
+  bool at_feedforward = false;         // the tapes describe the feedforward states (every ε_l = 0)
+
+  // The nudged output and the energy's sums.
+  struct Sums {
+    torch::Tensor out, diff, dcost, nudged_delta, kl, rows, row, total, sq_out;
+    std::vector<torch::Tensor> sq;
+  } sums;
+
+  Scratch scratch;
+
+  size_t size() const { return s.size(); }
+  int64_t batch() const { return shape.empty() ? 0 : shape[0]; }
+
+  /// Whether the workspace is allocated for `c` and a batch shaped and typed like `x`.
+  bool fits(const Chain& c, size_t layers, const torch::Tensor& x) const {
+    return chain == &c && !tape.empty() && tape.size() == layers && x.sizes() == c10::IntArrayRef(shape) &&
+           x.options().type_equal(options);
+  }
+};
+
+}  // namespace mep
