@@ -62,65 +62,77 @@ struct Flatten : Base<Flatten> {
 };
 
 /// An elementwise activation a(s), its derivative through ATen's backward kernels, and
-/// sup|a′|: ReLU, tanh, softplus 1; sigmoid ¼; GELU 1.129; SiLU 1.100; leaky ReLU and ELU max(1, |a|).
+/// sup|a′|, one row per activation of `Activation::table` (a, b: negative slope or alpha;
+/// softplus's beta and threshold).
 struct Activation : Base<Activation> {
   enum class Fn { ReLU, LeakyReLU, Sigmoid, Tanh, GELU, GELUTanh, SiLU, ELU, Softplus };
   Fn fn = Fn::ReLU;
-  double a = 0, b = 0;  // negative slope or alpha; softplus (beta, threshold)
+  double a = 0, b = 0;
 
-  torch::Tensor apply(const torch::Tensor& s, const OpTape&) const {
-    switch (fn) {
-      case Fn::ReLU: return torch::relu(s);
-      case Fn::LeakyReLU: return torch::leaky_relu(s, a);
-      case Fn::Sigmoid: return torch::sigmoid(s);
-      case Fn::Tanh: return torch::tanh(s);
-      case Fn::GELU: return torch::gelu(s, "none");
-      case Fn::GELUTanh: return torch::gelu(s, "tanh");
-      case Fn::SiLU: return torch::silu(s);
-      case Fn::ELU: return torch::elu(s, a);
-      case Fn::Softplus: return torch::softplus(s, a, b);
-    }
-    return s;
+  struct Row {
+    Fn fn;
+    torch::Tensor (*apply)(const torch::Tensor& s, double a, double b);
+    void (*into)(torch::Tensor& out, const torch::Tensor& s, double a, double b);
+    // grad = a'(s)·g; `out` = a(s) for the activations whose derivative reads their output.
+    void (*vjp)(torch::Tensor& grad, const torch::Tensor& g, const torch::Tensor& s, const torch::Tensor& out,
+                double a, double b);
+    double (*gain)(double a);
+  };
+  using T = torch::Tensor;
+  static const Row& row(Fn fn) {
+    static const Row table[] = {
+        {Fn::ReLU, [](const T& s, double, double) { return torch::relu(s); },
+         [](T& o, const T& s, double, double) { at::clamp_min_out(o, s, 0); },
+         [](T& r, const T& g, const T& s, const T&, double, double) { at::threshold_backward_out(r, g, s, 0); },
+         [](double) { return 1.0; }},
+        {Fn::LeakyReLU, [](const T& s, double a, double) { return torch::leaky_relu(s, a); },
+         [](T& o, const T& s, double a, double) { at::leaky_relu_out(o, s, a); },
+         [](T& r, const T& g, const T& s, const T&, double a, double) { at::leaky_relu_backward_out(r, g, s, a, false); },
+         [](double a) { return std::max(1.0, std::abs(a)); }},
+        {Fn::Sigmoid, [](const T& s, double, double) { return torch::sigmoid(s); },
+         [](T& o, const T& s, double, double) { at::sigmoid_out(o, s); },
+         [](T& r, const T& g, const T&, const T& out, double, double) { at::sigmoid_backward_out(r, g, out); },
+         [](double) { return 0.25; }},
+        {Fn::Tanh, [](const T& s, double, double) { return torch::tanh(s); },
+         [](T& o, const T& s, double, double) { at::tanh_out(o, s); },
+         [](T& r, const T& g, const T&, const T& out, double, double) { at::tanh_backward_out(r, g, out); },
+         [](double) { return 1.0; }},
+        {Fn::GELU, [](const T& s, double, double) { return torch::gelu(s, "none"); },
+         [](T& o, const T& s, double, double) { at::gelu_out(o, s, "none"); },
+         [](T& r, const T& g, const T& s, const T&, double, double) { at::gelu_backward_out(r, g, s, "none"); },
+         [](double) { return 1.129; }},
+        {Fn::GELUTanh, [](const T& s, double, double) { return torch::gelu(s, "tanh"); },
+         [](T& o, const T& s, double, double) { at::gelu_out(o, s, "tanh"); },
+         [](T& r, const T& g, const T& s, const T&, double, double) { at::gelu_backward_out(r, g, s, "tanh"); },
+         [](double) { return 1.129; }},
+        {Fn::SiLU, [](const T& s, double, double) { return torch::silu(s); },
+         [](T& o, const T& s, double, double) { at::silu_out(o, s); },
+         [](T& r, const T& g, const T& s, const T&, double, double) { at::silu_backward_out(r, g, s); },
+         [](double) { return 1.1; }},
+        {Fn::ELU, [](const T& s, double a, double) { return torch::elu(s, a); },
+         [](T& o, const T& s, double a, double) { at::elu_out(o, s, a); },
+         [](T& r, const T& g, const T& s, const T&, double a, double) { at::elu_backward_out(r, g, a, 1, 1, false, s); },
+         [](double a) { return std::max(1.0, std::abs(a)); }},
+        {Fn::Softplus, [](const T& s, double a, double b) { return torch::softplus(s, a, b); },
+         [](T& o, const T& s, double a, double b) { at::softplus_out(o, s, a, b); },
+         [](T& r, const T& g, const T& s, const T&, double a, double b) { at::softplus_backward_out(r, g, s, a, b); },
+         [](double) { return 1.0; }},
+    };
+    const Row& r = table[static_cast<size_t>(fn)];
+    TORCH_INTERNAL_ASSERT(r.fn == fn, "mep: the activation table is out of the enum's order");
+    return r;
   }
+
+  torch::Tensor apply(const torch::Tensor& s, const OpTape&) const { return row(fn).apply(s, a, b); }
   torch::Tensor forward(const torch::Tensor& s, OpTape& t) const {
-    switch (fn) {
-      case Fn::ReLU: at::clamp_min_out(t.out, s, 0); break;
-      case Fn::LeakyReLU: at::leaky_relu_out(t.out, s, a); break;
-      case Fn::Sigmoid: at::sigmoid_out(t.out, s); break;
-      case Fn::Tanh: at::tanh_out(t.out, s); break;
-      case Fn::GELU: at::gelu_out(t.out, s, "none"); break;
-      case Fn::GELUTanh: at::gelu_out(t.out, s, "tanh"); break;
-      case Fn::SiLU: at::silu_out(t.out, s); break;
-      case Fn::ELU: at::elu_out(t.out, s, a); break;
-      case Fn::Softplus: at::softplus_out(t.out, s, a, b); break;
-    }
+    row(fn).into(t.out, s, a, b);
     return t.out;
   }
   torch::Tensor vjp(const torch::Tensor& g, const torch::Tensor& s, OpTape& t) const {
-    switch (fn) {
-      case Fn::ReLU: at::threshold_backward_out(t.grad, g, s, 0); break;
-      case Fn::LeakyReLU: at::leaky_relu_backward_out(t.grad, g, s, a, false); break;
-      case Fn::Sigmoid: at::sigmoid_backward_out(t.grad, g, t.out); break;
-      case Fn::Tanh: at::tanh_backward_out(t.grad, g, t.out); break;
-      case Fn::GELU: at::gelu_backward_out(t.grad, g, s, "none"); break;
-      case Fn::GELUTanh: at::gelu_backward_out(t.grad, g, s, "tanh"); break;
-      case Fn::SiLU: at::silu_backward_out(t.grad, g, s); break;
-      case Fn::ELU: at::elu_backward_out(t.grad, g, a, 1, 1, false, s); break;
-      case Fn::Softplus: at::softplus_backward_out(t.grad, g, s, a, b); break;
-    }
+    row(fn).vjp(t.grad, g, s, t.out, a, b);
     return t.grad;
   }
-  double gain(const torch::Tensor&) const {
-    switch (fn) {
-      case Fn::Sigmoid: return 0.25;
-      case Fn::GELU:
-      case Fn::GELUTanh: return 1.129;
-      case Fn::SiLU: return 1.1;
-      case Fn::LeakyReLU:
-      case Fn::ELU: return std::max(1.0, std::abs(a));
-      default: return 1.0;
-    }
-  }
+  double gain(const torch::Tensor&) const { return row(fn).gain(a); }
 };
 
 /// softmax over `dim`; ‖diag p − ppᵀ‖ ≤ max p ≤ 1.
