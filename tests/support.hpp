@@ -9,6 +9,13 @@
 
 namespace mep_test {
 
+/// A small classifier of 20 features into 10 classes, with a dropout layer:
+/// Linear(20, 32), ReLU, Dropout(0.1), Linear(32, 10).
+inline torch::nn::Sequential tiny() {
+  return torch::nn::Sequential(torch::nn::Linear(20, 32), torch::nn::ReLU(), torch::nn::Dropout(0.1),
+                               torch::nn::Linear(32, 10));
+}
+
 /// Copies the parameter values of `from` into `to` (same architecture).
 inline void copy_parameters(const torch::nn::Sequential& from, torch::nn::Sequential& to) {
   torch::NoGradGuard no_grad;

@@ -1,17 +1,22 @@
-// EP gradients against autograd backprop, and the settling engine's invariants.
-// Registered with the prefix "gradient." so that `ctest -R gradient` selects the suite.
+// The EP engine (chains, segments, ops, energy, settling, the EP gradient, listings, autograd
+// modules): EP gradients against autograd backprop, and the settling engine's invariants.
+// Built as mep_gradient_tests, registered with the prefix "gradient." so that
+// `ctest -R gradient` selects these tests.
 #include <c10/core/CPUAllocator.h>
 #include <gtest/gtest.h>
 #include <mep/mep.hpp>
 #include <torch/version.h>
 
 #include "mnist_net.hpp"
+#include "support.hpp"
 
 #include <atomic>
 
 namespace {
 
 namespace nn = torch::nn;
+
+using mep_test::tiny;
 
 struct Case {
   std::string name;
@@ -706,6 +711,16 @@ TEST(Gradient, DivergenceThrowsAndLeavesEverythingUntouched) {
     EXPECT_TRUE(torch::equal(params[i], before[i]));
     EXPECT_TRUE(torch::equal(params[i].grad(), torch::full_like(params[i], 7.0)));
   }
+}
+
+TEST(EPOptim, DivergedSettlingLeavesParametersUntouched) {
+  auto model = tiny();
+  mep::SMEP opt(model, mep::SMEPOptions().settle_lr(1e30).adaptive(false));
+  std::vector<torch::Tensor> before;
+  for (auto& p : model->parameters()) before.push_back(p.detach().clone());
+  EXPECT_THROW(opt.step(torch::randn({8, 20}), torch::randint(0, 10, {8}, torch::kLong)), mep::SettleError);
+  auto after = model->parameters();
+  for (size_t i = 0; i < after.size(); ++i) EXPECT_TRUE(torch::equal(before[i], after[i]));
 }
 
 // In train mode BatchNorm normalises with the batch's statistics, frozen during settling;
