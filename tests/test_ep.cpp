@@ -224,14 +224,14 @@ struct Evaluated {
 };
 Evaluated evaluate(const mep::Chain& chain, const mep::Nudging& nudging, const torch::Tensor& x, const torch::Tensor& y,
                    const std::vector<torch::Tensor>& states, bool analytic, double beta) {
-  mep::Energy e;
-  e.feedforward(chain, nudging, x, analytic);
-  e.set_target(y);
+  mep::Workspace e;
+  mep::feedforward(e, chain, nudging, x, analytic);
+  mep::energy::set_target(e, y);
   for (size_t l = 0; l < states.size(); ++l) e.s[l].copy_(states[l]);
-  e.evaluate(beta);
-  e.errors_all(beta);
-  Evaluated r{e.mean(beta), {}, {}};
-  for (size_t l = 0; l < states.size(); ++l) r.grads.push_back(e.g[l].clone()), r.eps.push_back(e.tape[l].eps.clone());
+  mep::energy::evaluate(e, beta);
+  mep::energy::errors(e, beta);
+  Evaluated r{mep::energy::mean(e, beta), {}, {}};
+  for (size_t l = 0; l < states.size(); ++l) r.grads.push_back(e.dE_ds[l].clone()), r.eps.push_back(e.tape[l].eps.clone());
   return r;
 }
 
@@ -244,8 +244,8 @@ void expect_analytic_equals_autograd(nn::Sequential m, torch::Tensor x, const st
   nudging.loss = loss;
   const auto classes = m->forward(x).size(1);
   auto y = torch::randint(0, classes, {x.size(0)}, torch::kLong);
-  mep::Energy ff;
-  ff.feedforward(chain, nudging, x, true);
+  mep::Workspace ff;
+  mep::feedforward(ff, chain, nudging, x, true);
   std::vector<torch::Tensor> states;
   for (auto& s : ff.ff) states.push_back(s + 0.3 * torch::randn_like(s));  // away from equilibrium
   auto a = evaluate(chain, nudging, x, y, states, true, 0.7);
@@ -405,7 +405,7 @@ TEST(Gradient, WorkspacesAreKeptAcrossStepsAndBatchShapes) {
   mep::EPGradient ep{mep::EPGradientOptions()};
   auto step = [&](int64_t batch) {
     ep.compute(m, torch::randn({batch, 6}), torch::randint(0, 4, {batch}, torch::kLong));
-    return ep.energy().s[0].data_ptr();
+    return ep.workspace().s[0].data_ptr();
   };
   auto* full = step(32);
   auto* last = step(20);
@@ -525,14 +525,14 @@ TEST(Gradient, JacobianNormBoundsEverySegmentsJacobian) {
     auto x = torch::randn(input, torch::kFloat64) * 2;
     mep::EPGradient ep{mep::EPGradientOptions()};
     ep.compute(m, x, torch::randint(0, 5, {x.size(0)}, torch::kLong));
-    const auto& e = ep.energy();
+    const auto& e = ep.workspace();
     for (size_t l = 1; l < e.size(); ++l) {
-      const auto& seg = e.chain().segments[l];
-      const double bound = e.jacobian_norm(l, 500).item<double>();
+      const auto& seg = e.chain->segments[l];
+      const double bound = mep::energy::jacobian_norm(e, l, 500).item<double>();
       double actual = 0;
       for (int64_t b = 0; b < x.size(0); ++b) {  // the Jacobian of sample b, row by row
         auto leaf = e.s[l - 1].narrow(0, b, 1).detach().clone().requires_grad_(true);
-        auto out = seg.forward(leaf, e.tape[l].ops).flatten();
+        auto out = seg.apply(leaf, e.tape[l].ops).flatten();
         std::vector<torch::Tensor> rows;
         for (int64_t i = 0; i < out.numel(); ++i)
           rows.push_back(torch::autograd::grad({out[i]}, {leaf}, {}, /*retain_graph=*/true)[0].flatten());
@@ -629,10 +629,11 @@ TEST(Gradient, ASampleSettlesTheSameAloneAndInABatch) {
   auto y = torch::randint(0, 4, {64}, torch::kLong);
   auto chain = mep::Chain::from(m);
   auto settle = [&](auto policy, const torch::Tensor& xs, const torch::Tensor& ys) {
-    mep::Energy e;
-    e.feedforward(chain, mep::Nudging{}, xs, true);
-    e.set_target(ys);
-    policy.settle(e, 0.5);
+    mep::Workspace e;
+    mep::feedforward(e, chain, mep::Nudging{}, xs, true);
+    mep::energy::set_target(e, ys);
+    mep::States states(e);
+    policy.settle(states, 0.5);
     std::vector<torch::Tensor> out;
     for (auto& s : e.s) out.push_back(s.clone());
     return out;
@@ -646,7 +647,7 @@ TEST(Gradient, ASampleSettlesTheSameAloneAndInABatch) {
   }
 }
 
-// LocalEP's gradient is, layer by layer, ∂_θ of that layer's own energy at its settled input
+// LocalEP (EP with the layer-local defaults) is, layer by layer, ∂_θ of that layer's own energy at its settled input
 // and output (computed here by autograd, independently of the engine), divided by β.
 TEST(Gradient, LocalEPIsTheGradientOfEachLayersOwnEnergy) {
   torch::manual_seed(42);
@@ -655,17 +656,18 @@ TEST(Gradient, LocalEPIsTheGradientOfEachLayersOwnEnergy) {
                                    nn::Linear(8, 7), nn::ReLU(), nn::Linear(7, 4)));
     auto x = torch::randn({5, 6}, torch::kFloat64);
     auto y = torch::randint(0, 4, {5}, torch::kLong);
-    mep::LocalEPGradient local(mep::LocalEPGradientOptions().beta(0.2).settle_steps(15).loss(loss));
+    mep::EPGradient local(mep::EPGradientOptions().beta(0.2).settle_steps(15).loss(loss));
     local.compute(m, x, y);
-    const auto& e = local.energy();
-    const auto& chain = e.chain();
+    const auto& e = local.workspace();
+    const auto& chain = *e.chain;
     torch::Tensor objective = torch::zeros({}, torch::kFloat64);
     for (size_t l = 0; l < chain.size(); ++l) {
       auto in = (l == 0 ? x : e.s[l - 1]).detach();
       auto out = e.s[l].detach();
-      auto f = chain.segments[l].forward(in, e.tape[l].ops);
+      auto f = chain.segments[l].apply(in, e.tape[l].ops);
       torch::Tensor delta, eps;
-      auto term = l + 1 == chain.size() ? e.nudging().last_term(out, f, delta, eps).sum() : 0.5 * (out - f).pow(2).sum();
+      auto term = l + 1 == chain.size() && e.nudging.kl_last() ? mep::energy::kl_term(e.nudging, out, f, delta, eps).sum()
+                                                                : 0.5 * (out - f).pow(2).sum();
       objective = objective + term / (0.2 * 5);
     }
     auto params = m->parameters();
@@ -927,14 +929,14 @@ TEST(Gradient, AutogradSegmentsEstimateTheirJacobianNormAndSettle) {
   for (auto& p : m->parameters()) h.push_back(p.grad().clone());
   EXPECT_LE(relative_error(g, h), 1e-6);
 
-  const auto& e = ep.energy();
+  const auto& e = ep.workspace();
   for (size_t l = 1; l < e.size(); ++l) {
-    const auto& seg = e.chain().segments[l];
+    const auto& seg = e.chain->segments[l];
     if (!seg.autograd_jacobian()) continue;  // the last, a Linear after the block
     double actual = 0;
     for (int64_t b = 0; b < x.size(0); ++b) {
       auto leaf = e.s[l - 1].narrow(0, b, 1).detach().clone().requires_grad_(true);
-      auto out = seg.forward(leaf, e.tape[l].ops).flatten();
+      auto out = seg.apply(leaf, e.tape[l].ops).flatten();
       std::vector<torch::Tensor> rows;
       for (int64_t i = 0; i < out.numel(); ++i)
         rows.push_back(torch::autograd::grad({out[i]}, {leaf}, {}, /*retain_graph=*/true)[0].flatten());
