@@ -521,4 +521,57 @@ TEST(Optim, LoadRejectsAMismatchedArchiveAndKeepsItsState) {
   EXPECT_TRUE(torch::equal(small.state_of(other->parameters()[0]).get("momentum"), momentum));
 }
 
+// ---- Enums: one table of names -------------------------------
+
+template <class E>
+void expect_printed_by_table(const std::vector<std::pair<E, std::string>>& expected) {
+  static_assert(mep::has_enum_names_v<E>);
+  std::vector<std::pair<E, std::string>> table;
+  for (const auto& [value, name] : enum_names(E{})) table.emplace_back(value, name);
+  EXPECT_EQ(table, expected);
+  for (const auto& [value, name] : expected) {
+    std::ostringstream os;
+    os << value;
+    EXPECT_EQ(os.str(), name);
+    EXPECT_EQ(mep::detail::option_text(value), name);
+    EXPECT_STREQ(mep::enum_name(value), name.c_str());
+  }
+  std::ostringstream os;
+  os << static_cast<E>(7);  // outside the table: its number
+  EXPECT_EQ(os.str(), "7");
+  EXPECT_EQ(mep::enum_name(static_cast<E>(7)), nullptr);
+}
+
+TEST(Enums, PrintAndValidateByTheirOneTable) {
+  expect_printed_by_table<mep::Loss>(
+      {{mep::Loss::MSE, "mse"}, {mep::Loss::CrossEntropy, "ce"}, {mep::Loss::NLL, "nll"}});
+  expect_printed_by_table<mep::NSCoefficients>({{mep::NSCoefficients::Cubic, "cubic"},
+                                                {mep::NSCoefficients::Quintic, "quintic"},
+                                                {mep::NSCoefficients::PolarExpress, "polar_express"}});
+  expect_printed_by_table<mep::NSScale>(
+      {{mep::NSScale::None, "none"}, {mep::NSScale::Muon, "muon"}, {mep::NSScale::AdamW, "adamw"}});
+  expect_printed_by_table<mep::SpectralMode>({{mep::SpectralMode::Scale, "scale"}, {mep::SpectralMode::Clip, "clip"}});
+  expect_printed_by_table<mep::Mode>({{mep::Mode::EP, "ep"}, {mep::Mode::Backprop, "backprop"}});
+  EXPECT_STREQ(mep::to_string(mep::Loss::NLL), "nll");
+  static_assert(!mep::has_enum_names_v<int> && !mep::has_enum_names_v<torch::ScalarType>);
+
+  // A value outside the table is refused with the table's names, by MEP_CHECK_ENUM_OPTION.
+  auto message = [](const auto& options) {
+    try {
+      options.validate();
+    } catch (const mep::OptionError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_EQ(message(mep::SGDOptions(0.1).loss(static_cast<mep::Loss>(9))),
+            "mep: invalid option loss = 9 (expected one of mse, ce, nll)");
+  EXPECT_EQ(message(mep::SMEPOptions().ns_scale(static_cast<mep::NSScale>(3))),
+            "mep: invalid option ns_scale = 3 (expected one of none, muon, adamw)");
+  EXPECT_EQ(message(mep::SMEPOptions().spectral_mode(static_cast<mep::SpectralMode>(2))),
+            "mep: invalid option spectral_mode = 2 (expected one of scale, clip)");
+  EXPECT_EQ(message(mep::MuonOptions().ns_coefficients(static_cast<mep::NSCoefficients>(5))),
+            "mep: invalid option ns_coefficients = 5 (expected one of cubic, quintic, polar_express)");
+}
+
 }  // namespace

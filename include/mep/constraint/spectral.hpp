@@ -30,7 +30,6 @@
 #include <mep/state.hpp>
 #include <mep/update/matrix.hpp>
 
-#include <ostream>
 #include <utility>
 #include <vector>
 
@@ -38,14 +37,12 @@ namespace mep {
 
 enum class SpectralMode { Scale, Clip };
 
-/// The names of the rules in options set by name and in records.
+/// The names of the rules: in options set by name, in records, in messages and when printed
+/// (options.hpp).
 inline const std::vector<std::pair<SpectralMode, const char*>>& enum_names(SpectralMode) {
   static const std::vector<std::pair<SpectralMode, const char*>> names = {{SpectralMode::Scale, "scale"},
                                                                           {SpectralMode::Clip, "clip"}};
   return names;
-}
-inline std::ostream& operator<<(std::ostream& os, SpectralMode m) {
-  return os << (m == SpectralMode::Scale ? "scale" : "clip");
 }
 
 struct SpectralConstraint {
@@ -57,8 +54,7 @@ struct SpectralConstraint {
     MEP_ARG(bool, bound_input_layer, true)
     void validate() const {
       MEP_CHECK_OPTION(gamma_ > 0 && gamma_ <= 1, "gamma", gamma_, "a value in (0, 1]");
-      MEP_CHECK_OPTION(spectral_mode_ == SpectralMode::Scale || spectral_mode_ == SpectralMode::Clip, "spectral_mode",
-                       static_cast<int>(spectral_mode_), "SpectralMode::Scale or SpectralMode::Clip");
+      MEP_CHECK_ENUM_OPTION(spectral_mode_, "spectral_mode");
       MEP_CHECK_OPTION(power_iter_ >= 1, "power_iter", power_iter_, "a value >= 1");
       MEP_CHECK_OPTION(power_iter_ == 3 || spectral_mode_ == SpectralMode::Scale, "power_iter", power_iter_,
                        "its default 3 with spectral_mode clip, which computes σ exactly");

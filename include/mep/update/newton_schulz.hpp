@@ -29,7 +29,8 @@ namespace mep {
 enum class NSCoefficients { Cubic, Quintic, PolarExpress };
 enum class NSScale { None, Muon, AdamW };
 
-/// The names of the coefficient schedules and scalings in options set by name and in records.
+/// The names of the coefficient schedules and scalings: in options set by name, in records,
+/// in messages and when printed (options.hpp).
 inline const std::vector<std::pair<NSCoefficients, const char*>>& enum_names(NSCoefficients) {
   static const std::vector<std::pair<NSCoefficients, const char*>> names = {
       {NSCoefficients::Cubic, "cubic"}, {NSCoefficients::Quintic, "quintic"}, {NSCoefficients::PolarExpress, "polar_express"}};
@@ -39,13 +40,6 @@ inline const std::vector<std::pair<NSScale, const char*>>& enum_names(NSScale) {
   static const std::vector<std::pair<NSScale, const char*>> names = {
       {NSScale::None, "none"}, {NSScale::Muon, "muon"}, {NSScale::AdamW, "adamw"}};
   return names;
-}
-
-inline std::ostream& operator<<(std::ostream& os, NSCoefficients c) {
-  return os << (c == NSCoefficients::Cubic ? "cubic" : c == NSCoefficients::Quintic ? "quintic" : "polar_express");
-}
-inline std::ostream& operator<<(std::ostream& os, NSScale s) {
-  return os << (s == NSScale::None ? "none" : s == NSScale::Muon ? "muon" : "adamw");
 }
 
 namespace detail {
@@ -123,11 +117,8 @@ struct NewtonSchulz {
     MEP_ARG(NSScale, ns_scale, NSScale::None)
     void validate() const {
       MEP_CHECK_OPTION(ns_steps_ >= 0, "ns_steps", ns_steps_, "a value >= 0");
-      MEP_CHECK_OPTION(ns_coefficients_ == NSCoefficients::Cubic || ns_coefficients_ == NSCoefficients::Quintic ||
-                           ns_coefficients_ == NSCoefficients::PolarExpress,
-                       "ns_coefficients", static_cast<int>(ns_coefficients_), "Cubic, Quintic or PolarExpress");
-      MEP_CHECK_OPTION(ns_scale_ == NSScale::None || ns_scale_ == NSScale::Muon || ns_scale_ == NSScale::AdamW,
-                       "ns_scale", static_cast<int>(ns_scale_), "None, Muon or AdamW");
+      MEP_CHECK_ENUM_OPTION(ns_coefficients_, "ns_coefficients");
+      MEP_CHECK_ENUM_OPTION(ns_scale_, "ns_scale");
     }
     template <class V>
     void visit_options(V&& v) const {
