@@ -98,7 +98,9 @@ inline torch::Tensor newton_schulz(const torch::Tensor& g, int64_t steps,
   return transposed ? x.t() : x;
 }
 
-/// Output scale for an m × n update.
+/// The output scale s of an m × n orthogonalised update, the one formula for every policy
+/// that scales one (NewtonSchulz, FisherNewtonSchulz, MuonUpdate, Dion): 1 (None),
+/// √max(1, m/n) (Muon) or 0.2·√max(m, n) (AdamW).
 inline double ns_output_scale(NSScale scale, int64_t rows, int64_t cols) {
   switch (scale) {
     case NSScale::Muon: return std::sqrt(std::max(1.0, static_cast<double>(rows) / static_cast<double>(cols)));
@@ -139,11 +141,15 @@ struct NewtonSchulz {
 
   torch::Tensor direction(const torch::Tensor& g, ParamState&) const {
     if (!is_matrix(g)) return g;
-    auto m = as_matrix(g);
+    return orthogonalise(as_matrix(g)).reshape(g.sizes());
+  }
+
+  /// s · NS(m) for a 2-D tensor m (m × n), s = ns_output_scale(scale, m, n).
+  torch::Tensor orthogonalise(const torch::Tensor& m) const {
     auto u = newton_schulz(m, steps, coefficients);
     const double s = ns_output_scale(scale, m.size(0), m.size(1));
     if (s != 1.0) u = u * s;
-    return u.reshape(g.sizes());
+    return u;
   }
 };
 
