@@ -458,7 +458,7 @@ mep_bench::TrainerConfig trainer_config(const mep_bench::OptimizerEntry& entry, 
   config.lr = opt.lr > 0 ? opt.lr : opt.settling == "reference" && entry.reference_lr > 0 ? entry.reference_lr : entry.lr;
   config.loss = opt.loss == "ce" ? mep::Loss::CrossEntropy : mep::Loss::MSE;
   config.error_feedback = opt.error_feedback != "off";
-  config.error_projected = opt.error_feedback == "projected";
+  config.error_rule = opt.error_feedback == "reference" ? mep::ErrorRule::Reference : mep::ErrorRule::Projected;
   config.reference_settling = opt.settling == "reference";
   config.shared = opt.shared_options;
   config.group = opt.group;
@@ -1039,7 +1039,8 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--error-feedback", opt.error_feedback,
                  "error feedback (beta_ef 0.9) in the optimizers that have it (smep, sdmep): off, "
-                 "reference (r = g - u) or projected (r = g - <g,u>/|u|^2 u)")
+                 "reference (error_rule reference: e <- beta_ef*e + g_aug - u) or projected (error_rule "
+                 "projected, the library's default rule: e <- g_aug - <g_aug,u>/|u|^2 u)")
       ->check(CLI::IsMember({"off", "reference", "projected"}))
       ->capture_default_str();
   app.add_option("--lr", opt.lr, "learning rate of every selected optimizer (default: each one's own, the Learning Rate column)")

@@ -34,7 +34,7 @@ struct TrainerConfig {
   double lr = 0.01;                ///< the entry's learning rate
   mep::Loss loss = mep::Loss::MSE;  ///< loss/energy of the EP family; backprop always uses cross-entropy
   bool error_feedback = false;      ///< error feedback where the optimizer has it (--error-feedback)
-  bool error_projected = false;     ///< its projected residual (--error-feedback projected)
+  mep::ErrorRule error_rule = mep::ErrorRule::Projected;  ///< its rule (--error-feedback projected|reference)
   bool reference_settling = false;  ///< EP family: the reference's settling (HeavyBall), not the default (--settling)
   OptionTexts shared;  ///< set where the optimizer has the option (--beta, --ns-steps, …)
   OptionTexts own;     ///< this optimizer's (--set NAME.OPTION=VALUE): each must exist
@@ -185,7 +185,7 @@ typename Opt::Options model_step_options(const TrainerConfig& config, const std:
   options.process_group(config.group);
   if constexpr (has_loss_option<typename Opt::Options>::value) options.loss(config.loss);
   if constexpr (has_error_feedback_option<typename Opt::Options>::value)
-    options.error_feedback(config.error_feedback).error_projected(config.error_projected);
+    options.error_feedback(config.error_feedback).error_rule(config.error_rule);
   return with_command_line(options, config, name);
 }
 }  // namespace detail

@@ -204,7 +204,7 @@ TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
   X(lr) X(momentum) X(dampening) X(weight_decay) X(gamma) X(power_iter) X(error_beta) X(max_grad_norm) X(eps)      \
   X(rank_frac) X(dion_thresh) X(dion_mu) X(fisher_damping) X(fisher_ema) X(ns_steps)                \
   X(ns_coefficients) X(ns_scale) X(loss) X(beta) X(label_smoothing) X(temperature) X(mode) X(settle_steps)         \
-  X(settle_lr) X(tol) X(patience) X(check_every) X(spectral_mode)
+  X(settle_lr) X(tol) X(patience) X(check_every) X(spectral_mode) X(error_rule)
 MEP_NUMERIC_OPTIONS(OPTION_SETTER)
 
 // Adam's betas, one half at a time ("betas" sets β₁, "betas.second" β₂; the other stays).
@@ -247,9 +247,10 @@ void expect_every_option_validated(const char* optimizer, bool matrices_only = f
       {"ns_scale", {-1, 7}},              {"loss", {-1, 7}},                 {"beta", {0, 1.5, nan}},
       {"label_smoothing", {-0.1, 1, nan}}, {"temperature", {0, inf, nan}},   {"mode", {-1, 7}},
       {"settle_steps", {0, -1}},          {"settle_lr", {0, inf, nan}},      {"tol", {-1, inf, nan}},
-      {"patience", {0}},                  {"check_every", {-1}},             {"spectral_mode", {-1, 7}}};
+      {"patience", {0}},                  {"check_every", {-1}},             {"spectral_mode", {-1, 7}},
+      {"error_rule", {-1, 7}}};
   const std::set<std::string> booleans = {"nesterov",       "symmetric",         "free_phase", "analytic",
-                                          "adaptive",       "error_feedback",    "error_projected",
+                                          "adaptive",       "error_feedback",
                                           "amsgrad",        "fisher_diagonal",   "skip_nonfinite",
                                           "bound_input_layer", "ns_bfloat16",      "conv_as_matrix"};
   std::vector<std::string> names;
