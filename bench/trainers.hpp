@@ -88,7 +88,7 @@ struct OptimizerEntry {
   double lr;            ///< the learning rate the benchmark uses (the library's default)
   TrainerFactory make;  ///< builds the trainer for a freshly initialised model
   OptionLister options;  ///< what `make` would configure, without building anything
-  double reference_lr = 0;  ///< with --settling reference, where it differs: the reference's (mep 0.1's)
+  double reference_lr = 0;  ///< with --settling reference, where it differs: the reference's
 };
 
 /// Backprop family: zero_grad, cross-entropy on the logits, backward, step().
@@ -255,7 +255,8 @@ inline const std::vector<OptimizerEntry>& registry() {
                                            [](double lr) { return mep::reference::AdamOptions(lr); }),
       backprop_entry<mep::reference::Muon>("muon", "Muon", 0.02,
                                            [](double lr) { return mep::reference::MuonOptions(lr); }),
-      // The EP family, one line each (learning rates: SPEC §8).
+      // The EP family, one line each, at the presets' learning rates (and with --settling
+      // reference, where it differs, the reference's).
       model_step_entry<mep::EqProp>("eqprop", "EqProp", 0.05, 0.01),
       model_step_entry<mep::SMEP>("smep", "SMEP", 0.01),
       model_step_entry<mep::SDMEP>("sdmep", "SDMEP", 0.01),

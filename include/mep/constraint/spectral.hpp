@@ -1,10 +1,11 @@
 #pragma once
 /// \file spectral.hpp
-/// Spectral-norm constraint (SPEC §6): after each update, every ≥2-D parameter W (viewed
-/// as out × rest) is brought back to σ(W) ≤ γ by one of two rules (`spectral_mode`):
+/// Spectral-norm constraint: after each update, every ≥2-D parameter W (viewed as
+/// out × rest) is brought back to σ(W) ≤ γ by one of two rules (`spectral_mode`):
 ///
-///  - scale (the reference): estimate σ by `power_iter` power iterations from singular
-///    vectors u, v persisted in the optimizer state,
+///  - scale (the reference's): estimate σ by `power_iter` power iterations from singular
+///    vectors u, v persisted in the optimizer state (as in Miyato et al. 2018, "Spectral
+///    Normalization for Generative Adversarial Networks", ICLR),
 ///      v ← Wᵀu / max(‖Wᵀu‖, ε);  u ← W·v / max(‖W·v‖, ε);  σ = |uᵀ·W·v|,  ε = 1e-6,
 ///    and rescale W ← W·γ/σ when σ > γ. Persisting u, v makes the estimate converge across
 ///    steps (three iterations from random vectors can underestimate σ by >10 %).

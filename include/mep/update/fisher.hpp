@@ -1,6 +1,6 @@
 #pragma once
 /// \file fisher.hpp
-/// Natural-gradient whitening followed by Newton-Schulz (NaturalEPMuon, SPEC §4), in the
+/// Natural-gradient whitening followed by Newton-Schulz (NaturalEPMuon), in the
 /// spirit of K-FAC/Shampoo-style right preconditioning (Amari 1998, natural gradient;
 /// Martens & Grosse 2015, K-FAC) with a gradient-outer-product Fisher proxy.
 ///
