@@ -1,4 +1,4 @@
-// mep_bench — the MNIST tables of SPEC §9: trains one model per optimizer from identical
+// mep_bench — the MNIST tables of the README's Results: trains one model per optimizer from identical
 // initial weights on the same shuffles and reports accuracy and time, as a Markdown table
 // and optionally as JSON.
 //
@@ -458,7 +458,7 @@ mep_bench::TrainerConfig trainer_config(const mep_bench::OptimizerEntry& entry, 
   config.lr = opt.lr > 0 ? opt.lr : opt.settling == "reference" && entry.reference_lr > 0 ? entry.reference_lr : entry.lr;
   config.loss = opt.loss == "ce" ? mep::Loss::CrossEntropy : mep::Loss::MSE;
   config.error_feedback = opt.error_feedback != "off";
-  config.error_projected = opt.error_feedback == "projected";
+  config.error_rule = opt.error_feedback == "reference" ? mep::ErrorRule::Reference : mep::ErrorRule::Projected;
   config.reference_settling = opt.settling == "reference";
   config.shared = opt.shared_options;
   config.group = opt.group;
@@ -983,9 +983,9 @@ int run(int argc, char** argv) {
   std::vector<std::string> available;
   for (const auto& e : mep_bench::registry()) available.push_back(e.name);
 
-  CLI::App app{"mep_bench: MNIST benchmark of the mep optimizers (SPEC §9). Every optimizer trains the same "
-               "model from the same initial weights on the same shuffles; the results are printed as a "
-               "Markdown table sorted by best test accuracy."};
+  CLI::App app{"mep_bench: MNIST benchmark of the mep optimizers (the tables of the README's Results). Every "
+               "optimizer trains the same model from the same initial weights on the same shuffles; the results "
+               "are printed as a Markdown table sorted by best test accuracy."};
   app.name("mep_bench");
   app.failure_message([](const CLI::App*, const CLI::Error& e) {
     return "mep_bench: " + one_line(e.what()) + " (see --help)\n";
@@ -1000,8 +1000,8 @@ int run(int argc, char** argv) {
                  "comma-separated optimizers to run (default: all of this build: " + join(available, ",") +
                      "; planned: " + join(mep_bench::known_names(), ",") + ")");
   app.add_option("--protocol", opt.protocol,
-                 "seed: the first --train training and --test test samples (the seed tables); full: every "
-                 "sample of the data files (not with --train/--test)")
+                 "seed: the first --train training and --test test samples (the protocol of the reference's "
+                 "published tables); full: every sample of the data files (not with --train/--test)")
       ->check(CLI::IsMember({"seed", "full"}))
       ->capture_default_str();
   app.add_option("--normalize", opt.normalize,
@@ -1039,7 +1039,8 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--error-feedback", opt.error_feedback,
                  "error feedback (beta_ef 0.9) in the optimizers that have it (smep, sdmep): off, "
-                 "reference (r = g - u) or projected (r = g - <g,u>/|u|^2 u)")
+                 "reference (error_rule reference: e <- beta_ef*e + g_aug - u) or projected (error_rule "
+                 "projected, the library's default rule: e <- g_aug - <g_aug,u>/|u|^2 u)")
       ->check(CLI::IsMember({"off", "reference", "projected"}))
       ->capture_default_str();
   app.add_option("--lr", opt.lr, "learning rate of every selected optimizer (default: each one's own, the Learning Rate column)")

@@ -1,11 +1,11 @@
-// Google Benchmark micro-benchmarks of the EP engine (SPEC §3 and §10): on each benchmark
+// Google Benchmark micro-benchmarks of the EP engine's settling: on each benchmark
 // model, one EP gradient with each settling policy against one backprop forward + backward,
 // with the fidelity of each settling as counters:
 //   cos     cosine between its EP gradient and the converged one (the same β, HeavyBall settled
 //           to a standstill: 2,000 adaptive steps, tol 0)
 //   steps   settling steps (sweeps) it took, residual ‖∂E/∂s‖/‖s‖ at its final states
 // The models are those of mep_bench after 30 training steps of the reference SMEP on the
-// first digits of data/mnist (batch 128, float32), as in issue [4]'s measurements.
+// first digits of data/mnist (batch 128, float32).
 //
 // Run: build/bench/mep_micro --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 // (MEP_DATA=DIR for another data directory; MEP_THREADS for another intra-op thread count.)

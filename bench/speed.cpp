@@ -2,8 +2,9 @@
 // 128, next to torch::optim's SGD and Adam with the same options on the same models.
 //   backprop family (mep and torch::optim): zero_grad, forward, cross-entropy, backward, step()
 //   EP family: step(x, y) (settling, EP gradient, update, constraint)
-// The optimizers use mep_bench's options (SPEC §8); the models start from seed 0 and train on
-// one fixed batch of digits (data/mnist, or MEP_DATA) in train mode, as in mep_bench.
+// The optimizers use mep_bench's options (bench/trainers.hpp); the models start from seed 0
+// and train on one fixed batch of digits (data/mnist, or MEP_DATA) in train mode, as in
+// mep_bench.
 // At every weight shape of the benchmark models (as matrices: out × in·kernel), the Muon
 // family's directions, each next to the bare matrix products it performs (its floor):
 //   ns/SHAPE/{cubic,quintic,polar_express}   5 Newton–Schulz iterations (mep::newton_schulz)

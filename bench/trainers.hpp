@@ -34,7 +34,7 @@ struct TrainerConfig {
   double lr = 0.01;                ///< the entry's learning rate
   mep::Loss loss = mep::Loss::MSE;  ///< loss/energy of the EP family; backprop always uses cross-entropy
   bool error_feedback = false;      ///< error feedback where the optimizer has it (--error-feedback)
-  bool error_projected = false;     ///< its projected residual (--error-feedback projected)
+  mep::ErrorRule error_rule = mep::ErrorRule::Projected;  ///< its rule (--error-feedback projected|reference)
   bool reference_settling = false;  ///< EP family: the reference's settling (HeavyBall), not the default (--settling)
   OptionTexts shared;  ///< set where the optimizer has the option (--beta, --ns-steps, …)
   OptionTexts own;     ///< this optimizer's (--set NAME.OPTION=VALUE): each must exist
@@ -88,7 +88,7 @@ struct OptimizerEntry {
   double lr;            ///< the learning rate the benchmark uses (the library's default)
   TrainerFactory make;  ///< builds the trainer for a freshly initialised model
   OptionLister options;  ///< what `make` would configure, without building anything
-  double reference_lr = 0;  ///< with --settling reference, where it differs: the reference's (mep 0.1's)
+  double reference_lr = 0;  ///< with --settling reference, where it differs: the reference's
 };
 
 /// Backprop family: zero_grad, cross-entropy on the logits, backward, step().
@@ -185,7 +185,7 @@ typename Opt::Options model_step_options(const TrainerConfig& config, const std:
   options.process_group(config.group);
   if constexpr (has_loss_option<typename Opt::Options>::value) options.loss(config.loss);
   if constexpr (has_error_feedback_option<typename Opt::Options>::value)
-    options.error_feedback(config.error_feedback).error_projected(config.error_projected);
+    options.error_feedback(config.error_feedback).error_rule(config.error_rule);
   return with_command_line(options, config, name);
 }
 }  // namespace detail
@@ -255,7 +255,8 @@ inline const std::vector<OptimizerEntry>& registry() {
                                            [](double lr) { return mep::reference::AdamOptions(lr); }),
       backprop_entry<mep::reference::Muon>("muon", "Muon", 0.02,
                                            [](double lr) { return mep::reference::MuonOptions(lr); }),
-      // The EP family, one line each (learning rates: SPEC §8).
+      // The EP family, one line each, at the presets' learning rates (and with --settling
+      // reference, where it differs, the reference's).
       model_step_entry<mep::EqProp>("eqprop", "EqProp", 0.05, 0.01),
       model_step_entry<mep::SMEP>("smep", "SMEP", 0.01),
       model_step_entry<mep::SDMEP>("sdmep", "SDMEP", 0.01),

@@ -39,6 +39,11 @@ inline void set_parameters(torch::nn::Sequential& model, const std::vector<torch
 }
 
 /// The largest absolute elementwise difference between two lists of tensors.
+/// A small MLP for optimizer tests: 20 → 32 → 10 with tanh.
+inline torch::nn::Sequential small_mlp() {
+  return torch::nn::Sequential(torch::nn::Linear(20, 32), torch::nn::Tanh(), torch::nn::Linear(32, 10));
+}
+
 inline double max_abs_diff(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
   double worst = 0;
   for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, (a[i] - b[i]).abs().max().item<double>());

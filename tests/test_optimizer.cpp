@@ -24,11 +24,8 @@
 
 namespace {
 
-torch::nn::Sequential small_mlp() {
-  return torch::nn::Sequential(torch::nn::Linear(20, 32), torch::nn::Tanh(), torch::nn::Linear(32, 10));
-}
-
 using mep_test::copy_parameters;
+using mep_test::small_mlp;
 using mep_test::max_abs_diff;
 
 // Runs `steps` steps of `ours` and `theirs` on two copies of one model, feeding both the
@@ -731,7 +728,7 @@ TEST(EPOptim, InvalidOptionsThrowNamingTheOption) {
   X(lr) X(momentum) X(dampening) X(weight_decay) X(gamma) X(power_iter) X(error_beta) X(max_grad_norm) X(eps)      \
   X(rank_frac) X(dion_thresh) X(dion_mu) X(fisher_damping) X(fisher_ema) X(ns_steps)                \
   X(ns_coefficients) X(ns_scale) X(loss) X(beta) X(label_smoothing) X(temperature) X(mode) X(settle_steps)         \
-  X(settle_lr) X(tol) X(patience) X(check_every) X(spectral_mode)
+  X(settle_lr) X(tol) X(patience) X(check_every) X(spectral_mode) X(error_rule)
 MEP_NUMERIC_OPTIONS(OPTION_SETTER)
 
 // Adam's betas, one half at a time ("betas" sets β₁, "betas.second" β₂; the other stays).
@@ -774,9 +771,10 @@ void expect_every_option_validated(const char* optimizer, bool matrices_only = f
       {"ns_scale", {-1, 7}},              {"loss", {-1, 7}},                 {"beta", {0, 1.5, nan}},
       {"label_smoothing", {-0.1, 1, nan}}, {"temperature", {0, inf, nan}},   {"mode", {-1, 7}},
       {"settle_steps", {0, -1}},          {"settle_lr", {0, inf, nan}},      {"tol", {-1, inf, nan}},
-      {"patience", {0}},                  {"check_every", {-1}},             {"spectral_mode", {-1, 7}}};
+      {"patience", {0}},                  {"check_every", {-1}},             {"spectral_mode", {-1, 7}},
+      {"error_rule", {-1, 7}}};
   const std::set<std::string> booleans = {"nesterov",       "symmetric",         "free_phase", "analytic",
-                                          "adaptive",       "error_feedback",    "error_projected",
+                                          "adaptive",       "error_feedback",
                                           "amsgrad",        "fisher_diagonal",   "skip_nonfinite",
                                           "bound_input_layer", "ns_bfloat16",      "conv_as_matrix"};
   std::vector<std::string> names;
@@ -1252,5 +1250,64 @@ TEST(EPOptim, AFailedCholeskyChangesNothing) {
   }
   expect_as_before(m, opt, before, "NaturalEPMuon");
 }
+
+// ---- Enums: one table of names ---------------------------------------------------------
+
+template <class E>
+void expect_printed_by_table(const std::vector<std::pair<E, std::string>>& expected) {
+  static_assert(mep::has_enum_names_v<E>);
+  std::vector<std::pair<E, std::string>> table;
+  for (const auto& [value, name] : enum_names(E{})) table.emplace_back(value, name);
+  EXPECT_EQ(table, expected);
+  for (const auto& [value, name] : expected) {
+    std::ostringstream os;
+    os << value;
+    EXPECT_EQ(os.str(), name);
+    EXPECT_EQ(mep::detail::option_text(value), name);
+    EXPECT_STREQ(mep::enum_name(value), name.c_str());
+  }
+  std::ostringstream os;
+  os << static_cast<E>(7);  // outside the table: its number
+  EXPECT_EQ(os.str(), "7");
+  EXPECT_EQ(mep::enum_name(static_cast<E>(7)), nullptr);
+}
+
+TEST(Enums, PrintAndValidateByTheirOneTable) {
+  expect_printed_by_table<mep::Loss>(
+      {{mep::Loss::MSE, "mse"}, {mep::Loss::CrossEntropy, "ce"}, {mep::Loss::NLL, "nll"}});
+  expect_printed_by_table<mep::NSCoefficients>({{mep::NSCoefficients::Cubic, "cubic"},
+                                                {mep::NSCoefficients::Quintic, "quintic"},
+                                                {mep::NSCoefficients::PolarExpress, "polar_express"}});
+  expect_printed_by_table<mep::NSScale>(
+      {{mep::NSScale::None, "none"}, {mep::NSScale::Muon, "muon"}, {mep::NSScale::AdamW, "adamw"}});
+  expect_printed_by_table<mep::SpectralMode>({{mep::SpectralMode::Scale, "scale"}, {mep::SpectralMode::Clip, "clip"}});
+  expect_printed_by_table<mep::ErrorRule>(
+      {{mep::ErrorRule::Projected, "projected"}, {mep::ErrorRule::Reference, "reference"}});
+  expect_printed_by_table<mep::Mode>({{mep::Mode::EP, "ep"}, {mep::Mode::Backprop, "backprop"}});
+  EXPECT_STREQ(mep::to_string(mep::Loss::NLL), "nll");
+  static_assert(!mep::has_enum_names_v<int> && !mep::has_enum_names_v<torch::ScalarType>);
+
+  // A value outside the table is refused with the table's names, by MEP_CHECK_ENUM_OPTION.
+  auto message = [](const auto& options) {
+    try {
+      options.validate();
+    } catch (const mep::OptionError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_EQ(message(mep::SGDOptions(0.1).loss(static_cast<mep::Loss>(9))),
+            "mep: invalid option loss = 9 (expected one of mse, ce, nll)");
+  EXPECT_EQ(message(mep::SMEPOptions().error_rule(static_cast<mep::ErrorRule>(-1))),
+            "mep: invalid option error_rule = -1 (expected one of projected, reference)");
+  EXPECT_EQ(message(mep::SMEPOptions().ns_scale(static_cast<mep::NSScale>(3))),
+            "mep: invalid option ns_scale = 3 (expected one of none, muon, adamw)");
+  EXPECT_EQ(message(mep::SMEPOptions().spectral_mode(static_cast<mep::SpectralMode>(2))),
+            "mep: invalid option spectral_mode = 2 (expected one of scale, clip)");
+  EXPECT_EQ(message(mep::MuonOptions().ns_coefficients(static_cast<mep::NSCoefficients>(5))),
+            "mep: invalid option ns_coefficients = 5 (expected one of cubic, quintic, polar_express)");
+  EXPECT_EQ(message(mep::SMEPOptions().error_rule(mep::ErrorRule::Reference)), "");
+}
+
 
 }  // namespace

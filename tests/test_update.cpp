@@ -890,4 +890,59 @@ TEST(EPOptim, NaturalEPMuonUpdatesDifferFromSMEPs) {
   EXPECT_TRUE(natural.has_state(pb[0]) && natural.state_of(pb[0]).has("fisher"));
 }
 
+struct NSOnly : mep::NewtonSchulz::Options<NSOnly> {};
+struct FisherOnly : mep::FisherNewtonSchulz::Options<FisherOnly> {};
+struct MuonOnly : mep::MuonUpdate::Options<MuonOnly> {};
+struct DionOnly : mep::Dion::Options<DionOnly> {};
+
+TEST(NewtonSchulz, OneOutputScaleForEveryPolicy) {
+  torch::manual_seed(12);
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  EXPECT_EQ(mep::ns_output_scale(mep::NSScale::None, 60, 20), 1.0);
+  EXPECT_EQ(mep::ns_output_scale(mep::NSScale::Muon, 60, 20), std::sqrt(3.0));
+  EXPECT_EQ(mep::ns_output_scale(mep::NSScale::Muon, 20, 60), 1.0);
+  EXPECT_EQ(mep::ns_output_scale(mep::NSScale::AdamW, 20, 60), 0.2 * std::sqrt(60.0));
+  for (auto scale : {mep::NSScale::None, mep::NSScale::Muon, mep::NSScale::AdamW}) {
+    for (auto shape : {std::vector<int64_t>{30, 20}, std::vector<int64_t>{20, 30}}) {
+      const auto g = torch::randn(shape, f64);
+      const double s = mep::ns_output_scale(scale, shape[0], shape[1]);
+      mep::ParamState a, b;
+      // Newton-Schulz: s·NS(g).
+      const auto plain = mep::newton_schulz(g, 5, mep::NSCoefficients::Cubic);
+      const auto u = mep::NewtonSchulz(NSOnly().ns_scale(scale)).direction(g, a);
+      EXPECT_TRUE(torch::equal(u, s == 1.0 ? plain : plain * s)) << scale;
+      // Fisher: s times its unscaled direction.
+      const auto unscaled = mep::FisherNewtonSchulz(FisherOnly()).direction(g, a);
+      const auto scaled = mep::FisherNewtonSchulz(FisherOnly().ns_scale(scale)).direction(g, b);
+      EXPECT_TRUE(torch::equal(scaled, s == 1.0 ? unscaled : unscaled * s)) << scale;
+      // Muon: s is its learning-rate factor.
+      EXPECT_EQ(mep::MuonUpdate(MuonOnly().ns_scale(scale)).lr_scale(g), s) << scale;
+    }
+  }
+
+  // Dion's own update is scaled by Muon's rule whatever ns_scale: ‖u‖_F = s·√r (P orthonormal,
+  // Q's columns of norm 1 − O(1e-8)).
+  const mep::Dion dion(DionOnly().dion_thresh(0));
+  EXPECT_EQ(mep::Dion::own_scale, mep::NSScale::Muon);
+  for (auto shape : {std::vector<int64_t>{60, 20}, std::vector<int64_t>{20, 60}}) {
+    mep::ParamState st;
+    const auto u = dion.direction(torch::randn(shape, f64), st);
+    const double r = static_cast<double>(dion.rank_for(shape[0], shape[1]));
+    EXPECT_NEAR(u.norm().item<double>() / std::sqrt(r), mep::ns_output_scale(mep::NSScale::Muon, shape[0], shape[1]),
+                1e-6);
+  }
+  // ...so a Dion update refuses any ns_scale but none, naming it.
+  EXPECT_NO_THROW(DionOnly().validate());
+  for (auto scale : {mep::NSScale::Muon, mep::NSScale::AdamW}) {
+    try {
+      mep::SDMEP opt(mep_test::small_mlp(), mep::SDMEPOptions().ns_scale(scale));
+      ADD_FAILURE() << "no error for SDMEP with ns_scale " << scale;
+    } catch (const mep::OptionError& e) {
+      std::ostringstream shown;
+      shown << "ns_scale = " << scale << " (expected none with Dion";
+      EXPECT_NE(std::string(e.what()).find(shown.str()), std::string::npos) << e.what();
+    }
+  }
+}
+
 }  // namespace

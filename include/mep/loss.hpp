@@ -8,6 +8,8 @@
 ///   NLL:           L = mean_b −Σ_k y_bk·ŷ_bk for log-probabilities ŷ (a model ending in
 ///                  LogSoftmax): −ŷ_{b,y_b} for class targets, torch::nll_loss; no smoothing
 
+#include <mep/options.hpp>
+
 #include <torch/torch.h>
 
 #include <sstream>
@@ -19,12 +21,17 @@ namespace mep {
 
 enum class Loss { MSE, CrossEntropy, NLL };
 
-inline const char* to_string(Loss loss) { return loss == Loss::MSE ? "mse" : loss == Loss::NLL ? "nll" : "ce"; }
-
-/// The names of the losses in options set by name (OptimizerOptions::set) and in records.
+/// The names of the losses: in options set by name (OptimizerOptions::set), in records, in
+/// messages and when printed (options.hpp).
 inline const std::vector<std::pair<Loss, const char*>>& enum_names(Loss) {
   static const std::vector<std::pair<Loss, const char*>> names = {{Loss::MSE, "mse"}, {Loss::CrossEntropy, "ce"}, {Loss::NLL, "nll"}};
   return names;
+}
+
+/// The loss's name in enum_names ("mse", "ce", "nll"); "?" for a value outside it.
+inline const char* to_string(Loss loss) {
+  const char* name = enum_name(loss);
+  return name ? name : "?";
 }
 
 /// Thrown for a target that does not fit the model's output.

@@ -1,6 +1,6 @@
 #pragma once
 /// \file models.hpp
-/// The benchmark models of SPEC §9, for MNIST-shaped input [B, 1, 28, 28].
+/// The models of mep_bench's tables (the README's Results), for MNIST-shaped input [B, 1, 28, 28].
 
 #include <torch/torch.h>
 

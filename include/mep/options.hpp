@@ -10,6 +10,8 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdint>
+#include <ostream>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -56,6 +58,64 @@ template <class T>
   do {                                                \
     if (!(cond)) ::mep::detail::option_error(name, value, expected); \
   } while (0)
+
+// --- enums: one table of names per enum ----------------------------------------------------
+//
+// An enum option's type E comes with one function in its own namespace,
+//   const std::vector<std::pair<E, const char*>>& enum_names(E);
+// listing every value and its name. Everything else derives from that table: printing
+// (`std::cout << mep::Loss::MSE` prints "mse"), options by name (OptimizerOptions::set and
+// texts), and validation (MEP_CHECK_ENUM_OPTION).
+
+namespace detail {
+/// Whether E is an enum with an `enum_names(E)` table (found by argument-dependent lookup).
+template <class E, class = void>
+struct has_enum_names : std::false_type {};
+template <class E>
+struct has_enum_names<E, std::void_t<decltype(enum_names(std::declval<E>()))>> : std::is_enum<E> {};
+}  // namespace detail
+
+/// Whether E is an enum with an `enum_names(E)` table.
+template <class E>
+inline constexpr bool has_enum_names_v = detail::has_enum_names<E>::value;
+
+/// The name `enum_names` gives `value`; nullptr for a value outside the table.
+template <class E, std::enable_if_t<has_enum_names_v<E>, int> = 0>
+const char* enum_name(E value) {
+  for (const auto& [v, name] : enum_names(value))
+    if (v == value) return name;
+  return nullptr;
+}
+
+/// Prints an enum with an `enum_names` table by its name (a value outside the table as its
+/// number). Found by argument-dependent lookup for every such enum in namespace mep.
+template <class E, std::enable_if_t<has_enum_names_v<E>, int> = 0>
+std::ostream& operator<<(std::ostream& os, E value) {
+  if (const char* name = enum_name(value)) return os << name;
+  return os << static_cast<int64_t>(value);
+}
+
+namespace detail {
+/// The values an enum option takes, for messages: "one of mse, ce, nll".
+template <class E>
+std::string enum_choices() {
+  std::string names;
+  for (const auto& [v, name] : enum_names(E{})) names += (names.empty() ? "" : ", ") + std::string(name);
+  return "one of " + names;
+}
+
+/// Throws OptionError unless `value` is in its enum's `enum_names` table.
+template <class E, std::enable_if_t<has_enum_names_v<E>, int> = 0>
+void check_enum_option(const E& value, const char* name) {
+  if (enum_name(value) == nullptr) option_error(name, value, enum_choices<E>().c_str());
+}
+}  // namespace detail
+
+/// Enum option `field` (of an enum with an `enum_names` table) must hold one of the table's
+/// values, otherwise an OptionError names option `name`, the value and the allowed names:
+///   MEP_CHECK_ENUM_OPTION(loss_, "loss");
+///   → mep: invalid option loss = 7 (expected one of mse, ce, nll)
+#define MEP_CHECK_ENUM_OPTION(field, name) ::mep::detail::check_enum_option(field, name)
 
 /// Options every optimizer has: the learning rate and the weight decay. They may differ per
 /// parameter group, as in torch::optim.
@@ -166,8 +226,7 @@ std::string option_text(const T& value) {
   if constexpr (std::is_same_v<T, bool>) {
     return value ? "true" : "false";
   } else if constexpr (std::is_enum_v<T>) {
-    for (const auto& [v, name] : enum_names(value))
-      if (v == value) return name;
+    if (const char* name = enum_name(value)) return name;
     return std::to_string(static_cast<int64_t>(value));
   } else if constexpr (std::is_integral_v<T>) {
     return std::to_string(value);
@@ -224,9 +283,7 @@ std::string option_kind() {
   if constexpr (std::is_same_v<T, bool>) {
     return "true or false";
   } else if constexpr (std::is_enum_v<T>) {
-    std::string names;
-    for (const auto& [v, name] : enum_names(T{})) names += (names.empty() ? "" : ", ") + std::string(name);
-    return "one of " + names;
+    return enum_choices<T>();
   } else if constexpr (std::is_integral_v<T>) {
     return "an integer";
   } else if constexpr (std::is_same_v<T, Pair>) {

@@ -1,10 +1,11 @@
 #pragma once
 /// \file spectral.hpp
-/// Spectral-norm constraint (SPEC §6): after each update, every ≥2-D parameter W (viewed
-/// as out × rest) is brought back to σ(W) ≤ γ by one of two rules (`spectral_mode`):
+/// Spectral-norm constraint: after each update, every ≥2-D parameter W (viewed as
+/// out × rest) is brought back to σ(W) ≤ γ by one of two rules (`spectral_mode`):
 ///
-///  - scale (the reference): estimate σ by `power_iter` power iterations from singular
-///    vectors u, v persisted in the optimizer state,
+///  - scale (the reference's): estimate σ by `power_iter` power iterations from singular
+///    vectors u, v persisted in the optimizer state (as in Miyato et al. 2018, "Spectral
+///    Normalization for Generative Adversarial Networks", ICLR),
 ///      v ← Wᵀu / max(‖Wᵀu‖, ε);  u ← W·v / max(‖W·v‖, ε);  σ = |uᵀ·W·v|,  ε = 1e-6,
 ///    and rescale W ← W·γ/σ when σ > γ. Persisting u, v makes the estimate converge across
 ///    steps (three iterations from random vectors can underestimate σ by >10 %).
@@ -30,7 +31,6 @@
 #include <mep/state.hpp>
 #include <mep/update/matrix.hpp>
 
-#include <ostream>
 #include <utility>
 #include <vector>
 
@@ -38,14 +38,12 @@ namespace mep {
 
 enum class SpectralMode { Scale, Clip };
 
-/// The names of the rules in options set by name and in records.
+/// The names of the rules: in options set by name, in records, in messages and when printed
+/// (options.hpp).
 inline const std::vector<std::pair<SpectralMode, const char*>>& enum_names(SpectralMode) {
   static const std::vector<std::pair<SpectralMode, const char*>> names = {{SpectralMode::Scale, "scale"},
                                                                           {SpectralMode::Clip, "clip"}};
   return names;
-}
-inline std::ostream& operator<<(std::ostream& os, SpectralMode m) {
-  return os << (m == SpectralMode::Scale ? "scale" : "clip");
 }
 
 struct SpectralConstraint {
@@ -57,8 +55,7 @@ struct SpectralConstraint {
     MEP_ARG(bool, bound_input_layer, true)
     void validate() const {
       MEP_CHECK_OPTION(gamma_ > 0 && gamma_ <= 1, "gamma", gamma_, "a value in (0, 1]");
-      MEP_CHECK_OPTION(spectral_mode_ == SpectralMode::Scale || spectral_mode_ == SpectralMode::Clip, "spectral_mode",
-                       static_cast<int>(spectral_mode_), "SpectralMode::Scale or SpectralMode::Clip");
+      MEP_CHECK_ENUM_OPTION(spectral_mode_, "spectral_mode");
       MEP_CHECK_OPTION(power_iter_ >= 1, "power_iter", power_iter_, "a value >= 1");
       MEP_CHECK_OPTION(power_iter_ == 3 || spectral_mode_ == SpectralMode::Scale, "power_iter", power_iter_,
                        "its default 3 with spectral_mode clip, which computes σ exactly");

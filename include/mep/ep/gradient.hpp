@@ -77,10 +77,8 @@ struct EPOptionsBase {
     MEP_CHECK_OPTION(label_smoothing_ >= 0 && label_smoothing_ < 1, "label_smoothing", label_smoothing_,
                      "a value in [0, 1)");
     MEP_CHECK_OPTION(temperature_ > 0 && std::isfinite(temperature_), "temperature", temperature_, "a finite value > 0");
-    MEP_CHECK_OPTION(loss_ == Loss::MSE || loss_ == Loss::CrossEntropy || loss_ == Loss::NLL, "loss",
-                     static_cast<int>(loss_), "Loss::MSE, Loss::CrossEntropy or Loss::NLL");
-    MEP_CHECK_OPTION(mode_ == Mode::EP || mode_ == Mode::Backprop, "mode", static_cast<int>(mode_),
-                     "Mode::EP or Mode::Backprop");
+    MEP_CHECK_ENUM_OPTION(loss_, "loss");
+    MEP_CHECK_ENUM_OPTION(mode_, "mode");
   }
   template <class V>
   void visit_options(V&& v) const {

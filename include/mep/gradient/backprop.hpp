@@ -45,8 +45,7 @@ struct BackpropGradient {
     /// `skipped_steps()`) instead of throwing; either way no parameter or state changes.
     MEP_ARG(bool, skip_nonfinite, false)
     void validate() const {
-      MEP_CHECK_OPTION(loss_ == Loss::MSE || loss_ == Loss::CrossEntropy || loss_ == Loss::NLL, "loss",
-                       static_cast<int>(loss_), "Loss::MSE, Loss::CrossEntropy or Loss::NLL");
+      MEP_CHECK_ENUM_OPTION(loss_, "loss");
     }
     template <class V>
     void visit_options(V&& v) const {

@@ -12,7 +12,7 @@
 ///   M ← B − (1 − μ)·P·Rᵀ                (error feedback: what the rank-r step leaves out
 ///                                        stays in M; μ = dion_mu)
 ///   Q ← column-normalise(R),  Q_j = R_j / (‖R_j‖ + ε·max_i ‖R_i‖),  ε = 1e-8
-///   u = √max(1, m/n) · P·Qᵀ
+///   u = √max(1, m/n) · P·Qᵀ             (ns_output_scale(NSScale::Muon, m, n))
 /// Cost O(m·n·r) per step (Newton-Schulz: O(m·n·min(m, n)) per iteration). The first Q
 /// is a random n × r matrix drawn from a fixed-seed CPU generator (deterministic, global
 /// RNG untouched), column-normalised and moved to G's device and dtype.
@@ -22,8 +22,15 @@
 /// It is relative to the largest column (the paper's is absolute), so that the update does
 /// not depend on the gradient's scale: the surplus share stays ~1e-8 whatever ‖G‖ is.
 ///
+/// The scale of u is Muon's and fixed: P·Qᵀ has r singular values near 1 whatever m and n,
+/// and √max(1, m/n) sets the update's size from the matrix's shape alone, as in Muon.
+///
 /// Matrices with at most `dion_thresh` elements get exactly the NewtonSchulz policy's
-/// update (ns_steps, ns_coefficients, ns_scale); tensors below 2-D pass through (u = g).
+/// update (ns_steps, ns_coefficients) at its default scale, none; tensors below 2-D pass
+/// through (u = g). The two paths therefore scale differently, and `ns_scale` must stay
+/// none: Dion's own matrices do not take it (their scale is part of the update above), and a
+/// scale that reached only the matrices below `dion_thresh` would change the size of the
+/// update from one layer to the next. Another value is refused with an OptionError.
 /// Dion carries its own momentum (M) for the matrices it handles; the Newton-Schulz and
 /// pass-through paths keep the optimizer's heavy-ball momentum (`owns_momentum_for`).
 /// Weight decay is decoupled. State: "dion_M" (m × n) and "dion_Q"
@@ -59,6 +66,8 @@ struct Dion {
     MEP_ARG(double, dion_mu, 0.95)
     void validate() const {
       NewtonSchulz::Options<Derived>::validate();
+      MEP_CHECK_OPTION(this->ns_scale_ == NSScale::None, "ns_scale", this->ns_scale_,
+                       "none with Dion, which scales its own update by √max(1, rows/cols)");
       MEP_CHECK_OPTION(rank_frac_ > 0 && rank_frac_ <= 1, "rank_frac", rank_frac_, "a value in (0, 1]");
       MEP_CHECK_OPTION(dion_thresh_ >= 0, "dion_thresh", dion_thresh_, "a value >= 0");
       MEP_CHECK_OPTION(dion_mu_ >= 0 && dion_mu_ < 1, "dion_mu", dion_mu_, "a value in [0, 1)");
@@ -81,6 +90,8 @@ struct Dion {
   static constexpr double column_eps = 1e-8;
   /// Seed of the generator that draws the first right basis Q.
   static constexpr uint64_t basis_seed = 0x44696f6eULL;  // "Dion"
+  /// The output scale of Dion's own update (the Newton-Schulz fallback's is `ns.scale`).
+  static constexpr NSScale own_scale = NSScale::Muon;
 
   NewtonSchulz ns;
   double rank_frac = 0.3;
@@ -150,7 +161,7 @@ struct Dion {
     auto q_new = column_normalise(r);
     q.copy_(q_new);
 
-    const double scale = std::sqrt(std::max(1.0, static_cast<double>(rows) / static_cast<double>(cols)));
+    const double scale = ns_output_scale(own_scale, rows, cols);
     auto u = torch::mm(p, q_new.t());
     if (scale != 1.0) u.mul_(scale);
     return u.to(g.scalar_type()).reshape(g.sizes());

@@ -1,6 +1,6 @@
 #pragma once
 /// \file fisher.hpp
-/// Natural-gradient whitening followed by Newton-Schulz (NaturalEPMuon, SPEC §4), in the
+/// Natural-gradient whitening followed by Newton-Schulz (NaturalEPMuon), in the
 /// spirit of K-FAC/Shampoo-style right preconditioning (Amari 1998, natural gradient;
 /// Martens & Grosse 2015, K-FAC) with a gradient-outer-product Fisher proxy.
 ///
@@ -103,10 +103,7 @@ struct FisherNewtonSchulz {
       w = torch::cholesky_solve(x.t(), l).t();  // g·(F + λI)⁻¹ = ((F + λI)⁻¹·gᵀ)ᵀ
     }
     w = w / w.norm().clamp_min(1.0);
-    auto u = newton_schulz(w, ns.steps, ns.coefficients);
-    const double s = ns_output_scale(ns.scale, gm.size(0), gm.size(1));
-    if (s != 1.0) u = u * s;
-    return u.to(g.scalar_type()).reshape(g.sizes());
+    return ns.orthogonalise(w).to(g.scalar_type()).reshape(g.sizes());
   }
 
  private:

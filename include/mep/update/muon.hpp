@@ -94,11 +94,8 @@ struct MuonUpdate {
     void validate() const {
       MEP_CHECK_OPTION(momentum_ >= 0 && momentum_ < 1, "momentum", momentum_, "a value in [0, 1)");
       MEP_CHECK_OPTION(ns_steps_ >= 0 && ns_steps_ < 100, "ns_steps", ns_steps_, "a value in [0, 100), as torch");
-      MEP_CHECK_OPTION(ns_coefficients_ == NSCoefficients::Quintic || ns_coefficients_ == NSCoefficients::Cubic ||
-                           ns_coefficients_ == NSCoefficients::PolarExpress,
-                       "ns_coefficients", static_cast<int>(ns_coefficients_), "Quintic, Cubic or PolarExpress");
-      MEP_CHECK_OPTION(ns_scale_ == NSScale::Muon || ns_scale_ == NSScale::AdamW || ns_scale_ == NSScale::None,
-                       "ns_scale", static_cast<int>(ns_scale_), "Muon, AdamW or None");
+      MEP_CHECK_ENUM_OPTION(ns_coefficients_, "ns_coefficients");
+      MEP_CHECK_ENUM_OPTION(ns_scale_, "ns_scale");
       MEP_CHECK_OPTION(eps_ > 0 && std::isfinite(eps_), "eps", eps_, "a finite value > 0");
     }
     template <class V>

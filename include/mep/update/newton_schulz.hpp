@@ -29,7 +29,8 @@ namespace mep {
 enum class NSCoefficients { Cubic, Quintic, PolarExpress };
 enum class NSScale { None, Muon, AdamW };
 
-/// The names of the coefficient schedules and scalings in options set by name and in records.
+/// The names of the coefficient schedules and scalings: in options set by name, in records,
+/// in messages and when printed (options.hpp).
 inline const std::vector<std::pair<NSCoefficients, const char*>>& enum_names(NSCoefficients) {
   static const std::vector<std::pair<NSCoefficients, const char*>> names = {
       {NSCoefficients::Cubic, "cubic"}, {NSCoefficients::Quintic, "quintic"}, {NSCoefficients::PolarExpress, "polar_express"}};
@@ -39,13 +40,6 @@ inline const std::vector<std::pair<NSScale, const char*>>& enum_names(NSScale) {
   static const std::vector<std::pair<NSScale, const char*>> names = {
       {NSScale::None, "none"}, {NSScale::Muon, "muon"}, {NSScale::AdamW, "adamw"}};
   return names;
-}
-
-inline std::ostream& operator<<(std::ostream& os, NSCoefficients c) {
-  return os << (c == NSCoefficients::Cubic ? "cubic" : c == NSCoefficients::Quintic ? "quintic" : "polar_express");
-}
-inline std::ostream& operator<<(std::ostream& os, NSScale s) {
-  return os << (s == NSScale::None ? "none" : s == NSScale::Muon ? "muon" : "adamw");
 }
 
 namespace detail {
@@ -104,7 +98,9 @@ inline torch::Tensor newton_schulz(const torch::Tensor& g, int64_t steps,
   return transposed ? x.t() : x;
 }
 
-/// Output scale for an m × n update.
+/// The output scale s of an m × n orthogonalised update, the one formula for every policy
+/// that scales one (NewtonSchulz, FisherNewtonSchulz, MuonUpdate, Dion): 1 (None),
+/// √max(1, m/n) (Muon) or 0.2·√max(m, n) (AdamW).
 inline double ns_output_scale(NSScale scale, int64_t rows, int64_t cols) {
   switch (scale) {
     case NSScale::Muon: return std::sqrt(std::max(1.0, static_cast<double>(rows) / static_cast<double>(cols)));
@@ -123,11 +119,8 @@ struct NewtonSchulz {
     MEP_ARG(NSScale, ns_scale, NSScale::None)
     void validate() const {
       MEP_CHECK_OPTION(ns_steps_ >= 0, "ns_steps", ns_steps_, "a value >= 0");
-      MEP_CHECK_OPTION(ns_coefficients_ == NSCoefficients::Cubic || ns_coefficients_ == NSCoefficients::Quintic ||
-                           ns_coefficients_ == NSCoefficients::PolarExpress,
-                       "ns_coefficients", static_cast<int>(ns_coefficients_), "Cubic, Quintic or PolarExpress");
-      MEP_CHECK_OPTION(ns_scale_ == NSScale::None || ns_scale_ == NSScale::Muon || ns_scale_ == NSScale::AdamW,
-                       "ns_scale", static_cast<int>(ns_scale_), "None, Muon or AdamW");
+      MEP_CHECK_ENUM_OPTION(ns_coefficients_, "ns_coefficients");
+      MEP_CHECK_ENUM_OPTION(ns_scale_, "ns_scale");
     }
     template <class V>
     void visit_options(V&& v) const {
@@ -148,11 +141,15 @@ struct NewtonSchulz {
 
   torch::Tensor direction(const torch::Tensor& g, ParamState&) const {
     if (!is_matrix(g)) return g;
-    auto m = as_matrix(g);
+    return orthogonalise(as_matrix(g)).reshape(g.sizes());
+  }
+
+  /// s · NS(m) for a 2-D tensor m (m × n), s = ns_output_scale(scale, m, n).
+  torch::Tensor orthogonalise(const torch::Tensor& m) const {
     auto u = newton_schulz(m, steps, coefficients);
     const double s = ns_output_scale(scale, m.size(0), m.size(1));
     if (s != 1.0) u = u * s;
-    return u.reshape(g.sizes());
+    return u;
   }
 };
 
