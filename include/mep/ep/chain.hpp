@@ -159,8 +159,11 @@ inline std::optional<Op> read_op(const torch::nn::AnyModule& any, size_t positio
     pool_op.divisor = p->options.divisor_override();
     return op(std::move(pool_op));
   }
-  if (auto p = std::dynamic_pointer_cast<nn::AdaptiveAvgPool1dImpl>(m))
-    return op(ops::AdaptiveAvgPool{{}, 1, {(*p->options.output_size())[0]}});
+  if (auto p = std::dynamic_pointer_cast<nn::AdaptiveAvgPool1dImpl>(m)) {
+    ops::AdaptiveAvgPool pool_op;
+    pool_op.dims = 1, pool_op.size = {(*p->options.output_size())[0]};
+    return op(std::move(pool_op));
+  }
   if (auto p = std::dynamic_pointer_cast<nn::AdaptiveAvgPool2dImpl>(m)) {
     ops::AdaptiveAvgPool pool_op;
     for (const auto& v : *p->options.output_size()) pool_op.size.push_back(v.has_value() ? *v : -1);

@@ -19,7 +19,8 @@ namespace mep {
 
 /// Whether `ws` is allocated for `chain` and a batch shaped and typed like `x`.
 inline bool fits(const Workspace& ws, const Chain& chain, const torch::Tensor& x) {
-  return ws.fits(chain, chain.size(), x);
+  return ws.chain == &chain && !ws.tape.empty() && ws.tape.size() == chain.size() &&
+         x.sizes() == c10::IntArrayRef(ws.shape) && x.options().type_equal(ws.options);
 }
 
 namespace detail {

@@ -190,14 +190,17 @@ struct LayerNorm : Base<LayerNorm> {
   }
 };
 
-/// Pooling over 1 or 2 spatial dimensions, run as 2-D pooling ([N, C, W] as [N, C, 1, W]).
-struct Pooling {
+/// An op over 1 or 2 spatial dimensions, run in 2-D ([N, C, W] as [N, C, 1, W]).
+struct Spatial {
   int64_t dims = 2;
-  std::vector<int64_t> kernel, stride, padding;
-  bool ceil_mode = false;
-
   torch::Tensor as2d(const torch::Tensor& x) const { return dims == 1 ? x.unsqueeze(-2) : x; }
   torch::Tensor from2d(const torch::Tensor& x) const { return dims == 1 ? x.squeeze(-2) : x; }
+};
+
+/// Pooling with windows: kernel, stride, padding per spatial dimension.
+struct Pooling : Spatial {
+  std::vector<int64_t> kernel, stride, padding;
+  bool ceil_mode = false;
   /// The most windows one input element enters, m = Π_d min(k_d, ⌊((k_d − 1)·dil_d + s_d)/s_d⌋),
   /// and the taps per window.
   std::pair<double, double> overlap(const std::vector<int64_t>& dilation) const {
@@ -262,12 +265,9 @@ struct AvgPool : Base<AvgPool>, Pooling {
 /// Adaptive average pooling to `size` (−1: the input's size); per dimension of n inputs and
 /// o outputs the bound takes 1/(n/o) for disjoint windows, else at most 2/⌊n/o⌋ (n > o) or
 /// ⌈o/n⌉ + 1 (n ≤ o) windows per input.
-struct AdaptiveAvgPool : Base<AdaptiveAvgPool> {
-  int64_t dims = 2;
+struct AdaptiveAvgPool : Base<AdaptiveAvgPool>, Spatial {
   std::vector<int64_t> size;
 
-  torch::Tensor as2d(const torch::Tensor& x) const { return dims == 1 ? x.unsqueeze(-2) : x; }
-  torch::Tensor from2d(const torch::Tensor& x) const { return dims == 1 ? x.squeeze(-2) : x; }
   std::vector<int64_t> output_size(const torch::Tensor& x) const {
     if (dims == 1) return {1, size[0]};
     std::vector<int64_t> out = size;

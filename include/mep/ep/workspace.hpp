@@ -96,11 +96,6 @@ struct Workspace {
   size_t size() const { return s.size(); }
   int64_t batch() const { return shape.empty() ? 0 : shape[0]; }
 
-  /// Whether the workspace is allocated for `c` and a batch shaped and typed like `x`.
-  bool fits(const Chain& c, size_t layers, const torch::Tensor& x) const {
-    return chain == &c && !tape.empty() && tape.size() == layers && x.sizes() == c10::IntArrayRef(shape) &&
-           x.options().type_equal(options);
-  }
 };
 
 }  // namespace mep
