@@ -84,7 +84,7 @@ TEST(Spectral, ClipSetsTheSingularValuesAboveGammaToGamma) {
     EXPECT_LT((w - expected).abs().max().item<double>(), 1e-10) << shape;
     auto after = torch::linalg_svdvals(w.reshape({shape[0], -1}));
     EXPECT_LT(std::abs(after[0].item<double>() - clip.gamma), 1e-10);
-    EXPECT_TRUE(st.buffers.empty());  // no state
+    EXPECT_TRUE(st.buffer_names().empty());  // no state
   }
   mep::SpectralConstraint scale;  // the same matrix: every σ times γ/σ₁
   auto w = torch::randn({30, 50}, torch::kFloat64) * 0.4;

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <mep/mep.hpp>
 
+#include "../bench/op_count.hpp"
 #include "mnist_net.hpp"
 #include "support.hpp"
 
@@ -177,28 +178,19 @@ TEST(Optim, NonFiniteGradientUpdatesNothingInSGDAndAdam) {
   check([](auto params) { return mep::Adam(params, mep::AdamOptions(1e-3)); }, "adam");
 }
 
-// SGD and Adam bound their update by the ranges of its inputs and, when the bound is finite,
-// update in place without copies (no backup is made). Where it is not — values near the
-// float limit, or Adam with ε = 0, where m = v = 0 gives 0/0 — the step takes the
-// transactional path, and an update that overflows or divides 0 by 0 is rolled back whole.
-template <class Opt>
-struct BackupProbe : Opt {
-  using Opt::Opt;
-  size_t backups() const { return this->backups_.size(); }
-};
-
-TEST(Optim, BoundedStepsMakeNoCopiesAndUnboundedOnesRollBack) {
+// An update that overflows (values near the float limit) or divides 0 by 0 (Adam with ε = 0,
+// where m = v = 0) is rolled back whole: parameters, state, step counts.
+TEST(Optim, UpdatesThatOverflowOrDivideZeroByZeroRollBack) {
   torch::manual_seed(3);
   auto x = torch::randn({16, 20});
   auto y = torch::randint(0, 10, {16}, torch::kLong);
   auto model = small_mlp();
-  BackupProbe<mep::SGD> sgd(model->parameters(), mep::SGDOptions(1.0).momentum(0.9));
+  mep::SGD sgd(model->parameters(), mep::SGDOptions(1.0).momentum(0.9));
   for (int i = 0; i < 3; ++i) {
     sgd.zero_grad();
     torch::nn::functional::cross_entropy(model->forward(x), y).backward();
     sgd.step();
   }
-  EXPECT_EQ(sgd.backups(), 0u);
 
   // One weight near the float limit, its gradient pushing it past: W − lr·(μm + g) overflows.
   auto params = model->parameters();
@@ -218,7 +210,6 @@ TEST(Optim, BoundedStepsMakeNoCopiesAndUnboundedOnesRollBack) {
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("non-finite parameter"), std::string::npos) << e.what();
   }
-  EXPECT_GT(sgd.backups(), 0u);  // the transactional path ran
   EXPECT_EQ(max_abs_diff(before, params), 0.0);
   for (size_t i = 0; i < params.size(); ++i) {
     EXPECT_EQ(sgd.state_of(params[i]).step, 3);
@@ -228,11 +219,10 @@ TEST(Optim, BoundedStepsMakeNoCopiesAndUnboundedOnesRollBack) {
   // The range of a state buffer changed in place since the last step is read again: here a
   // momentum near the float limit, which with lr = 2 takes W − lr·μ·m past it.
   auto other = small_mlp();
-  BackupProbe<mep::SGD> sgd2(other->parameters(), mep::SGDOptions(1.0).momentum(0.9));
+  mep::SGD sgd2(other->parameters(), mep::SGDOptions(1.0).momentum(0.9));
   auto op = other->parameters();
   for (auto& p : op) p.mutable_grad() = torch::full_like(p, 1e-3);
   sgd2.step();
-  EXPECT_EQ(sgd2.backups(), 0u);
   {
     torch::NoGradGuard no_grad;
     sgd2.state_of(op[0]).get("momentum").fill_(3.3e38f);
@@ -241,7 +231,6 @@ TEST(Optim, BoundedStepsMakeNoCopiesAndUnboundedOnesRollBack) {
   auto other_before = op;
   for (auto& p : other_before) p = p.detach().clone();
   EXPECT_THROW(sgd2.step(), std::runtime_error);
-  EXPECT_GT(sgd2.backups(), 0u);
   EXPECT_EQ(max_abs_diff(other_before, op), 0.0);
 
   // So is a buffer replaced by another (here through the state, as a load does).
@@ -260,13 +249,12 @@ TEST(Optim, BoundedStepsMakeNoCopiesAndUnboundedOnesRollBack) {
 
   // Adam with ε = 0 on a zero gradient: m = v = 0, so u = 0/0.
   auto fresh = small_mlp();
-  BackupProbe<mep::Adam> adam(fresh->parameters(), mep::AdamOptions(1e-3).eps(0).weight_decay(0));
+  mep::Adam adam(fresh->parameters(), mep::AdamOptions(1e-3).eps(0).weight_decay(0));
   auto fp = fresh->parameters();
   for (auto& p : fp) p.mutable_grad() = torch::zeros_like(p);
   auto fresh_before = fp;
   for (auto& p : fresh_before) p = p.detach().clone();
   EXPECT_THROW(adam.step(), std::runtime_error);
-  EXPECT_GT(adam.backups(), 0u);
   EXPECT_EQ(max_abs_diff(fresh_before, fp), 0.0);
   for (const auto& p : fp) EXPECT_FALSE(adam.has_state(p));
 }
@@ -1118,7 +1106,7 @@ Snapshot snapshot(torch::nn::Sequential& m, Opt& opt) {
     s.grads.push_back(p.grad().defined() ? p.grad().clone() : torch::Tensor());
     std::map<std::string, torch::Tensor> st;
     if (opt.has_state(p))
-      for (const auto& [k, v] : opt.state_of(p).buffers) st[k] = v.clone();
+      for (const auto& k : opt.state_of(p).buffer_names()) st[k] = opt.state_of(p).get(k).clone();
     s.states.push_back(st);
   }
   for (auto& b : m->buffers()) s.buffers.push_back(b.clone());
@@ -1132,7 +1120,8 @@ void expect_as_before(torch::nn::Sequential& m, Opt& opt, const Snapshot& s, con
     EXPECT_TRUE(same(params[i], s.params[i])) << name << " parameter " << i;
     EXPECT_TRUE(same(params[i].grad(), s.grads[i])) << name << " grad " << i;
     std::map<std::string, torch::Tensor> st;
-    if (opt.has_state(params[i])) st = opt.state_of(params[i]).buffers;
+    if (opt.has_state(params[i]))
+      for (const auto& k : opt.state_of(params[i]).buffer_names()) st[k] = opt.state_of(params[i]).get(k);
     EXPECT_EQ(st.size(), s.states[i].size()) << name << " state " << i;
     for (const auto& [k, v] : s.states[i]) EXPECT_TRUE(st.count(k) && same(st[k], v)) << name << " state " << i << " " << k;
   }
@@ -1165,7 +1154,7 @@ void expect_failed_update_changes_nothing(typename Opt::Options options, const c
   };
   step(), step();
   auto last = m->parameters().back();
-  for (auto& [k, v] : opt.state_of(last).buffers) v.fill_(std::numeric_limits<float>::quiet_NaN());
+  opt.state_of(last).for_each_buffer([](const char*, torch::Tensor& v) { v.fill_(std::numeric_limits<float>::quiet_NaN()); });
   if constexpr (std::is_same_v<typename Opt::GradientPolicy, mep::BackpropGradient>) backprop_grads();
   const auto before = snapshot(m, opt);
   EXPECT_THROW(step(/*fresh_grads=*/false), std::runtime_error) << name;
@@ -1218,8 +1207,9 @@ void expect_rollback_then_same_steps(typename Opt::Options options, const char* 
   auto pa = a->parameters(), pb = b->parameters();
   for (size_t i = 0; i < pa.size(); ++i) {
     EXPECT_TRUE(torch::equal(pa[i], pb[i])) << name << " parameter " << i;
-    for (const auto& [k, v] : opt_b.state_of(pb[i]).buffers)
-      EXPECT_TRUE(torch::equal(opt_a.state_of(pa[i]).buffers.at(k), v)) << name << " state " << i << " " << k;
+    EXPECT_EQ(opt_a.state_of(pa[i]).buffer_names(), opt_b.state_of(pb[i]).buffer_names()) << name << " state " << i;
+    for (const auto& k : opt_b.state_of(pb[i]).buffer_names())
+      EXPECT_TRUE(torch::equal(opt_a.state_of(pa[i]).get(k), opt_b.state_of(pb[i]).get(k))) << name << " state " << i << " " << k;
   }
 }
 
@@ -1240,7 +1230,7 @@ TEST(EPOptim, AFailedCholeskyChangesNothing) {
   mep::NaturalEPMuon opt(m, mep::NaturalEPMuonOptions());
   opt.step(x, y);
   auto w = m->parameters()[2];  // the second weight: the first is updated before it fails
-  opt.state_of(w).buffers["fisher"] = -10 * torch::eye(w.size(1));
+  opt.state_of(w).fisher = -10 * torch::eye(w.size(1));
   const auto before = snapshot(m, opt);
   try {
     opt.step(x, y);
@@ -1309,5 +1299,160 @@ TEST(Enums, PrintAndValidateByTheirOneTable) {
   EXPECT_EQ(message(mep::SMEPOptions().error_rule(mep::ErrorRule::Reference)), "");
 }
 
+
+
+// ---- The step's one check (StepCheck) and the checkpoint format ------------------------
+
+// Immediate (the CPU's default) reads one value per step, Deferred none.
+TEST(StepCheck, ImmediateReadsOncePerStepAndDeferredNever) {
+  for (auto check : {mep::StepCheck::Auto, mep::StepCheck::Immediate, mep::StepCheck::Deferred}) {
+    torch::manual_seed(2);
+    auto model = small_mlp();
+    auto x = torch::randn({16, 20});
+    auto y = torch::randint(0, 10, {16}, torch::kLong);
+    mep::SGD opt(model->parameters(), mep::SGDOptions(0.1).momentum(0.9).step_check(check));
+    auto backward = [&] {
+      opt.zero_grad();
+      torch::nn::functional::cross_entropy(model->forward(x), y).backward();
+    };
+    backward(), opt.step(), backward();
+    const auto count = mep_bench::count_ops([&] { opt.step(); });
+    EXPECT_EQ(count.syncs, check == mep::StepCheck::Deferred ? 0 : 1) << mep::enum_name(check);
+  }
+  EXPECT_THROW(mep::SGDOptions(0.1).step_check(static_cast<mep::StepCheck>(7)), mep::OptionError);
+}
+
+// Deferred: a step with a non-finite gradient is undone on the device (parameters and state as
+// before), the next call throws, and training then goes on as if the step had never been
+// taken. With skip_nonfinite the step is counted instead.
+template <class Opt>
+void expect_deferred_failure_undone(typename Opt::Options options, const char* name) {
+  torch::manual_seed(5);
+  auto a = small_mlp(), b = small_mlp();
+  copy_parameters(a, b);
+  auto x = torch::randn({16, 20});
+  auto y = torch::randint(0, 10, {16}, torch::kLong);
+  Opt deferred(a->parameters(), typename Opt::Options(options).step_check(mep::StepCheck::Deferred));
+  Opt immediate(b->parameters(), options);
+  auto step = [&](torch::nn::Sequential& m, Opt& opt) {
+    opt.zero_grad();
+    torch::nn::functional::cross_entropy(m->forward(x), y).backward();
+    opt.step();
+  };
+  for (int i = 0; i < 2; ++i) step(a, deferred), step(b, immediate);
+  auto params = a->parameters();
+  const auto before = mep_test::parameter_values(a);
+  std::vector<std::map<std::string, torch::Tensor>> state_before;
+  for (const auto& p : params) {
+    std::map<std::string, torch::Tensor> st;
+    for (const auto& k : deferred.state_of(p).buffer_names()) st[k] = deferred.state_of(p).get(k).clone();
+    state_before.push_back(st);
+  }
+  for (auto& p : params) p.mutable_grad() = torch::ones_like(p);
+  params.back().mutable_grad()[0] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_NO_THROW(deferred.step()) << name;
+  EXPECT_EQ(max_abs_diff(before, params), 0.0) << name;
+  for (size_t i = 0; i < params.size(); ++i)
+    for (const auto& [k, v] : state_before[i]) EXPECT_TRUE(torch::equal(deferred.state_of(params[i]).get(k), v)) << name << " " << k;
+  const bool skips = options.skip_nonfinite();
+  if (skips) {
+    EXPECT_NO_THROW(deferred.check_failures()) << name;
+    EXPECT_EQ(deferred.skipped_steps(), 1) << name;
+  } else {
+    try {
+      deferred.check_failures();
+      ADD_FAILURE() << name << ": no error for the failed step";
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("undone on the device"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_NO_THROW(deferred.check_failures()) << name;  // reported once
+  for (const auto& p : params) EXPECT_EQ(deferred.state_of(p).step, 2) << name;
+  for (int i = 0; i < 2; ++i) step(a, deferred), step(b, immediate);
+  EXPECT_EQ(max_abs_diff(mep_test::parameter_values(a), mep_test::parameter_values(b)), 0.0) << name;
+}
+
+TEST(StepCheck, DeferredUndoesAFailedStepOnTheDeviceAndTheNextCallThrows) {
+  expect_deferred_failure_undone<mep::SGD>(mep::SGDOptions(0.1).momentum(0.9), "SGD");
+  expect_deferred_failure_undone<mep::SGD>(mep::SGDOptions(0.1).momentum(0.9).skip_nonfinite(true), "SGD skip");
+  expect_deferred_failure_undone<mep::Adam>(mep::AdamOptions(1e-3), "Adam");
+}
+
+// An EP step on a batch with a NaN leaves the parameters and BatchNorm's statistics as they
+// were, with nothing read on the host; the next call throws.
+TEST(StepCheck, DeferredEPStepOnABadBatchChangesNothing) {
+  torch::manual_seed(6);
+  auto m = torch::nn::Sequential(torch::nn::Linear(20, 32), torch::nn::BatchNorm1d(32), torch::nn::ReLU(),
+                                 torch::nn::Linear(32, 10));
+  auto x = torch::randn({16, 20});
+  auto y = torch::randint(0, 10, {16}, torch::kLong);
+  mep::EqProp opt(m, mep::EqPropOptions().step_check(mep::StepCheck::Deferred));
+  opt.step(x, y);
+  for (const auto& bad : {std::make_pair(x.clone().index_put_({0, 0}, NAN), y),
+                          std::make_pair(x, y.clone().index_put_({3}, 10))}) {
+    const auto params = mep_test::parameter_values(m);
+    std::vector<torch::Tensor> buffers;
+    for (const auto& b : m->buffers()) buffers.push_back(b.clone());
+    const auto count = mep_bench::count_ops([&] { opt.step(bad.first, bad.second); });
+    EXPECT_EQ(count.syncs, 0);
+    EXPECT_EQ(max_abs_diff(params, m->parameters()), 0.0);
+    auto now = m->buffers();
+    for (size_t i = 0; i < buffers.size(); ++i) EXPECT_TRUE(torch::equal(now[i], buffers[i])) << i;
+    EXPECT_THROW(opt.check_failures(), std::runtime_error);
+  }
+}
+
+// Checkpoints name their format: those of mep 0.3 (no "mep.format", format 1, the same
+// layout) load; a format this version does not know is refused, naming it.
+TEST(Checkpoint, Format1LoadsAndAnUnknownFormatIsRefusedNamingIt) {
+  torch::manual_seed(7);
+  auto model = small_mlp();
+  mep::SGD opt(model->parameters(), mep::SGDOptions(0.1).momentum(0.9));
+  for (auto& p : model->parameters()) p.mutable_grad() = torch::randn_like(p);
+  opt.step();
+  const auto write = [&](c10::optional<int64_t> format) {
+    torch::serialize::OutputArchive a;
+    if (format) a.write("mep.format", c10::IValue(*format));
+    a.write("mep.groups", c10::IValue(int64_t{1}));
+    a.write("mep.skipped_steps", c10::IValue(int64_t{0}));
+    torch::serialize::OutputArchive ga;
+    opt.param_groups()[0].options().serialize(ga);
+    const auto& params = opt.param_groups()[0].params();
+    ga.write("size", c10::IValue(static_cast<int64_t>(params.size())));
+    for (size_t i = 0; i < params.size(); ++i) {
+      torch::serialize::OutputArchive sa;
+      opt.state_of(params[i]).serialize(sa);
+      ga.write("state." + std::to_string(i), sa);
+    }
+    a.write("group.0", ga);
+    std::stringstream bytes;
+    a.save_to(bytes);
+    return bytes.str();
+  };
+  const auto read = [&](const std::string& bytes, mep::SGD& into) {
+    std::stringstream in(bytes);
+    torch::serialize::InputArchive a;
+    a.load_from(in);
+    into.load(a);
+  };
+  auto other = small_mlp();
+  mep::SGD loaded(other->parameters(), mep::SGDOptions(0.5));
+  read(write(c10::nullopt), loaded);
+  const auto& mine = opt.param_groups()[0].params();
+  const auto& theirs = loaded.param_groups()[0].params();
+  for (size_t i = 0; i < mine.size(); ++i) {
+    EXPECT_EQ(loaded.state_of(theirs[i]).step, 1);
+    EXPECT_TRUE(torch::equal(loaded.state_of(theirs[i]).momentum, opt.state_of(mine[i]).momentum)) << i;
+  }
+  EXPECT_EQ(loaded.param_groups()[0].options().get_lr(), 0.1);
+  mep::SGD refused(small_mlp()->parameters(), mep::SGDOptions(0.5));
+  try {
+    read(write(99), refused);
+    FAIL() << "format 99 was read";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("format 99"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(refused.param_groups()[0].options().get_lr(), 0.5);  // unchanged
+}
 
 }  // namespace

@@ -101,6 +101,31 @@ class DataParallel {
     }
   }
 
+  /// Before an update: averages the gradients over the ranks, with `buffers` (a model's
+  /// floating-point buffers, which the step's forward changed) and `*loss` (replaced by the
+  /// ranks' mean). `averages_itself(g)` picks the gradients the update averages itself
+  /// (Dion's factors): they stay local, and the sum of their sums is averaged with the rest,
+  /// so that a non-finite one on any rank is seen by every rank. Returns that average, or an
+  /// undefined tensor when there are none.
+  template <class AveragesItself>
+  torch::Tensor average_gradients(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& buffers,
+                                  torch::Tensor* loss, AveragesItself&& averages_itself) {
+    if (!active()) return torch::Tensor();
+    std::vector<torch::Tensor> shared, local;
+    for (const auto& g : grads) (averages_itself(g) ? local : shared).push_back(g);
+    for (const auto& b : buffers)
+      if (b.is_floating_point()) shared.push_back(b);
+    if (loss && loss->defined()) shared.push_back(*loss = loss->detach().clone());
+    torch::Tensor local_sum;
+    if (!local.empty()) {
+      std::vector<torch::Tensor> sums;
+      for (const auto& g : local) sums.push_back(g.sum());
+      shared.push_back(local_sum = torch::stack(sums).sum());
+    }
+    average(shared, "gradients");
+    return local_sum;
+  }
+
   /// Every tensor ← rank 0's (one broadcast per tensor).
   void broadcast(const std::vector<torch::Tensor>& tensors, const char* what) {
     if (!active()) return;

@@ -1,7 +1,8 @@
 #pragma once
 /// \file optimizer.hpp
 /// `mep::Optimizer<Gradient, Update, Constraint, Feedback, Defaults>`: one optimizer assembled
-/// from four policies, with a preset's defaults. For each parameter W with gradient g:
+/// from four policies, with a preset's defaults. For the parameters W of a group, with
+/// gradients g:
 ///
 ///   g     ← g + λ·W                      (coupled weight decay, when Update asks for it)
 ///   g_aug = feedback.accumulate(g)
@@ -11,46 +12,62 @@
 ///   W     ← W·(1 − lr·λ) − lr·s·m         (decoupled weight decay otherwise; s = update.lr_scale(W), or 1)
 ///   constraint.enforce(W)                (told whether W is the input layer's weight)
 ///
+/// The elementwise stages run as multi-tensor operations (`_foreach_*`) over the group's
+/// tensors, so that on a GPU they cost a few launches whatever the number of tensors. The
+/// direction and the constraint, which are matrix operations, run tensor by tensor. An update
+/// with `apply(W, g, lr, states)` (Adam) takes the whole step over the group itself.
+///
 /// Policies (see each header for its rule and source):
-///  - Gradient: `compute(model, x, target)` writes `.grad()` and returns the loss/energy;
-///    an EP gradient also has `bind(model)`, which reads the model when the optimizer is built.
+///  - Gradient: `compute(model, x, target)` writes `.grad()` and returns the loss/energy; an
+///    EP gradient also has `bind(model)`, which reads the model when the optimizer is built,
+///    and `compute_deferred` / `valid()` / `throw_if_invalid()`, which leave its checks of the
+///    batch on the device for the step's one check.
 ///  - Update: `direction(g, state)`, with `coupled_weight_decay` and `owns_momentum`; optionally
 ///    `lr_scale(W)`, `check_parameter(W, which)` (refuses a parameter it cannot update, at
-///    construction) and `apply(W, g, lr, state)` (the whole step in the rounding of the
-///    implementation it follows, used where no feedback needs u).
+///    construction), `apply(Ws, gs, lr, states)` (the group's whole step, in the rounding of
+///    the implementation it follows, used where no feedback needs u) and `diagnose()` (after
+///    a failed step, throws what failed in it).
 ///  - Constraint: `enforce(W, state, input_layer)`.   - Feedback: `accumulate(g, state)`, `remember(g_aug, u, state)`.
 /// Each contributes an options mixin `Policy::Options<Derived>` to OptimizerOptions; `Defaults`
 /// (options.hpp) names the preset and sets its defaults.
 ///
 /// The class derives from `torch::optim::Optimizer`: parameter groups (lr, weight_decay, and
 /// momentum, dampening and nesterov where the optimizer applies momentum, may differ per
-/// group), zero_grad, and `torch::save(opt, path)` / `torch::load(opt, path)` of the full state.
-/// A step either updates every parameter or none: non-finite gradients are rejected
-/// before anything is written, and an update that throws (a failed Cholesky or QR) or leaves
-/// a non-finite parameter is rolled back — parameters, their state, and for the EP family
-/// `.grad()` and BatchNorm's running statistics. Where the update cannot throw and its
-/// results are bounded by its inputs (a direction with `direction_bound`, no constraint, no
-/// feedback: SGD, Adam, EqProp), the step first bounds every value it will write from the
-/// ranges of the gradients, the parameters and the state; when that bound is
-/// finite for the dtype nothing can fail, and the update runs in place without the copies
-/// a rollback needs (an out-of-memory error inside it is then not rolled back).
+/// group), zero_grad, and `torch::save(opt, path)` / `torch::load(opt, path)` of the full
+/// state (checkpoint.hpp). The per-parameter state is typed (state.hpp).
+///
+/// A step updates every parameter or none (transaction.hpp): what it writes is saved first,
+/// and one check after the update — the gradients, the written values and the gradient
+/// policy's checks of the batch, summed into one device scalar — decides. With
+/// `StepCheck::Immediate` (the CPU's default) the host reads it once and a failure is undone
+/// and thrown at once, naming its cause; with `StepCheck::Deferred` (CUDA's) the device keeps
+/// or undoes the step itself and the failure is thrown by a later step (options.hpp,
+/// `StepCheck`). Undone are the parameters, their state, and for the EP family `.grad()`
+/// (Immediate only) and BatchNorm's running statistics.
 /// With `options.process_group(group)` the gradients are averaged over the group's ranks
 /// before the update (data_parallel.hpp).
 
+#include <mep/checkpoint.hpp>
 #include <mep/constraint/none.hpp>
 #include <mep/ep/chain.hpp>
 #include <mep/feedback/none.hpp>
 #include <mep/options.hpp>
 #include <mep/state.hpp>
+#include <mep/transaction.hpp>
+
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <deque>
 #include <limits>
 #include <map>
 #include <sstream>
-#include <type_traits>
 #include <stdexcept>
-#include <unordered_map>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace mep {
@@ -60,6 +77,11 @@ template <class G, class = void>
 struct has_undo : std::false_type {};
 template <class G>
 struct has_undo<G, std::void_t<decltype(std::declval<G&>().undo())>> : std::true_type {};
+template <class G, class = void>
+struct has_deferred_checks : std::false_type {};
+template <class G>
+struct has_deferred_checks<G, std::void_t<decltype(std::declval<const G&>().valid()),
+                                          decltype(std::declval<const G&>().throw_if_invalid())>> : std::true_type {};
 template <class O, class = void>
 struct has_skip_nonfinite : std::false_type {};
 template <class O>
@@ -80,6 +102,11 @@ template <class U, class = void>
 struct has_apply : std::false_type {};
 template <class U>
 struct has_apply<U, std::void_t<decltype(&U::apply)>> : std::true_type {};
+template <class U, class = void>
+struct has_diagnose : std::false_type {};
+template <class U>
+struct has_diagnose<U, std::void_t<decltype(std::declval<const U&>().diagnose()),
+                                   decltype(std::declval<const U&>().begin_step())>> : std::true_type {};
 // Whether the update has `apply` and wants it used (Adam; not the reference's rounding).
 template <class U>
 constexpr bool rounds_as_torch() {
@@ -95,18 +122,6 @@ template <class O, class = void>
 struct has_mode_option : std::false_type {};
 template <class O>
 struct has_mode_option<O, std::void_t<decltype(std::declval<const O&>().mode())>> : std::true_type {};
-template <class U, class = void>
-struct has_direction_bound : std::false_type {};
-template <class U>
-struct has_direction_bound<U, std::void_t<decltype(&U::direction_bound)>> : std::true_type {};
-
-// The largest finite value of float and double; 0 for the other dtypes (their steps take
-// the transactional path).
-inline double dtype_max(c10::ScalarType t) {
-  if (t == c10::ScalarType::Float) return std::numeric_limits<float>::max();
-  if (t == c10::ScalarType::Double) return std::numeric_limits<double>::max();
-  return 0.0;
-}
 }  // namespace detail
 
 template <class Gradient, class Update, class Constraint, class Feedback, class Defaults = ComposedDefaults>
@@ -197,30 +212,57 @@ class Optimizer : public torch::optim::Optimizer {
 
   /// torch::optim-style step: uses the `.grad()` already in place (after `backward()`).
   torch::Tensor step(LossClosure closure = nullptr) override {
+    resolve_failures();
     torch::Tensor loss;
     if (closure) {
       torch::AutoGradMode enable(true);
       loss = closure();
     }
-    apply_update(&loss);
+    apply_update(&loss, torch::Tensor());
     return loss;
   }
 
   /// One training step on a batch: gradient policy (settling and EP gradients for the EP
-  /// family, backprop otherwise), then the update. Returns the batch loss/energy.
+  /// family, backprop otherwise), then the update. Returns the batch loss/energy (on the
+  /// model's device; reading it is the caller's choice).
   torch::Tensor step(const torch::Tensor& input, const torch::Tensor& target) {
     if (model_.is_empty())
       throw std::logic_error("mep: step(input, target) needs the optimizer to be constructed from the model "
                              "(a torch::nn::Sequential); this one was given a parameter list");
-    auto loss = gradient_.compute(model_, input, target);
+    resolve_failures();
+    const bool deferred = deferred_checks();
+    if (deferred) {  // BatchNorm's statistics change in the gradient's forward: saved before it
+      std::vector<torch::Tensor> buffers;
+      for (const auto& b : model_->buffers()) buffers.push_back(b);
+      model_transaction_.begin(buffers);
+      model_saved_ = true;
+    }
+    torch::Tensor loss, valid;
     try {
-      apply_update(&loss);
+      if constexpr (detail::has_deferred_checks<Gradient>::value) {
+        loss = gradient_.compute_deferred(model_, input, target);
+        valid = gradient_.valid();
+      } else {
+        loss = gradient_.compute(model_, input, target);
+      }
+    } catch (...) {
+      model_saved_ = false;
+      throw;
+    }
+    try {
+      apply_update(&loss, valid);
     } catch (...) {
       if constexpr (detail::has_undo<Gradient>::value) gradient_.undo();  // .grad() and BatchNorm as they were
       throw;
     }
     return loss;
   }
+
+  /// With StepCheck::Deferred: throws for a failed step whose flag has reached the host, and
+  /// otherwise returns (without waiting for the device). The failed step changed nothing on
+  /// the device; the host-side state it advanced (step counts, buffers it created) is put
+  /// back here. `step` calls it first.
+  void check_failures() { resolve_failures(); }
 
   const Options& options() const { return static_cast<const Options&>(defaults()); }
   Gradient& gradient() noexcept { return gradient_; }
@@ -239,7 +281,8 @@ class Optimizer : public torch::optim::Optimizer {
     return gradient_.report();
   }
 
-  /// Steps skipped for non-finite gradients (`skip_nonfinite(true)`, backprop family).
+  /// Steps skipped for non-finite gradients (`skip_nonfinite(true)`, backprop family). With
+  /// StepCheck::Deferred, those whose flag has reached the host.
   int64_t skipped_steps() const noexcept { return skipped_steps_; }
 
   /// The state of parameter `p` (created empty on first use).
@@ -253,71 +296,19 @@ class Optimizer : public torch::optim::Optimizer {
   bool has_state(const torch::Tensor& p) const { return state_.count(state_key(p)) > 0; }
 
   void save(torch::serialize::OutputArchive& archive) const override {
-    archive.write("mep.groups", c10::IValue(static_cast<int64_t>(param_groups_.size())));
-    archive.write("mep.skipped_steps", c10::IValue(skipped_steps_));
-    for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
-      const auto& group = param_groups_[gi];
-      torch::serialize::OutputArchive ga;
-      group.options().serialize(ga);
-      ga.write("size", c10::IValue(static_cast<int64_t>(group.params().size())));
-      for (size_t pi = 0; pi < group.params().size(); ++pi) {
-        auto it = state_.find(state_key(group.params()[pi]));
-        if (it == state_.end()) continue;
-        torch::serialize::OutputArchive sa;
-        static_cast<const ParamState&>(*it->second).serialize(sa);
-        ga.write("state." + std::to_string(pi), sa);
-      }
-      archive.write("group." + std::to_string(gi), ga);
-    }
+    checkpoint::save(archive, param_groups_, skipped_steps_, [this](const torch::Tensor& p) -> const ParamState* {
+      auto it = state_.find(state_key(p));
+      return it == state_.end() ? nullptr : static_cast<const ParamState*>(it->second.get());
+    });
   }
 
   void load(torch::serialize::InputArchive& archive) override {
-    c10::IValue v;
-    if (!archive.try_read("mep.groups", v)) {
-      if (archive.try_read("pytorch_version", v))
-        throw std::runtime_error(std::string("mep: the archive holds a torch::optim optimizer's state; ") +
-                                 Defaults::name + " reads only checkpoints saved by a mep optimizer (its options "
-                                 "and state are laid out differently): load the model's parameters and start the "
-                                 "optimizer afresh");
-      throw std::runtime_error("mep: the archive holds no mep optimizer state");
-    }
-    if (v.toInt() != static_cast<int64_t>(param_groups_.size())) {
-      std::ostringstream os;
-      os << "mep: the archive has " << v.toInt() << " parameter groups, this optimizer " << param_groups_.size();
-      throw std::runtime_error(os.str());
-    }
-    // Read everything first, then commit: a failed load leaves the optimizer as it was.
-    std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;
-    std::decay_t<decltype(state_)> states;
-    for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
-      auto& group = param_groups_[gi];
-      torch::serialize::InputArchive ga;
-      archive.read("group." + std::to_string(gi), ga);
-      ga.read("size", v);
-      if (v.toInt() != static_cast<int64_t>(group.params().size())) {
-        std::ostringstream os;
-        os << "mep: parameter group " << gi << " has " << v.toInt() << " parameters in the archive, "
-           << group.params().size() << " here";
-        throw std::runtime_error(os.str());
-      }
-      auto opts = group.options().clone();
-      opts->serialize(ga);
-      options.push_back(std::move(opts));
-      for (size_t pi = 0; pi < group.params().size(); ++pi) {
-        torch::serialize::InputArchive sa;
-        if (!ga.try_read("state." + std::to_string(pi), sa)) continue;
-        const auto& p = group.params()[pi];
-        auto st = std::make_unique<ParamState>();
-        st->serialize(sa);
-        for (auto& kv : st->buffers) kv.second = kv.second.to(p.device());
-        states[state_key(p)] = std::move(st);
-      }
-    }
-    c10::IValue skipped;
-    const int64_t skipped_steps = archive.try_read("mep.skipped_steps", skipped) ? skipped.toInt() : 0;
-    for (size_t gi = 0; gi < param_groups_.size(); ++gi) param_groups_[gi].set_options(std::move(options[gi]));
-    state_ = std::move(states);
-    skipped_steps_ = skipped_steps;
+    auto c = checkpoint::read(archive, param_groups_, Defaults::name);
+    for (size_t gi = 0; gi < param_groups_.size(); ++gi) param_groups_[gi].set_options(std::move(c.options[gi]));
+    state_.clear();
+    for (auto& [p, st] : c.states) state_[state_key(p)] = std::move(st);
+    skipped_steps_ = c.skipped_steps;
+    pending_.clear();
   }
 
  protected:
@@ -400,274 +391,295 @@ class Optimizer : public torch::optim::Optimizer {
     return params;
   }
 
-  /// With a process group, averages the gradients over the ranks (and, for a model-owning
-  /// optimizer, the model's floating-point buffers, which the step's forward changed, and
-  /// the loss); rejects non-finite gradients before any parameter changes, then updates all.
-  void apply_update(torch::Tensor* loss = nullptr) {
-    torch::NoGradGuard no_grad;
-    for (size_t gi = 0; gi < param_groups_.size(); ++gi) group_options(gi);
-    std::vector<torch::Tensor> finite;
-    if (parallel_.active()) {
-      // Gradients the update averages itself (Dion's factors) stay local; the sum of their
-      // sums is averaged with the rest, so that a non-finite one on any rank is seen by all.
-      std::vector<torch::Tensor> shared, local;
-      for (const auto& group : param_groups_)
-        for (const auto& p : group.params())
-          if (p.grad().defined()) (averages_own_factors(p.grad()) ? local : shared).push_back(p.grad());
-      if (!model_.is_empty())
-        for (const auto& b : model_->buffers())
-          if (b.is_floating_point()) shared.push_back(b);
-      if (loss && loss->defined()) shared.push_back(*loss = loss->detach().clone());
-      if (!local.empty()) {
-        std::vector<torch::Tensor> sums;
-        for (const auto& g : local) sums.push_back(g.sum());
-        shared.push_back(torch::stack(sums).sum());
-        finite.push_back(shared.back());
-      }
-      parallel_.average(shared, "gradients");
-    }
-    if constexpr (kBounded) {
-      if (update_if_bounded()) return;
-    }
+ private:
+  // One parameter of a step, and what the host puts back if the step fails: whether it had
+  // state, its step count, and its buffers' handles (a step may create or replace a buffer;
+  // their values are the transaction's).
+  struct Item {
+    torch::Tensor p;
+    const Options* o;
+    ParamState* st;
+    bool had_state;
+    int64_t step;
+    std::array<torch::Tensor, 11> handles;  // in ParamState::fields() order
+  };
+  // A deferred step's flags on their way to the host.
+  struct Pending {
+    torch::Tensor flags;               // host: [ok, gradients finite]
+    std::shared_ptr<c10::Event> copied;  // CUDA: recorded after the copy (null on the CPU: copied already)
+    std::vector<Item> items;
+  };
+
+  // Whether steps are checked on the device (StepCheck::Deferred, or Auto on CUDA).
+  bool deferred_checks() const {
+    const StepCheck c = options().step_check();
+    if (c != StepCheck::Auto) return c == StepCheck::Deferred;
     for (const auto& group : param_groups_)
-      for (const auto& p : group.params())
-        if (p.grad().defined() && !averages_own_factors(p.grad()))
-          finite.push_back(p.grad().sum());  // finite iff every entry is (or it overflows)
-    if (finite.empty()) return;
-    if (!torch::isfinite(torch::stack(finite)).all().item<bool>()) {
-      if constexpr (detail::has_skip_nonfinite<Options>::value) {
-        if (options().skip_nonfinite()) {
-          ++skipped_steps_;
-          return;
-        }
+      for (const auto& p : group.params()) return p.is_cuda();
+    return false;
+  }
+
+  Item item_of(const torch::Tensor& p, const Options& o) {
+    const bool had = has_state(p);
+    ParamState& st = state_of(p);
+    Item item{p, &o, &st, had, st.step, {}};
+    size_t k = 0;
+    for (const auto& [name, field] : ParamState::fields()) item.handles[k++] = st.*field;
+    return item;
+  }
+
+  // The host side of a failed step: states it created are erased, step counts and buffer
+  // handles put back.
+  void restore_host(const std::vector<Item>& items) {
+    for (const auto& item : items) {
+      if (!item.had_state) {
+        state_.erase(state_key(item.p));
+        continue;
       }
-      throw_non_finite();
+      item.st->step = item.step;
+      size_t k = 0;
+      for (const auto& [name, field] : ParamState::fields()) item.st->*field = item.handles[k++];
+    }
+  }
+
+  // Averages the gradients over the ranks (with a process group), then updates every group,
+  // all or nothing: the transaction saves what the step writes, and one check of the
+  // gradients, the written values and the gradient policy's `valid` flag decides.
+  void apply_update(torch::Tensor* loss, const torch::Tensor& valid) {
+    torch::NoGradGuard no_grad;
+    const bool deferred = deferred_checks();
+    const bool model_saved = std::exchange(model_saved_, false);
+    for (size_t gi = 0; gi < param_groups_.size(); ++gi) group_options(gi);
+    std::vector<Item> items;
+    std::vector<size_t> group_end;  // items [group_end[g-1], group_end[g]) are group g's
+    std::vector<torch::Tensor> grads;
+    for (auto& group : param_groups_) {
+      const auto& o = static_cast<const Options&>(group.options());  // checked above
+      for (const auto& p : group.params())
+        if (p.grad().defined()) items.push_back(item_of(p, o)), grads.push_back(p.grad());
+      group_end.push_back(items.size());
+    }
+    torch::Tensor local_sum;
+    if (parallel_.active()) {
+      std::vector<torch::Tensor> buffers;
+      if (!model_.is_empty()) buffers = model_->buffers();
+      local_sum = parallel_.average_gradients(grads, buffers, loss,
+                                              [this](const torch::Tensor& g) { return averages_own_factors(g); });
+    }
+    if (items.empty()) {
+      restore_host(items);
+      return;
     }
 
-    // Transactional: each parameter and its state are saved before their update, and all are
-    // put back if any update throws (a failed Cholesky or QR) or leaves a non-finite value.
-    std::vector<Saved> saved;
-    std::vector<torch::Tensor> updated_finite;
+    std::vector<torch::Tensor> written;
+    for (auto& item : items) {
+      written.push_back(item.p);
+      item.st->for_each_buffer([&](const char*, const torch::Tensor& t) { written.push_back(t); });
+    }
+    transaction_.begin(written);
+    if constexpr (detail::has_diagnose<Update>::value) update_.begin_step();
     try {
-      for (auto& group : param_groups_) {
-        const auto& o = static_cast<const Options&>(group.options());  // checked at the step's start
-        for (auto& p : group.params()) {
-          if (!p.grad().defined()) continue;
-          saved.push_back(save_parameter(p));
-          update_parameter(p, o);
-          updated_finite.push_back(p.sum());
-        }
+      size_t begin = 0;
+      for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
+        if (group_end[gi] > begin)
+          update_group(items, begin, group_end[gi], static_cast<const Options&>(param_groups_[gi].options()));
+        begin = group_end[gi];
       }
-      if (!torch::isfinite(torch::stack(updated_finite)).all().item<bool>())
-        throw std::runtime_error("mep: the update produced a non-finite parameter; no parameter was updated");
     } catch (...) {
-      for (auto it = saved.rbegin(); it != saved.rend(); ++it) restore_parameter(*it);
+      transaction_.rollback();
+      restore_host(items);
+      if (model_saved) model_transaction_.rollback();
+      if (!host_finite(grads)) {  // the cause, rather than what it broke
+        non_finite_gradient(items);
+        return;
+      }
       throw;
     }
+
+    // The one check: Σ‖t‖₁ over gradients and written values, NaN where the batch was invalid.
+    std::vector<torch::Tensor> checked = grads;
+    for (const auto& item : items) {
+      checked.push_back(item.p);
+      item.st->for_each_buffer([&](const char*, const torch::Tensor& t) {
+        if (t.is_floating_point()) checked.push_back(t);
+      });
+    }
+    if (local_sum.defined()) checked.push_back(local_sum);
+    torch::Tensor sum = finite_sum_.sum_of_norms(checked);
+    if (valid.defined()) sum = at::where(valid, sum, std::numeric_limits<double>::quiet_NaN());
+
+    if (!deferred) {
+      if (std::isfinite(sum.item<double>())) return transaction_.commit();
+      return fail_now(items, grads, valid, checked);
+    }
+    const auto ok = torch::isfinite(sum);
+    transaction_.select(ok);
+    if (model_saved) model_transaction_.select(ok);
+    Pending pending{torch::Tensor(), nullptr, std::move(items)};
+    const bool skip = skip_nonfinite();
+    const auto flags = skip ? torch::stack({ok, torch::isfinite(finite_sum_.sum_of_norms(grads))}) : ok.reshape({1});
+    const bool cuda = flags.is_cuda();
+    pending.flags = torch::empty({flags.numel()}, torch::TensorOptions().dtype(torch::kBool).pinned_memory(cuda));
+    pending.flags.copy_(flags, /*non_blocking=*/cuda);
+    if (cuda) {
+      pending.copied = std::make_shared<c10::Event>(c10::DeviceType::CUDA);
+      pending.copied->record(c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(flags.device()));
+    }
+    pending_.push_back(std::move(pending));
+  }
+
+  // StepCheck::Immediate, after the check failed: tells an overflowing sum from a failure,
+  // undoes the step and throws its cause (or skips it, with skip_nonfinite and non-finite
+  // gradients). Reads on the host freely: this is the failure path.
+  void fail_now(const std::vector<Item>& items, const std::vector<torch::Tensor>& grads, const torch::Tensor& valid,
+                const std::vector<torch::Tensor>& checked) {
+    const bool valid_ok = !valid.defined() || valid.item<bool>();
+    if (valid_ok && host_finite(checked)) return transaction_.commit();  // only the sum overflowed
+    transaction_.rollback();
+    restore_host(items);
+    if constexpr (detail::has_deferred_checks<Gradient>::value) {
+      if (!valid_ok) gradient_.throw_if_invalid();
+    }
+    if (!host_finite(grads)) return non_finite_gradient(items);
+    if constexpr (detail::has_diagnose<Update>::value) update_.diagnose();
+    throw std::runtime_error("mep: the update produced a non-finite parameter; no parameter was updated");
+  }
+
+  static bool host_finite(const std::vector<torch::Tensor>& tensors) {
+    for (const auto& t : tensors)
+      if (t.is_floating_point() && !torch::isfinite(t).all().item<bool>()) return false;
+    return true;
+  }
+
+  bool skip_nonfinite() const {
+    if constexpr (detail::has_skip_nonfinite<Options>::value) return options().skip_nonfinite();
+    return false;
+  }
+
+  // A step with a non-finite gradient: skipped with skip_nonfinite, otherwise thrown, naming
+  // the parameter. The step has been undone.
+  void non_finite_gradient(const std::vector<Item>&) {
+    if (skip_nonfinite()) {
+      ++skipped_steps_;
+      return;
+    }
+    throw_non_finite();
+  }
+
+  // StepCheck::Deferred: the flags of earlier steps that have reached the host. A failed
+  // step's host-side state is put back; it is then counted (skip_nonfinite and non-finite
+  // gradients) or thrown.
+  void resolve_failures() {
+    while (!pending_.empty()) {
+      if (pending_.front().copied && !pending_.front().copied->query()) return;  // not there yet
+      Pending p = std::move(pending_.front());
+      pending_.pop_front();
+      const auto* flags = static_cast<const bool*>(p.flags.data_ptr());  // host memory: no device read
+      if (flags[0]) continue;
+      for (auto& item : p.items) {  // later steps may have run: step counts go back by one
+        if (!has_state(item.p)) continue;
+        ParamState& st = state_of(item.p);
+        if (!item.had_state) {
+          state_.erase(state_key(item.p));
+          continue;
+        }
+        st.step = std::max<int64_t>(item.step, st.step - 1);
+      }
+      if (p.flags.numel() > 1 && !flags[1]) {
+        ++skipped_steps_;
+        continue;
+      }
+      throw std::runtime_error(
+          "mep: a step failed (a non-finite gradient or input, a label out of range, or an update that left a "
+          "non-finite value); it was undone on the device and changed nothing. StepCheck::Immediate "
+          "(options.step_check) names the cause at the cost of one host read per step");
+    }
+  }
+
+  // The step of one group's parameters, items [begin, end): the file's rule, stage by stage
+  // over the group's tensors.
+  void update_group(std::vector<Item>& items, size_t begin, size_t end, const Options& o) {
+    std::vector<torch::Tensor> params, grads;
+    std::vector<ParamState*> states;
+    for (size_t i = begin; i < end; ++i) {
+      ++items[i].st->step;
+      params.push_back(items[i].p);
+      grads.push_back(items[i].p.grad());
+      states.push_back(items[i].st);
+    }
+    const double lr = o.lr(), wd = o.weight_decay();
+    if (Update::coupled_weight_decay && wd != 0) grads = at::_foreach_add(grads, params, wd);
+    if constexpr (kWholeStep) {
+      if (!Update::coupled_weight_decay && wd != 0) at::_foreach_mul_(params, 1 - lr * wd);
+      update_.apply(params, grads, lr, states);
+    } else {
+      std::vector<torch::Tensor> u(params.size());
+      for (size_t i = 0; i < params.size(); ++i) {
+        torch::Tensor g_aug = feedback_.accumulate(grads[i], *states[i]);
+        u[i] = direction(g_aug, *states[i]);
+        feedback_.remember(g_aug, u[i], *states[i]);
+      }
+      if constexpr (Options::has_momentum) {
+        if (o.momentum() != 0) apply_momentum(u, grads, states, o);
+      }
+      if (!Update::coupled_weight_decay && wd != 0) at::_foreach_mul_(params, 1 - lr * wd);
+      add_scaled(params, u, lr);
+    }
+    if constexpr (!std::is_same_v<Constraint, NoConstraint>) {
+      for (size_t i = 0; i < params.size(); ++i)
+        constraint_.enforce(params[i], *states[i], params[i].unsafeGetTensorImpl() == input_weight_);
+    }
+  }
+
+  // m ← μ·m + (1 − dampening)·u (m = u at first), then u ← u + μ·m with Nesterov, m without;
+  // for the tensors whose update leaves momentum to the optimizer.
+  void apply_momentum(std::vector<torch::Tensor>& u, const std::vector<torch::Tensor>& grads,
+                      const std::vector<ParamState*>& states, const Options& o) {
+    std::vector<size_t> with;
+    std::vector<torch::Tensor> m, um;
+    for (size_t i = 0; i < u.size(); ++i) {
+      if (owns_momentum(grads[i])) continue;
+      with.push_back(i);
+      if (!states[i]->momentum.defined()) {
+        states[i]->momentum = u[i].clone(torch::MemoryFormat::Contiguous);
+      } else {
+        m.push_back(states[i]->momentum);
+        um.push_back(u[i]);
+      }
+    }
+    if (!m.empty()) {
+      at::_foreach_mul_(m, o.momentum());
+      at::_foreach_add_(m, um, 1 - o.dampening());
+    }
+    if (with.empty()) return;
+    if (o.nesterov()) {
+      std::vector<torch::Tensor> uw, mw;
+      for (size_t i : with) uw.push_back(u[i]), mw.push_back(states[i]->momentum);
+      auto sum = at::_foreach_add(uw, mw, o.momentum());
+      for (size_t k = 0; k < with.size(); ++k) u[with[k]] = std::move(sum[k]);
+    } else {
+      for (size_t i : with) u[i] = states[i]->momentum;
+    }
+  }
+
+  // W ← W − lr·s·u, one multi-tensor operation per distinct scale s (usually one).
+  void add_scaled(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& u, double lr) {
+    std::vector<std::pair<double, std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>>> by_scale;
+    for (size_t i = 0; i < params.size(); ++i) {
+      double s = 1.0;
+      if constexpr (detail::has_lr_scale<Update>::value) s = update_.lr_scale(params[i]);
+      auto it = std::find_if(by_scale.begin(), by_scale.end(), [s](const auto& e) { return e.first == s; });
+      if (it == by_scale.end()) it = by_scale.insert(by_scale.end(), {s, {}});
+      it->second.first.push_back(params[i]);
+      it->second.second.push_back(u[i]);
+    }
+    for (const auto& [s, lists] : by_scale) at::_foreach_add_(lists.first, lists.second, -(lr * s));
   }
 
   // Whether the update applies W ← W − lr·u itself, in its own rounding (Adam, as torch's): when
   // the optimizer adds no momentum and no feedback needs u.
   static constexpr bool kWholeStep =
       detail::rounds_as_torch<Update>() && !Options::has_momentum && std::is_same_v<Feedback, NoFeedback>;
-
-  // Whether every value the update writes is bounded by the ranges of its inputs, and it
-  // cannot throw: then a step whose bound is finite needs no rollback.
-  static constexpr bool kBounded = detail::has_direction_bound<Update>::value &&
-                                   std::is_same_v<Constraint, NoConstraint> && std::is_same_v<Feedback, NoFeedback>;
-
-  // The range of a state buffer as the last bounded step left it, valid while the buffer is
-  // the same tensor at the same version (an in-place change or a load makes it stale). It
-  // holds the tensor, so that a replaced buffer's address cannot be reused by another.
-  struct KnownRange {
-    torch::Tensor tensor;
-    int64_t version = -1;
-    std::pair<double, double> range;
-  };
-  static bool same_version(const KnownRange& k, const torch::Tensor& t) {
-    return k.tensor.is_same(t) && !t.is_inference() && k.version == t._version();
-  }
-
-  // Bounds what the update writes from the magnitudes of its inputs:
-  //   d = g + λW:           |d| ≤ G + |λ|·P             (coupled weight decay)
-  //   u = direction(d):     |u| ≤ U = direction_bound(D, buffers, t), which also bounds the
-  //                         buffers the direction writes
-  //   m ← μm + (1−τ)u:      |m| ≤ |μ|·M + |1−τ|·U       (U when m is new; U + |μ|·M with Nesterov)
-  //   W ← W(1−lr·λ) − lr·m: |W| ≤ |1−lr·λ|·P + lr·|m|
-  // G and P are max|g| and max|W| (aminmax, one pass each; NaN when an entry is); a state
-  // buffer's range is the one the previous bounded step computed, or read when it is stale.
-  // All reads reach the host in one transfer. When every bound is below a quarter of the
-  // dtype's largest value (room for rounding), updates every parameter in place and returns
-  // true. Otherwise (a non-finite input, a bound too large, mixed dtypes, an empty tensor) it
-  // writes nothing and returns false.
-  bool update_if_bounded() {
-    struct Item {
-      torch::Tensor* p;
-      const Options* o;
-      ParamState* state;  // null before the first step
-      BufferExtents extents;
-      std::vector<std::pair<std::string, size_t>> read;  // buffers read now, and their index in `reads`
-      size_t g_at;                                        // index of g's and then W's range in `reads`
-    };
-    std::vector<Item> items;
-    std::vector<torch::Tensor> reads;
-    c10::ScalarType dtype = c10::ScalarType::Undefined;
-    const auto usable = [&](const torch::Tensor& t) {
-      if (t.numel() == 0 || detail::dtype_max(t.scalar_type()) == 0 ||
-          (dtype != c10::ScalarType::Undefined && t.scalar_type() != dtype))
-        return false;
-      dtype = t.scalar_type();
-      return true;
-    };
-    const auto read_range = [&reads](const torch::Tensor& t) {
-      auto [lo, hi] = torch::aminmax(t);
-      reads.push_back(lo), reads.push_back(hi);
-    };
-    for (auto& group : param_groups_)
-      for (auto& p : group.params()) {
-        if (!p.grad().defined()) continue;
-        if (!usable(p.grad()) || !usable(p)) return false;
-        auto it = state_.find(state_key(p));
-        Item item{&p, &static_cast<const Options&>(group.options()),
-                  it == state_.end() ? nullptr : &static_cast<ParamState&>(*it->second), {}, {}, reads.size()};
-        read_range(p.grad()), read_range(p);
-        if (item.state) {
-          const auto& known = known_ranges_[p.unsafeGetTensorImpl()];
-          for (const auto& [name, t] : item.state->buffers) {
-            if (!t.defined()) continue;
-            if (!usable(t)) return false;
-            auto k = known.find(name);
-            if (k != known.end() && same_version(k->second, t)) {
-              item.extents.ranges[name] = k->second.range;
-            } else {
-              item.read.emplace_back(name, reads.size());
-              read_range(t);
-            }
-          }
-        }
-        items.push_back(std::move(item));
-      }
-    if (items.empty()) return false;
-    const double limit = detail::dtype_max(dtype) / 4;
-    const auto host = torch::stack(reads).to(torch::kCPU, torch::kDouble).contiguous();
-    const double* r = host.data_ptr<double>();
-    if (!std::all_of(r, r + host.numel(), [](double x) { return std::isfinite(x); })) return false;
-    const auto abs_max = [r](size_t i) { return std::max(std::abs(r[i]), std::abs(r[i + 1])); };
-    for (auto& item : items) {
-      const Options& o = *item.o;
-      for (const auto& [name, i] : item.read) item.extents.ranges[name] = {r[i], r[i + 1]};
-      double worst = 0;
-      for (const auto& kv : item.extents.ranges) worst = std::max(worst, item.extents.abs_max(kv.first));
-      const double G = abs_max(item.g_at), P = abs_max(item.g_at + 2);
-      const double D = Update::coupled_weight_decay ? G + std::abs(o.weight_decay()) * P : G;
-      const int64_t step = (item.state ? item.state->step : 0) + 1;
-      const double U = update_.direction_bound(D, item.extents, step);
-      double V = U;  // the step's direction after momentum
-      if constexpr (Options::has_momentum) {
-        if (!owns_momentum(*item.p) && o.momentum() != 0) {
-          const double mu = std::abs(o.momentum());
-          const bool had = item.extents.ranges.count("momentum") > 0;
-          const double M = had ? mu * item.extents.abs_max("momentum") + std::abs(1 - o.dampening()) * U : U;
-          item.extents.ranges["momentum"] = {-M, M};
-          V = o.nesterov() ? U + mu * M : M;
-        }
-      }
-      const double shrink = Update::coupled_weight_decay ? 1.0 : std::abs(1 - o.lr() * o.weight_decay());
-      const double W = shrink * P + std::abs(o.lr()) * V;
-      for (const auto& kv : item.extents.ranges) worst = std::max(worst, item.extents.abs_max(kv.first));
-      worst = std::max({worst, G, P, D, U, V, W});
-      if (!(worst < limit)) return false;  // also false for NaN
-    }
-    for (auto& item : items) {
-      ParamState& st = item.state ? *item.state : state_of(*item.p);
-      update_parameter(*item.p, *item.o, st);
-      auto& known = known_ranges_[item.p->unsafeGetTensorImpl()];
-      known.clear();
-      for (const auto& [name, t] : st.buffers) {
-        auto e = item.extents.ranges.find(name);
-        if (t.defined() && e != item.extents.ranges.end() && !t.is_inference())
-          known[name] = KnownRange{t, t._version(), e->second};
-      }
-    }
-    return true;
-  }
-
-  // A parameter's value and state before its update, in buffers kept from step to step (a
-  // fresh copy per step costs page faults that rival the update itself).
-  struct Backup {
-    torch::Tensor value;
-    bool had_state = false;
-    int64_t step = 0;
-    std::map<std::string, torch::Tensor> buffers;  // those defined at the save
-  };
-  using Saved = std::pair<torch::Tensor, Backup*>;
-
-  static torch::Tensor& fit(torch::Tensor& buffer, const torch::Tensor& like) {
-    if (!buffer.defined() || buffer.sizes() != like.sizes() || !buffer.options().type_equal(like.options()))
-      buffer = torch::empty_like(like, torch::MemoryFormat::Contiguous);
-    return buffer;
-  }
-
-  Saved save_parameter(const torch::Tensor& p) {
-    Backup& b = backups_[p.unsafeGetTensorImpl()];
-    fit(b.value, p).copy_(p.detach());
-    b.had_state = has_state(p);
-    if (b.had_state) {
-      const ParamState& st = state_of(p);
-      b.step = st.step;
-      for (auto it = b.buffers.begin(); it != b.buffers.end();)
-        it = st.has(it->first) ? std::next(it) : b.buffers.erase(it);
-      for (const auto& [name, t] : st.buffers)
-        if (t.defined()) fit(b.buffers[name], t).copy_(t);
-    }
-    return {p, &b};
-  }
-
-  void restore_parameter(const Saved& saved) {
-    torch::NoGradGuard no_grad;
-    const auto& [p, b] = saved;
-    p.detach().copy_(b->value);
-    if (!b->had_state) {
-      state_.erase(state_key(p));
-      return;
-    }
-    ParamState& st = state_of(p);
-    st.step = b->step;
-    st.buffers.clear();
-    for (const auto& [name, t] : b->buffers) st.buffers[name] = t.clone();
-  }
-
-  void update_parameter(torch::Tensor& p, const Options& o) { update_parameter(p, o, state_of(p)); }
-  void update_parameter(torch::Tensor& p, const Options& o, ParamState& st) {
-    ++st.step;
-    torch::Tensor g = p.grad();
-    if (Update::coupled_weight_decay && o.weight_decay() != 0) g = g.add(p, o.weight_decay());
-    if constexpr (kWholeStep) {
-      if (!Update::coupled_weight_decay && o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
-      update_.apply(p, g, o.lr(), st);
-      constraint_.enforce(p, st, p.unsafeGetTensorImpl() == input_weight_);
-      return;
-    }
-    torch::Tensor g_aug = feedback_.accumulate(g, st);
-    torch::Tensor u = direction(g_aug, st);
-    feedback_.remember(g_aug, u, st);
-    if constexpr (Options::has_momentum) {
-      if (!owns_momentum(g_aug) && o.momentum() != 0) {
-        torch::Tensor& m = st.buffers["momentum"];
-        if (!m.defined()) {
-          m = u.clone(torch::MemoryFormat::Contiguous);
-        } else {
-          m.mul_(o.momentum()).add_(u, 1 - o.dampening());
-        }
-        u = o.nesterov() ? u.add(m, o.momentum()) : m;
-      }
-    }
-    if (!Update::coupled_weight_decay && o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
-    double lr = o.lr();
-    if constexpr (detail::has_lr_scale<Update>::value) lr *= update_.lr_scale(p);
-    p.add_(u, -lr);
-    constraint_.enforce(p, st, p.unsafeGetTensorImpl() == input_weight_);
-  }
 
   // With data parallelism: whether the update averages its own factors for this gradient
   // (Dion: B·Q and Bᵀ·P) rather than taking the averaged gradient. Error feedback clamps,
@@ -707,15 +719,17 @@ class Optimizer : public torch::optim::Optimizer {
 
   int64_t skipped_steps_ = 0;
   c10::TensorImpl* input_weight_ = nullptr;  // the input layer's weight (the constraint's input_layer)
-  std::unordered_map<c10::TensorImpl*, Backup> backups_;
-  std::unordered_map<c10::TensorImpl*, std::map<std::string, KnownRange>> known_ranges_;
+  Transaction transaction_;        // the parameters and their state
+  Transaction model_transaction_;  // a model's buffers (Deferred: saved before the gradient's forward)
+  bool model_saved_ = false;
+  FiniteSum finite_sum_;
+  std::deque<Pending> pending_;
   Gradient gradient_;
   Update update_;
   Constraint constraint_;
   Feedback feedback_;
   torch::nn::Sequential model_{nullptr};
   DataParallel parallel_;
-
 };
 
 }  // namespace mep

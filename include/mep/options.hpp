@@ -117,6 +117,22 @@ void check_enum_option(const E& value, const char* name) {
 ///   → mep: invalid option loss = 7 (expected one of mse, ce, nll)
 #define MEP_CHECK_ENUM_OPTION(field, name) ::mep::detail::check_enum_option(field, name)
 
+/// How a step learns that it failed (a non-finite gradient or input, a label out of range,
+/// an update that left a non-finite value). Either way the failed step changes nothing.
+///  - Immediate: one host read per step, after the update; a failure throws from that
+///    `step`, naming its cause. The default on the CPU, where a read costs nothing.
+///  - Deferred: nothing is read. The device keeps or undoes the step by itself (a select
+///    between the step's values and the saved ones), and the step's flag is copied to the
+///    host without blocking; a later `step` (the first to find the copy arrived) or
+///    `check_failures()` throws. The default on CUDA, where a read would drain the pipeline.
+///  - Auto: Immediate on the CPU, Deferred on CUDA (by the first parameter's device).
+enum class StepCheck { Auto, Immediate, Deferred };
+inline const std::vector<std::pair<StepCheck, const char*>>& enum_names(StepCheck) {
+  static const std::vector<std::pair<StepCheck, const char*>> names = {
+      {StepCheck::Auto, "auto"}, {StepCheck::Immediate, "immediate"}, {StepCheck::Deferred, "deferred"}};
+  return names;
+}
+
 /// Options every optimizer has: the learning rate and the weight decay. They may differ per
 /// parameter group, as in torch::optim.
 template <class Derived>
@@ -432,6 +448,15 @@ class OptimizerOptions
   }
   const ProcessGroupPtr& process_group() const noexcept { return process_group_; }
 
+  /// How a step's failure reaches the host (StepCheck; Auto by default). Not saved with the
+  /// options; set it on the optimizer's options.
+  Self& step_check(StepCheck check) {
+    MEP_CHECK_ENUM_OPTION(check, "step_check");
+    step_check_ = check;
+    return *this;
+  }
+  StepCheck step_check() const noexcept { return step_check_; }
+
   double get_lr() const override { return this->lr(); }
   void set_lr(const double lr) override { this->lr(lr); }
 
@@ -510,6 +535,7 @@ class OptimizerOptions
 
  private:
   ProcessGroupPtr process_group_;
+  StepCheck step_check_ = StepCheck::Auto;
 };
 
 }  // namespace mep

@@ -84,18 +84,18 @@ struct SpectralConstraint {
   torch::Tensor estimate(const torch::Tensor& w, ParamState& st) const {
     torch::NoGradGuard no_grad;
     auto m = as_matrix(w);
-    if (!st.has("spectral_u")) {
+    if (!st.spectral_u.defined()) {
       // Random unit vectors from a fixed-seed CPU generator: deterministic, and the
       // user's global RNG stream is left alone.
       auto gen = at::detail::createCPUGenerator(0x5eed + m.size(0) * 131 + m.size(1));
       auto opts = torch::TensorOptions().dtype(m.scalar_type());
       auto u = at::randn({m.size(0)}, gen, opts);
       auto v = at::randn({m.size(1)}, gen, opts);
-      st.set("spectral_u", (u / u.norm()).to(m.device()));
-      st.set("spectral_v", (v / v.norm()).to(m.device()));
+      st.spectral_u = (u / u.norm()).to(m.device());
+      st.spectral_v = (v / v.norm()).to(m.device());
     }
-    auto& u = st.buffers["spectral_u"];
-    auto& v = st.buffers["spectral_v"];
+    auto& u = st.spectral_u;
+    auto& v = st.spectral_v;
     for (int64_t k = 0; k < power_iter; ++k) {
       auto wv = torch::mv(m.t(), u);
       v.copy_(wv / wv.norm().clamp_min(1e-6));

@@ -78,12 +78,12 @@ struct ErrorFeedback {
   bool active() const { return enabled; }
 
   torch::Tensor accumulate(const torch::Tensor& g, ParamState& st) const {
-    if (!enabled || !st.has("error_feedback")) return g;
-    return g + beta * st.buffers["error_feedback"];
+    if (!enabled || !st.error_feedback.defined()) return g;
+    return g + beta * st.error_feedback;
   }
   void remember(const torch::Tensor& g_aug, const torch::Tensor& u, ParamState& st) const {
     if (!enabled) return;
-    auto& e = st.zeros_like("error_feedback", g_aug);
+    auto& e = ParamState::zeros_like(st.error_feedback, g_aug);
     if (rule == ErrorRule::Projected) {
       auto scale = (g_aug * u).sum() / (u * u).sum().clamp_min(1e-30);  // stays on the device
       e.copy_(g_aug).sub_(u * scale);

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace mep {
 
@@ -49,56 +50,54 @@ struct AdamUpdate {
       : beta1(std::get<0>(o.betas())), beta2(std::get<1>(o.betas())), eps(o.eps()), amsgrad(o.amsgrad()) {}
 
   torch::Tensor direction(const torch::Tensor& g, ParamState& st) const {
-    auto u = advance(g, st);  // the denominator, then the direction
-    return at::div_out(u, st.buffers["exp_avg"], u).div_(bias_correction(beta1, st.step));
+    std::vector<torch::Tensor> g1{g}, denominator;
+    std::vector<ParamState*> st1{&st};
+    advance(g1, st1, denominator);
+    auto& u = denominator[0];
+    return at::div_out(u, st.exp_avg, u).div_(bias_correction(beta1, st.step));
   }
 
-  /// The whole step W ← W − lr·u, rounded as `torch::optim::Adam` rounds it:
-  /// W.addcdiv_(m, √v̂/√(1−β₂ᵗ) + ε, −lr/(1−β₁ᵗ)). The optimizer uses it instead of
-  /// `direction` where nothing else needs u (no error feedback).
-  void apply(torch::Tensor& w, const torch::Tensor& g, double lr, ParamState& st) const {
-    const auto denominator = advance(g, st);
-    w.addcdiv_(st.buffers["exp_avg"], denominator, -lr / bias_correction(beta1, st.step));
-  }
-
-  /// A bound on |u| and on what `direction` computes on the way (g², the denominator) at step
-  /// t for max|g| ≤ g, given the ranges of the state's buffers in `b`, which it replaces with
-  /// ranges of the values `direction` writes: |m| ≤ β₁·max|m| + (1−β₁)·g,
-  /// 0 ≤ v ≤ β₂·max v + (1−β₂)·g², and, as the denominator is at least ε,
-  /// |u| ≤ |m| / (ε·(1−β₁ᵗ)). Infinite when nothing bounds it: ε = 0 (0/0 where m = v = 0) or
-  /// a negative second moment (its square root).
-  double direction_bound(double g, BufferExtents& b, int64_t step) const {
-    constexpr double inf = std::numeric_limits<double>::infinity();
-    if (!(eps > 0) || b.range("exp_avg_sq").first < 0 || (amsgrad && b.range("max_exp_avg_sq").first < 0)) return inf;
-    const double m = beta1 * b.abs_max("exp_avg") + (1 - beta1) * g;
-    const double v = beta2 * b.abs_max("exp_avg_sq") + (1 - beta2) * g * g;
-    const double second = amsgrad ? std::max(v, b.abs_max("max_exp_avg_sq")) : v;
-    b.ranges["exp_avg"] = {-m, m};
-    b.ranges["exp_avg_sq"] = {0.0, v};
-    if (amsgrad) b.ranges["max_exp_avg_sq"] = {0.0, second};
-    const double bc1 = 1 - std::pow(beta1, static_cast<double>(step));
-    const double bc2 = 1 - std::pow(beta2, static_cast<double>(step));
-    const double denominator = std::sqrt(second) / std::sqrt(bc2) + eps;
-    return std::max({g * g, denominator, m / eps / bc1});
+  /// The whole step W ← W − lr·u of every tensor of a group, as multi-tensor operations,
+  /// rounded as `torch::optim::Adam` rounds it: W.addcdiv_(m, √v̂/√(1−β₂ᵗ) + ε, −lr/(1−β₁ᵗ)).
+  /// The optimizer uses it instead of `direction` where nothing else needs u (no error
+  /// feedback).
+  void apply(const std::vector<torch::Tensor>& w, const std::vector<torch::Tensor>& g, double lr,
+             const std::vector<ParamState*>& st) const {
+    std::vector<torch::Tensor> denominator, m;
+    advance(g, st, denominator);
+    std::vector<c10::Scalar> step_size;
+    for (auto* s : st) m.push_back(s->exp_avg), step_size.emplace_back(-lr / bias_correction(beta1, s->step));
+    at::_foreach_addcdiv_(w, m, denominator, step_size);
   }
 
  private:
   static double bias_correction(double beta, int64_t step) { return 1 - std::pow(beta, static_cast<double>(step)); }
 
-  // Advances the moments by g (m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², v_max with amsgrad) and
-  // returns the denominator √v̂ / √(1−β₂ᵗ) + ε in a new tensor.
-  torch::Tensor advance(const torch::Tensor& g, ParamState& st) const {
-    auto& m = st.zeros_like("exp_avg", g);
-    auto& v = st.zeros_like("exp_avg_sq", g);
-    m.mul_(beta1).add_(g, 1 - beta1);
-    v.mul_(beta2).addcmul_(g, g, 1 - beta2);
-    torch::Tensor second = v;
-    if (amsgrad) {
-      auto& vmax = st.zeros_like("max_exp_avg_sq", g);
-      torch::max_out(vmax, vmax, v);
-      second = vmax;
+  // Advances the moments of every tensor by its g (m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g²,
+  // v_max with amsgrad) and puts the denominators √v̂ / √(1−β₂ᵗ) + ε in `denominator`.
+  void advance(const std::vector<torch::Tensor>& g, const std::vector<ParamState*>& st,
+               std::vector<torch::Tensor>& denominator) const {
+    std::vector<torch::Tensor> m, v;
+    std::vector<c10::Scalar> root_bc2;
+    for (size_t i = 0; i < g.size(); ++i) {
+      m.push_back(ParamState::zeros_like(st[i]->exp_avg, g[i]));
+      v.push_back(ParamState::zeros_like(st[i]->exp_avg_sq, g[i]));
+      root_bc2.emplace_back(std::sqrt(bias_correction(beta2, st[i]->step)));
     }
-    return second.sqrt().div_(std::sqrt(bias_correction(beta2, st.step))).add_(eps);
+    at::_foreach_mul_(m, beta1);
+    at::_foreach_add_(m, g, 1 - beta1);
+    at::_foreach_mul_(v, beta2);
+    at::_foreach_addcmul_(v, g, g, 1 - beta2);
+    if (amsgrad) {
+      std::vector<torch::Tensor> vmax;
+      for (size_t i = 0; i < g.size(); ++i) vmax.push_back(ParamState::zeros_like(st[i]->max_exp_avg_sq, g[i]));
+      auto larger = at::_foreach_maximum(vmax, v);
+      for (size_t i = 0; i < g.size(); ++i) st[i]->max_exp_avg_sq = larger[i];
+      v = std::move(larger);
+    }
+    denominator = at::_foreach_sqrt(v);
+    at::_foreach_div_(denominator, root_bc2);
+    at::_foreach_add_(denominator, eps);
   }
 };
 

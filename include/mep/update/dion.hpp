@@ -33,7 +33,7 @@
 /// update from one layer to the next. Another value is refused with an OptionError.
 /// Dion carries its own momentum (M) for the matrices it handles; the Newton-Schulz and
 /// pass-through paths keep the optimizer's heavy-ball momentum (`owns_momentum_for`).
-/// Weight decay is decoupled. State: "dion_M" (m × n) and "dion_Q"
+/// Weight decay is decoupled. State: `dion_M` (m × n) and `dion_Q`
 /// (n × r), in the parameter's dtype (the arithmetic runs in float32 for half/bfloat16).
 ///
 /// Data parallelism (data_parallel.hpp; Ahn et al. 2025, §3, the PowerSGD trick of Vogels
@@ -139,9 +139,9 @@ struct Dion {
     const auto work = gm.options().dtype(reduced ? torch::kFloat32 : gm.scalar_type());
 
     // State, in the parameter's dtype; (re)created when absent or shaped for another rank.
-    torch::Tensor& m = st.buffers["dion_M"];
+    torch::Tensor& m = st.dion_M;
     if (!m.defined() || m.sizes() != gm.sizes()) m = torch::zeros({rows, cols}, gm.options());
-    torch::Tensor& q = st.buffers["dion_Q"];
+    torch::Tensor& q = st.dion_Q;
     if (!q.defined() || q.size(0) != cols || q.size(1) != rank) q = initial_basis(cols, rank, gm.options());
 
     // B = M + G (in place in M unless the arithmetic needs a wider dtype).

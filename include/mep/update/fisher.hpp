@@ -31,6 +31,8 @@
 #include <mep/update/matrix.hpp>
 #include <mep/update/newton_schulz.hpp>
 
+#include <functional>
+#include <numeric>
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
@@ -80,7 +82,7 @@ struct FisherNewtonSchulz {
 
     const torch::Tensor fresh = proxy(x);
 
-    torch::Tensor& f = st.buffers["fisher"];
+    torch::Tensor& f = st.fisher;
     const std::vector<int64_t> fshape = diagonal ? std::vector<int64_t>{in} : std::vector<int64_t>{in, in};
     if (!f.defined() || f.sizes() != c10::IntArrayRef(fshape)) f = torch::zeros(fshape, gm.options());
     f.mul_(ema).add_(fresh.to(f.scalar_type()), 1.0 - ema);
@@ -93,20 +95,35 @@ struct FisherNewtonSchulz {
       a.diagonal().add_(damping);
       torch::Tensor l, info;
       std::tie(l, info) = torch::linalg_cholesky_ex(a);
-      if (info.item<int64_t>() != 0) {
-        std::ostringstream os;
-        os << "mep: FisherNewtonSchulz: F + fisher_damping·I is not positive definite for the parameter of shape "
-           << g.sizes() << " (Fisher " << in << " × " << in << ", fisher_damping = " << damping
-           << "); use a larger fisher_damping";
-        throw std::runtime_error(os.str());
-      }
-      w = torch::cholesky_solve(x.t(), l).t();  // g·(F + λI)⁻¹ = ((F + λI)⁻¹·gᵀ)ᵀ
+      // A failed factorisation (info ≠ 0) makes the direction non-finite, on the device: the
+      // optimizer's one check of the step then sees it, and `diagnose` says why.
+      const auto factored = info.eq(0);
+      factorisations_.push_back({factored, g.sizes().vec()});
+      w = torch::cholesky_solve(x.t(), l).t().div_(factored);  // g·(F + λI)⁻¹ = ((F + λI)⁻¹·gᵀ)ᵀ; x/0 where not
     }
     w = w / w.norm().clamp_min(1.0);
     return ns.orthogonalise(w).to(g.scalar_type()).reshape(g.sizes());
   }
 
+  /// Forgets the factorisations of the previous step (the optimizer calls it as a step starts).
+  void begin_step() const { factorisations_.clear(); }
+  /// After a failed step (reads on the host): throws std::runtime_error for the first
+  /// factorisation of this step that failed; returns if none did.
+  void diagnose() const {
+    for (const auto& [factored, shape] : factorisations_) {
+      if (factored.item<bool>()) continue;
+      const int64_t in = shape.size() < 2 ? 0 : std::accumulate(shape.begin() + 1, shape.end(), int64_t{1}, std::multiplies<>());
+      std::ostringstream os;
+      os << "mep: FisherNewtonSchulz: F + fisher_damping·I is not positive definite for the parameter of shape "
+         << c10::IntArrayRef(shape) << " (Fisher " << in << " × " << in << ", fisher_damping = " << damping
+         << "); use a larger fisher_damping";
+      throw std::runtime_error(os.str());
+    }
+  }
+
  private:
+  mutable std::vector<std::pair<torch::Tensor, std::vector<int64_t>>> factorisations_;  // (info == 0, g's shape) this step
+
   /// The Fisher proxy of `x` (out × in): xᵀ·x, or its diagonal.
   torch::Tensor proxy(const torch::Tensor& x) const { return diagonal ? x.square().sum(0) : torch::mm(x.t(), x); }
 };

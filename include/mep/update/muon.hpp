@@ -161,7 +161,7 @@ struct MuonUpdate {
   /// dtype. Updates the state's "momentum_buffer".
   torch::Tensor direction(const torch::Tensor& g, ParamState& st) const {
     check_parameter(g, "a gradient");
-    torch::Tensor& buf = st.zeros_like("momentum_buffer", g);
+    torch::Tensor& buf = ParamState::zeros_like(st.momentum_buffer, g);
     buf.lerp_(g, 1 - momentum);
     const torch::Tensor update = nesterov ? g.lerp(buf, momentum) : buf;
     if (g.dim() == 2) return orthogonalise(update);

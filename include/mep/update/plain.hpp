@@ -21,8 +21,6 @@ struct Plain {
   explicit Plain(const O&) {}
 
   torch::Tensor direction(const torch::Tensor& g, ParamState&) const { return g; }
-  /// |u| ≤ max|g|; Plain writes no buffer.
-  double direction_bound(double g, BufferExtents&, int64_t /*step*/) const { return g; }
 };
 
 }  // namespace mep
