@@ -47,6 +47,30 @@ std::string validation_message(const Opts& o) {
 
 // ------------------------------------------------------------------ Newton-Schulz
 
+// The matrices of one shape are orthogonalised as one batch: each equals its own direction
+// (float64, 1e-12), whatever the schedule and scale; other shapes and vectors as `direction`.
+TEST(NewtonSchulz, BatchedDirectionsEqualPerMatrixOnes) {
+  torch::manual_seed(12);
+  for (auto coefficients : {mep::NSCoefficients::Cubic, mep::NSCoefficients::Quintic, mep::NSCoefficients::PolarExpress}) {
+    mep::NewtonSchulz ns;
+    ns.coefficients = coefficients;
+    ns.scale = mep::NSScale::Muon;
+    std::vector<torch::Tensor> g = {torch::randn({12, 7}, f64), torch::randn({12, 7}, f64), torch::randn({5}, f64),
+                                    torch::randn({7, 12}, f64), torch::randn({12, 7}, f64),
+                                    torch::randn({4, 3, 2, 2}, f64)};
+    std::vector<mep::ParamState> states(g.size());
+    std::vector<mep::ParamState*> st;
+    for (auto& s : states) st.push_back(&s);
+    const auto batched = ns.directions(g, st);
+    ASSERT_EQ(batched.size(), g.size());
+    for (size_t i = 0; i < g.size(); ++i) {
+      const auto one = ns.direction(g[i], states[i]);
+      EXPECT_EQ(batched[i].sizes(), g[i].sizes()) << i;
+      EXPECT_LT((batched[i] - one).abs().max().item<double>(), 1e-12) << mep::enum_name(coefficients) << " " << i;
+    }
+  }
+}
+
 TEST(NewtonSchulz, CubicEqualsTheFormulaComputedDirectly) {
   torch::manual_seed(3);
   for (auto shape : {std::vector<int64_t>{40, 25}, std::vector<int64_t>{25, 40}, std::vector<int64_t>{30, 30}}) {

@@ -24,7 +24,8 @@
 ///    batch on the device for the step's one check.
 ///  - Update: `direction(g, state)`, with `coupled_weight_decay` and `owns_momentum`; optionally
 ///    `lr_scale(W)`, `check_parameter(W, which)` (refuses a parameter it cannot update, at
-///    construction), `apply(Ws, gs, lr, states)` (the group's whole step, in the rounding of
+///    construction), `directions(gs, states)` (the group's directions at once: Newton–Schulz
+///    batches the matrices of one shape), `apply(Ws, gs, lr, states)` (the group's whole step, in the rounding of
 ///    the implementation it follows, used where no feedback needs u) and `diagnose()` (after
 ///    a failed step, throws what failed in it).
 ///  - Constraint: `enforce(W, state, input_layer)`.   - Feedback: `accumulate(g, state)`, `remember(g_aug, u, state)`.
@@ -102,6 +103,10 @@ template <class U, class = void>
 struct has_apply : std::false_type {};
 template <class U>
 struct has_apply<U, std::void_t<decltype(&U::apply)>> : std::true_type {};
+template <class U, class = void>
+struct has_directions : std::false_type {};
+template <class U>
+struct has_directions<U, std::void_t<decltype(&U::directions)>> : std::true_type {};
 template <class U, class = void>
 struct has_diagnose : std::false_type {};
 template <class U>
@@ -613,12 +618,14 @@ class Optimizer : public torch::optim::Optimizer {
       if (!Update::coupled_weight_decay && wd != 0) at::_foreach_mul_(params, 1 - lr * wd);
       update_.apply(params, grads, lr, states);
     } else {
-      std::vector<torch::Tensor> u(params.size());
-      for (size_t i = 0; i < params.size(); ++i) {
-        torch::Tensor g_aug = feedback_.accumulate(grads[i], *states[i]);
-        u[i] = direction(g_aug, *states[i]);
-        feedback_.remember(g_aug, u[i], *states[i]);
+      std::vector<torch::Tensor> g_aug(params.size()), u(params.size());
+      for (size_t i = 0; i < params.size(); ++i) g_aug[i] = feedback_.accumulate(grads[i], *states[i]);
+      if constexpr (detail::has_directions<Update>::value) {
+        u = update_.directions(g_aug, states);  // batched where the update can (Newton–Schulz)
+      } else {
+        for (size_t i = 0; i < params.size(); ++i) u[i] = direction(g_aug[i], *states[i]);
       }
+      for (size_t i = 0; i < params.size(); ++i) feedback_.remember(g_aug[i], u[i], *states[i]);
       if constexpr (Options::has_momentum) {
         if (o.momentum() != 0) apply_momentum(u, grads, states, o);
       }

@@ -18,6 +18,7 @@
 #include <mep/state.hpp>
 #include <mep/update/matrix.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <string>
@@ -68,22 +69,32 @@ inline const std::array<std::array<double, 3>, 8>& polar_express_coefficients() 
 }
 }  // namespace detail
 
-/// Orthogonalises a 2-D tensor `g` with `steps` Newton-Schulz iterations (no output scale).
+/// Orthogonalises `g` with `steps` Newton-Schulz iterations (no output scale): a matrix
+/// (2-D), or a batch of matrices of one shape (3-D, B × m × n), each orthogonalised on its
+/// own with batched products (bmm), so that B matrices cost the launches of one.
 inline torch::Tensor newton_schulz(const torch::Tensor& g, int64_t steps,
                                    NSCoefficients coefficients = NSCoefficients::Cubic) {
-  TORCH_CHECK(g.dim() == 2, "mep::newton_schulz expects a 2-D tensor, got ", g.sizes());
-  const bool transposed = g.size(0) > g.size(1);
-  torch::Tensor x = transposed ? g.t() : g;  // x is (small × large): A = x·xᵀ is small
-  const auto norm = x.norm();
+  TORCH_CHECK(g.dim() == 2 || g.dim() == 3, "mep::newton_schulz expects a matrix or a batch of matrices, got ",
+              g.sizes());
+  const bool batched = g.dim() == 3;
+  const bool transposed = g.size(-2) > g.size(-1);
+  torch::Tensor x = transposed ? g.transpose(-2, -1) : g;  // x is (small × large): A = x·xᵀ is small
+  const auto norm = batched ? at::linalg_vector_norm(x, 2, {-2, -1}, /*keepdim=*/true) : x.norm();
   switch (coefficients) {
     case NSCoefficients::Cubic: x = x / norm.clamp(1e-4, 1e4); break;
     case NSCoefficients::Quintic: x = x / (norm + 1e-7); break;
     case NSCoefficients::PolarExpress: x = x / (norm * 1.01 + 1e-7); break;
   }
+  // c·X + d·(Y·Z): addmm for a matrix (the rounding of the per-matrix path), baddbmm for a batch.
+  const auto add_product = [batched](const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& z, double c,
+                                     double d) {
+    return batched ? torch::baddbmm(x, y, z, c, d) : torch::addmm(x, y, z, c, d);
+  };
   for (int64_t k = 0; k < steps; ++k) {
-    auto a = torch::mm(x, x.t());
+    auto xt = x.transpose(-2, -1);
+    auto a = batched ? torch::bmm(x, xt) : torch::mm(x, xt);
     if (coefficients == NSCoefficients::Cubic) {
-      x = torch::addmm(x, a, x, /*beta=*/1.5, /*alpha=*/-0.5);
+      x = add_product(x, a, x, 1.5, -0.5);
       continue;
     }
     double ca = 3.4445, cb = -4.7750, cc = 2.0315;
@@ -92,10 +103,10 @@ inline torch::Tensor newton_schulz(const torch::Tensor& g, int64_t steps,
       const auto& row = table[std::min<size_t>(static_cast<size_t>(k), table.size() - 1)];
       ca = row[0], cb = row[1], cc = row[2];
     }
-    auto b = torch::addmm(a, a, a, /*beta=*/cb, /*alpha=*/cc);  // b·A + c·A²
-    x = torch::addmm(x, b, x, /*beta=*/ca, /*alpha=*/1.0);      // a·X + B·X
+    auto b = add_product(a, a, a, cb, cc);  // b·A + c·A²
+    x = add_product(x, b, x, ca, 1.0);      // a·X + B·X
   }
-  return transposed ? x.t() : x;
+  return transposed ? x.transpose(-2, -1) : x;
 }
 
 /// The output scale s of an m × n orthogonalised update, the one formula for every policy
@@ -142,6 +153,37 @@ struct NewtonSchulz {
   torch::Tensor direction(const torch::Tensor& g, ParamState&) const {
     if (!is_matrix(g)) return g;
     return orthogonalise(as_matrix(g)).reshape(g.sizes());
+  }
+
+  /// The directions of a group's gradients: the matrices of one shape orthogonalised as one
+  /// batch (newton_schulz on B × m × n), a shape with one matrix as `direction` does.
+  std::vector<torch::Tensor> directions(const std::vector<torch::Tensor>& g, const std::vector<ParamState*>& st) const {
+    std::vector<torch::Tensor> u(g.size());
+    std::vector<std::pair<std::vector<int64_t>, std::vector<size_t>>> shapes;  // shape → indices, in first-seen order
+    for (size_t i = 0; i < g.size(); ++i) {
+      if (!is_matrix(g[i])) {
+        u[i] = g[i];
+        continue;
+      }
+      auto shape = g[i].sizes().vec();
+      auto it = std::find_if(shapes.begin(), shapes.end(), [&](const auto& e) { return e.first == shape; });
+      if (it == shapes.end()) it = shapes.insert(shapes.end(), {shape, {}});
+      it->second.push_back(i);
+    }
+    for (const auto& [shape, at] : shapes) {
+      if (at.size() == 1) {
+        u[at[0]] = direction(g[at[0]], *st[at[0]]);
+        continue;
+      }
+      std::vector<torch::Tensor> batch;
+      for (size_t i : at) batch.push_back(as_matrix(g[i]));
+      const auto x = torch::stack(batch);
+      auto o = newton_schulz(x, steps, coefficients);
+      const double s = ns_output_scale(scale, x.size(1), x.size(2));
+      if (s != 1.0) o = o * s;
+      for (size_t k = 0; k < at.size(); ++k) u[at[k]] = o[static_cast<int64_t>(k)].reshape(g[at[k]].sizes());
+    }
+    return u;
   }
 
   /// s · NS(m) for a 2-D tensor m (m × n), s = ns_output_scale(scale, m, n).
