@@ -18,7 +18,7 @@
 /// these terms over a workspace (ep/workspace.hpp) after the feedforward pass
 /// (ep/feedforward.hpp): `forward` (the segments' predictions at the current states),
 /// `errors` (ε, δ and the nudge), `backproject` (J_{l+1}ᵀ·ε_{l+1}), `state_gradient`,
-/// `evaluate` (all of them), `total`/`mean` and `residual`.
+/// `evaluate` (all of them), `total`/`mean` and `residual_norms`.
 
 #include <mep/ep/chain.hpp>
 #include <mep/ep/workspace.hpp>
@@ -241,16 +241,15 @@ inline double mean(Workspace& ws, double beta) {
   return total(ws, beta).item<double>() / static_cast<double>(ws.batch());
 }
 
-/// The relative residual ‖∂E/∂s‖ / ‖s‖ over all states and samples (after evaluate).
-inline double residual(const Workspace& ws) {
+/// [‖∂E/∂s‖², ‖s‖²] over all states and samples (after evaluate), float64 on the device:
+/// the relative residual ‖∂E/∂s‖ / ‖s‖ without a host read (PhaseReport::residual reads it).
+inline torch::Tensor residual_norms(const Workspace& ws) {
   torch::Tensor num = torch::zeros({}, ws.options.dtype(torch::kDouble)), den = torch::zeros_like(num);
   for (size_t l = 0; l < ws.size(); ++l) {
     num += ws.dE_ds[l].pow(2).sum().to(torch::kDouble);
     den += ws.s[l].pow(2).sum().to(torch::kDouble);
   }
-  auto both = torch::stack({num, den}).cpu();
-  const double n = both[0].item<double>(), d = both[1].item<double>();
-  return d > 0 ? std::sqrt(n / d) : std::sqrt(n);
+  return torch::stack({num, den});
 }
 
 /// The curvature of the last layer's energy in s_L when it is the quadratic
