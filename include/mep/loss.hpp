@@ -116,11 +116,12 @@ inline torch::Tensor target_valid(const torch::Tensor& target, const torch::Tens
 /// One-hot encoding of class indices, or the float target itself, in `like`'s dtype/device.
 /// Indices out of [0, K) are clamped (they never index out of bounds; `target_valid` says
 /// whether there were any), so that no value is read on the host.
-inline torch::Tensor dense_target(const torch::Tensor& target, const torch::Tensor& like) {
+/// `in_range`: the indices are known to be in [0, K) already (safe_target's), not clamped again.
+inline torch::Tensor dense_target(const torch::Tensor& target, const torch::Tensor& like, bool in_range = false) {
   if (target.scalar_type() == torch::kLong) {
     const int64_t classes = like.size(1);
-    return torch::zeros({target.size(0), classes}, like.options())
-        .scatter_(1, safe_target(target, classes).unsqueeze(1), 1.0);
+    const auto index = in_range ? target : safe_target(target, classes);
+    return torch::zeros({target.size(0), classes}, like.options()).scatter_(1, index.unsqueeze(1), 1.0);
   }
   return target.to(like.options());
 }

@@ -387,7 +387,7 @@ class BasicEPGradient {
     }
     check_target_shape(target, ws.output.sizes());
     const torch::Tensor safe = safe_target(target, ws.output.dim() == 2 ? ws.output.size(1) : 0);
-    energy::set_target(ws, safe);
+    energy::set_target(ws, safe, /*in_range=*/true);
 
     std::vector<std::pair<double, double>> phases;  // (β_p, coef_p): g = Σ_p coef_p·∂_θE(s^{β_p})
     if (symmetric_) phases = {{beta_, 0.5 / beta_}, {-beta_, -0.5 / beta_}};
@@ -424,7 +424,7 @@ class BasicEPGradient {
     previous_report_ = std::move(report_);
     report_ = std::move(report);
     committed_ = true;
-    return energy::loss(nudging_, ws.output, safe);
+    return energy::feedforward_loss(ws, safe);
   }
 
  private:

@@ -56,7 +56,8 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
     std::vector<torch::Tensor> rho(e.size());
     for (size_t l = 0; l + 1 < e.size(); ++l) {
       const int64_t iters = e.autograd_jacobian(l + 1) ? kAutogradPowerIterations : kPowerIterations;
-      rho[l] = e.jacobian_norm(l + 1, iters).square().reciprocal().clamp_max(1.0);
+      auto sigma = e.jacobian_norm(l + 1, iters);
+      rho[l] = sigma.mul(sigma).reciprocal_().clamp_max_(1.0);  // square() is σ·σ, without its dtype checks
     }
     std::vector<torch::Tensor> none;
     auto& saved = c.adaptive ? e.scratch(&Scratch::saved_states) : none;  // the states before a sweep
