@@ -11,6 +11,8 @@
 #include "support.hpp"
 
 #include <atomic>
+#include <functional>
+#include <typeinfo>
 
 namespace {
 
@@ -691,6 +693,97 @@ TEST(Gradient, DropoutIsIgnoredInTrainAndEvalMode) {
   ep.compute(m, x, y);
   auto params = m->parameters();
   for (size_t i = 0; i < g.size(); ++i) EXPECT_TRUE(torch::equal(params[i].grad(), g[i]));
+}
+
+// compute_deferred folds every check of values into valid() instead of throwing, and
+// throw_if_invalid() throws what compute throws for the same batch; compute leaves .grad()
+// and BatchNorm's statistics as they were on failure.
+TEST(Gradient, DeferredChecksReportWhatComputeThrows) {
+  torch::manual_seed(45);
+  auto m = nn::Sequential(nn::Linear(6, 8), nn::BatchNorm1d(8), nn::Tanh(), nn::Linear(8, 4));
+  auto x = torch::randn({4, 6});
+  auto good = torch::randint(0, 4, {4}, torch::kLong);
+  auto bad_x = x.clone();
+  bad_x[1][2] = NAN;
+  auto out_of_range = good.clone();
+  out_of_range[2] = 4;
+  auto negative = good.clone();
+  negative[0] = -1;
+  const auto message = [](const std::function<void()>& f) -> std::string {
+    try {
+      f();
+    } catch (const std::exception& e) {
+      return std::string(typeid(e).name()) + ": " + e.what();
+    }
+    return "";
+  };
+  struct BadBatch {
+    const char* name;
+    torch::Tensor x, target;
+  };
+  const std::vector<BadBatch> cases = {{"NaN input", bad_x, good},
+                                   {"label out of range", x, out_of_range},
+                                   {"negative label", x, negative},
+                                   {"NaN float target", x, torch::full({4, 4}, NAN)},
+                                   {"inf float target", x, torch::full({4, 4}, INFINITY)}};
+  for (const auto& c : cases) {
+    mep::EPGradient ep{mep::EPGradientOptions()};
+    const std::string thrown = message([&] { ep.compute(m, c.x, c.target); });
+    EXPECT_FALSE(thrown.empty()) << c.name;
+    ASSERT_TRUE(ep.valid().defined()) << c.name;
+    EXPECT_FALSE(ep.valid().item<bool>()) << c.name;  // compute's own check, kept
+    mep::EPGradient deferred{mep::EPGradientOptions()};
+    torch::Tensor loss;
+    ASSERT_NO_THROW(loss = deferred.compute_deferred(m, c.x, c.target)) << c.name;
+    EXPECT_TRUE(loss.defined()) << c.name;
+    ASSERT_EQ(deferred.valid().dim(), 0) << c.name;
+    EXPECT_EQ(deferred.valid().scalar_type(), torch::kBool) << c.name;
+    EXPECT_FALSE(deferred.valid().item<bool>()) << c.name;
+    EXPECT_EQ(message([&] { deferred.throw_if_invalid(); }), thrown) << c.name;
+    deferred.undo();
+    EXPECT_EQ(message([&] { deferred.throw_if_invalid(); }), thrown) << c.name << " (after undo)";
+  }
+  // compute: on failure nothing changed (gradients, BatchNorm's statistics).
+  mep::EPGradient ep{mep::EPGradientOptions()};
+  for (auto& p : m->parameters()) p.mutable_grad() = torch::full_like(p, 7.0);
+  auto* bn = m[1]->as<nn::BatchNorm1d>();
+  const auto mean = bn->running_mean.clone();
+  EXPECT_THROW(ep.compute(m, x, out_of_range), mep::TargetError);
+  EXPECT_TRUE(torch::equal(bn->running_mean, mean));
+  for (auto& p : m->parameters()) EXPECT_TRUE(torch::equal(p.grad(), torch::full_like(p, 7.0)));
+  // A good batch: valid, nothing thrown, the same gradient and loss as compute.
+  mep::EPGradient a{mep::EPGradientOptions()}, b{mep::EPGradientOptions()};
+  auto m2 = nn::Sequential(nn::Linear(6, 8), nn::Tanh(), nn::Linear(8, 4));
+  const auto la = a.compute(m2, x, good);
+  std::vector<torch::Tensor> ga;
+  for (auto& p : m2->parameters()) ga.push_back(p.grad().clone());
+  const auto lb = b.compute_deferred(m2, x, good);
+  EXPECT_TRUE(a.valid().item<bool>());
+  EXPECT_TRUE(b.valid().item<bool>());
+  EXPECT_NO_THROW(b.throw_if_invalid());
+  EXPECT_TRUE(torch::equal(la, lb));
+  const auto params = m2->parameters();
+  for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(torch::equal(params[i].grad(), ga[i]));
+  EXPECT_EQ(a.report().energy(), b.report().energy());
+  EXPECT_EQ(a.report().residual(), b.report().residual());
+  // A float target, good; then a diverged settling, deferred.
+  EXPECT_NO_THROW(b.compute_deferred(m2, x, torch::rand({4, 4})));
+  EXPECT_TRUE(b.valid().item<bool>());
+  mep::EPGradient diverging(mep::EPGradientOptions().settle_lr(1e30).adaptive(false).settle_steps(50));
+  const std::string thrown = message([&] { diverging.compute(m2, x, good); });
+  EXPECT_NE(thrown.find("settling diverged"), std::string::npos) << thrown;
+  ASSERT_NO_THROW(diverging.compute_deferred(m2, x, good));
+  EXPECT_FALSE(diverging.valid().item<bool>());
+  EXPECT_EQ(message([&] { diverging.throw_if_invalid(); }), thrown);
+  // Backprop mode: the target checked on the device too.
+  mep::EPGradient backprop(mep::EPGradientOptions().mode(mep::Mode::Backprop));
+  const std::string bp_thrown = message([&] { backprop.compute(m2, x, out_of_range); });
+  EXPECT_NE(bp_thrown.find("class index out of range"), std::string::npos) << bp_thrown;
+  ASSERT_NO_THROW(backprop.compute_deferred(m2, x, out_of_range));
+  EXPECT_FALSE(backprop.valid().item<bool>());
+  EXPECT_EQ(message([&] { backprop.throw_if_invalid(); }), bp_thrown);
+  ASSERT_NO_THROW(backprop.compute_deferred(m2, x, good));
+  EXPECT_TRUE(backprop.valid().item<bool>());
 }
 
 TEST(Gradient, DivergenceThrowsAndLeavesEverythingUntouched) {

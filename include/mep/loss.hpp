@@ -40,10 +40,10 @@ class TargetError : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-/// Checks `target` against an output of shape [B, K] (or [B, ...]): int64 class indices of
-/// shape [B] within [0, K), or a floating tensor of the output's shape; finite values.
-/// Throws TargetError saying what was expected otherwise. One device sync (range/NaN check).
-inline void check_target(const torch::Tensor& target, at::IntArrayRef output_shape) {
+/// Checks what the host knows of `target` against an output of shape [B, K] (or [B, ...]):
+/// int64 class indices of shape [B], or a floating tensor of the output's shape. Throws
+/// TargetError saying what was expected otherwise. Reads no value.
+inline void check_target_shape(const torch::Tensor& target, at::IntArrayRef output_shape) {
   std::ostringstream os;
   if (!target.defined()) throw TargetError("mep: target is undefined");
   const int64_t batch = output_shape.empty() ? 0 : output_shape[0];
@@ -57,15 +57,6 @@ inline void check_target(const torch::Tensor& target, at::IntArrayRef output_sha
       os << "mep: class-index targets need a 2-D output [B, classes], the model gives " << output_shape;
       throw TargetError(os.str());
     }
-    if (batch == 0) return;
-    const int64_t classes = output_shape[1];
-    auto range = torch::stack({target.min(), target.max()}).cpu();
-    const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
-    if (lo < 0 || hi >= classes) {
-      os << "mep: class index out of range: targets span [" << lo << ", " << hi << "] but the model has "
-         << classes << " outputs (expected indices in [0, " << classes - 1 << "])";
-      throw TargetError(os.str());
-    }
     return;
   }
   if (!torch::isFloatingType(target.scalar_type())) {
@@ -76,13 +67,62 @@ inline void check_target(const torch::Tensor& target, at::IntArrayRef output_sha
     os << "mep: float target must have the output's shape " << output_shape << ", got " << target.sizes();
     throw TargetError(os.str());
   }
+}
+
+/// Throws the TargetError `check_target` gives for the values of a target that passed
+/// `check_target_shape`, or returns. Reads the target on the host (the failure path).
+inline void throw_if_bad_target_values(const torch::Tensor& target, at::IntArrayRef output_shape) {
+  if (target.scalar_type() == torch::kLong) {
+    if (target.numel() == 0) return;
+    const int64_t classes = output_shape[1];
+    auto range = torch::stack({target.min(), target.max()}).cpu();
+    const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
+    if (lo < 0 || hi >= classes) {
+      std::ostringstream os;
+      os << "mep: class index out of range: targets span [" << lo << ", " << hi << "] but the model has "
+         << classes << " outputs (expected indices in [0, " << classes - 1 << "])";
+      throw TargetError(os.str());
+    }
+    return;
+  }
   if (!torch::isfinite(target).all().item<bool>()) throw TargetError("mep: target contains NaN or infinite values");
 }
 
+/// Checks `target` against an output of shape [B, K] (or [B, ...]): int64 class indices of
+/// shape [B] within [0, K), or a floating tensor of the output's shape; finite values.
+/// Throws TargetError saying what was expected otherwise. One device sync (range/NaN check);
+/// `safe_target` and `target_valid` check the values without one.
+inline void check_target(const torch::Tensor& target, at::IntArrayRef output_shape) {
+  check_target_shape(target, output_shape);
+  throw_if_bad_target_values(target, output_shape);
+}
+
+/// Class indices clamped into [0, classes) (what one-hot encodings and the losses index with,
+/// so that a bad label never reads out of bounds: `target_valid` reports it); a float target
+/// itself.
+inline torch::Tensor safe_target(const torch::Tensor& target, int64_t classes) {
+  if (target.scalar_type() != torch::kLong || classes <= 0) return target;
+  return target.clamp(0, classes - 1);
+}
+
+/// Whether the values of `target` (shape-checked) are valid, as a 0-dim bool tensor on its
+/// device, without reading it: class indices in range (`safe` = safe_target(target, K), which
+/// equals the target exactly then), or every value of a float target finite.
+inline torch::Tensor target_valid(const torch::Tensor& target, const torch::Tensor& safe) {
+  if (target.scalar_type() == torch::kLong) return safe.eq(target).all();
+  return target.mul(0).sum().eq(0);  // 0·x is 0 for a finite x and NaN otherwise
+}
+
 /// One-hot encoding of class indices, or the float target itself, in `like`'s dtype/device.
-inline torch::Tensor dense_target(const torch::Tensor& target, const torch::Tensor& like) {
-  if (target.scalar_type() == torch::kLong)
-    return torch::one_hot(target, like.size(1)).to(like.options());
+/// Indices out of [0, K) are clamped (they never index out of bounds; `target_valid` says
+/// whether there were any), so that no value is read on the host.
+/// `in_range`: the indices are known to be in [0, K) already (safe_target's), not clamped again.
+inline torch::Tensor dense_target(const torch::Tensor& target, const torch::Tensor& like, bool in_range = false) {
+  if (target.scalar_type() == torch::kLong) {
+    const int64_t classes = like.size(1);
+    const auto index = in_range ? target : safe_target(target, classes);
+    return torch::zeros({target.size(0), classes}, like.options()).scatter_(1, index.unsqueeze(1), 1.0);
+  }
   return target.to(like.options());
 }
 

@@ -166,8 +166,13 @@ torch::Tensor jacobian_norm_by_power_iteration(F&& f, const torch::Tensor& x, in
     transposed = torch::Tensor();
   }
   bool exact = transposed.defined() && transposed.requires_grad();
-  const double h = (x.scalar_type() == torch::kDouble ? 1.5e-8 : 3.5e-4) *
-                   std::max(1.0, x.detach().norm().item<double>());  // v has unit norm
+  // h = c·max(1, ‖x‖) (v has unit norm), a float64 0-dim tensor on x's device: no host read.
+  const double c = x.scalar_type() == torch::kDouble ? 1.5e-8 : 3.5e-4;
+  torch::Tensor h;
+  {
+    torch::NoGradGuard no_grad;
+    h = x.detach().norm().to(torch::kDouble).clamp_min_(1.0).mul_(c);
+  }
   auto jvp = [&](const torch::Tensor& v) -> torch::Tensor {
     if (exact) {
       try {

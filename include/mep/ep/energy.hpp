@@ -18,7 +18,7 @@
 /// these terms over a workspace (ep/workspace.hpp) after the feedforward pass
 /// (ep/feedforward.hpp): `forward` (the segments' predictions at the current states),
 /// `errors` (ε, δ and the nudge), `backproject` (J_{l+1}ᵀ·ε_{l+1}), `state_gradient`,
-/// `evaluate` (all of them), `total`/`mean` and `residual`.
+/// `evaluate` (all of them), `total`/`mean` and `residual_norms`.
 
 #include <mep/ep/chain.hpp>
 #include <mep/ep/workspace.hpp>
@@ -32,16 +32,27 @@ namespace mep {
 namespace energy {
 
 /// The dense target the cost compares with: one-hot (MSE, NLL) or smoothed distribution (CE).
-inline torch::Tensor dense(const Nudging& n, const torch::Tensor& target, const torch::Tensor& like) {
-  auto y = dense_target(target, like);
-  if (n.loss == Loss::CrossEntropy && n.label_smoothing > 0)
-    y = y * (1 - n.label_smoothing) + n.label_smoothing / like.size(1);
+/// `in_range`: class indices already in [0, K) (safe_target's).
+inline torch::Tensor dense(const Nudging& n, const torch::Tensor& target, const torch::Tensor& like,
+                           bool in_range = false) {
+  auto y = dense_target(target, like, in_range);
+  if (n.loss == Loss::CrossEntropy && n.label_smoothing > 0) {
+    if (target.scalar_type() == torch::kLong) y.mul_(1 - n.label_smoothing).add_(n.label_smoothing / like.size(1));
+    else y = y * (1 - n.label_smoothing) + n.label_smoothing / like.size(1);  // y may be the target itself
+  }
   return y;
 }
 
 /// The loss EP approximates, mean over the batch of C(ŷ_b, y_b) (loss.hpp).
 inline torch::Tensor loss(const Nudging& n, const torch::Tensor& out, const torch::Tensor& target) {
   return loss_value(n.loss, out, target, n.loss_smoothing());
+}
+/// The same at the feedforward output ws.output, with the dense target the step already
+/// holds for MSE (the one-hot of loss_value's; the value is the same).
+inline torch::Tensor feedforward_loss(const Workspace& ws, const torch::Tensor& target) {
+  if (ws.nudging.loss != Loss::MSE || ws.target.sizes() != ws.output.sizes()) return loss(ws.nudging, ws.output, target);
+  auto diff = ws.output - ws.target;
+  return at::mul(diff, diff).sum() / ws.output.size(0);  // pow(2) is diff·diff
 }
 
 /// Per-sample cost C(ŷ_b, y_b), shape [B].
@@ -90,10 +101,11 @@ inline void check_output(const Chain& chain, const Nudging& n) {
   }
 }
 
-/// The target the nudging compares the output with, set once per step.
-inline void set_target(Workspace& ws, const torch::Tensor& target) {
+/// The target the nudging compares the output with, set once per step. `in_range`: class
+/// indices already in [0, K) (safe_target's).
+inline void set_target(Workspace& ws, const torch::Tensor& target, bool in_range = false) {
   torch::NoGradGuard no_grad;
-  ws.target = dense(ws.nudging, target, ws.output);
+  ws.target = dense(ws.nudging, target, ws.output, in_range);
 }
 
 /// s ← the feedforward states.
@@ -241,16 +253,17 @@ inline double mean(Workspace& ws, double beta) {
   return total(ws, beta).item<double>() / static_cast<double>(ws.batch());
 }
 
-/// The relative residual ‖∂E/∂s‖ / ‖s‖ over all states and samples (after evaluate).
-inline double residual(const Workspace& ws) {
-  torch::Tensor num = torch::zeros({}, ws.options.dtype(torch::kDouble)), den = torch::zeros_like(num);
+/// [‖∂E/∂s‖², ‖s‖²] over all states and samples (after evaluate), float64 on the device:
+/// the relative residual ‖∂E/∂s‖ / ‖s‖ without a host read (PhaseReport::residual reads it).
+inline torch::Tensor residual_norms(const Workspace& ws) {
+  // Each Σx² in the states' dtype (x·x is what pow(2) computes), added in float64.
+  auto norms = torch::zeros({2}, ws.options.dtype(torch::kDouble));
+  auto num = norms.select(0, 0), den = norms.select(0, 1);
   for (size_t l = 0; l < ws.size(); ++l) {
-    num += ws.dE_ds[l].pow(2).sum().to(torch::kDouble);
-    den += ws.s[l].pow(2).sum().to(torch::kDouble);
+    num.add_(at::mul(ws.dE_ds[l], ws.dE_ds[l]).sum());
+    den.add_(at::mul(ws.s[l], ws.s[l]).sum());
   }
-  auto both = torch::stack({num, den}).cpu();
-  const double n = both[0].item<double>(), d = both[1].item<double>();
-  return d > 0 ? std::sqrt(n / d) : std::sqrt(n);
+  return norms;
 }
 
 /// The curvature of the last layer's energy in s_L when it is the quadratic

@@ -28,6 +28,15 @@
 /// returns the loss at the feedforward prediction; on any error (bad input or target,
 /// diverged settling) no gradient, parameter or BatchNorm statistic has changed. `report()`
 /// says what settling did.
+///
+/// `compute_deferred` is the same step without any host read of a tensor value (the
+/// optimizers' path): the checks of values that `compute` throws for (a non-finite input,
+/// output or float target, a class index out of range, a diverged settling) are folded into
+/// `valid()`, a 0-dim bool tensor on the device, and `throw_if_invalid()` throws what
+/// `compute` would have. Checks of shapes, dtypes and devices (host metadata) still throw at
+/// once. Class indices are clamped into range before any indexing, so that a bad label never
+/// reads out of bounds (no device assert). Settling with tol > 0 or adaptive mode reads the
+/// energy on the host once per check (ep/settling.hpp); the default settling reads nothing.
 
 #include <mep/ep/chain.hpp>
 #include <mep/ep/energy.hpp>
@@ -109,6 +118,7 @@ inline void check_input(const torch::Tensor& x, const Chain& chain) {
 
 /// A non-finite feedforward output means a non-finite input or parameter (NaN and inf
 /// propagate through every layer); checking the small output is cheaper than the input.
+/// Throws saying which (reads the device: the failure path).
 inline void check_finite_output(const torch::Tensor& out, const torch::Tensor& x, const Chain& chain) {
   if (torch::isfinite(out).all().item<bool>()) return;
   if (!torch::isfinite(x).all().item<bool>()) throw std::invalid_argument("mep: input contains NaN or infinite values");
@@ -277,8 +287,13 @@ class BasicEPGradient {
   const Settling& settling() const noexcept { return settling_; }
   const Nudging& nudging() const noexcept { return nudging_; }
   double beta() const noexcept { return beta_; }
-  /// What settling did in the last successful `compute` (empty in backprop mode).
+  /// What settling did in the last successful `compute` (empty in backprop mode). Its
+  /// energies and residuals stay on the device until read (ep/settling.hpp).
   const SettleReport& report() const noexcept { return report_; }
+  /// Whether every check of the last `compute`/`compute_deferred` passed (input, output and
+  /// target finite, class indices in range, settling finite): a 0-dim bool tensor on the
+  /// model's device, not read by the gradient (undefined before the first call).
+  const torch::Tensor& valid() const noexcept { return valid_; }
   /// The workspace of the last `compute` (states, errors, tapes).
   const Workspace& workspace() const noexcept { return workspaces_[last_]; }
 
@@ -299,13 +314,60 @@ class BasicEPGradient {
   }
 
   /// Overwrites `.grad()` of every parameter of `model` with the EP estimate of ∇L and
-  /// returns L at the feedforward prediction.
+  /// returns L at the feedforward prediction. Throws for a bad input or target or a diverged
+  /// settling, with nothing changed then: `compute_deferred`, one host read of `valid()`, and
+  /// on failure `undo()` and `throw_if_invalid()`.
   torch::Tensor compute(const torch::nn::Sequential& model, const torch::Tensor& x, const torch::Tensor& target) {
+    if (mode_ == Mode::Backprop) {  // checks the target on the host before writing .grad()
+      Chain& chain = chain_for(model);
+      detail::check_input(x, chain);
+      report_ = {};
+      auto loss = backprop_into_grads(model, chain.parameters(), x, target, nudging_.loss, nudging_.loss_smoothing());
+      valid_ = torch::ones({}, loss.options().dtype(torch::kBool));
+      backprop_last_ = true, last_x_ = x, last_target_ = target, last_output_ = torch::Tensor();
+      return loss;
+    }
+    auto loss = compute_deferred(model, x, target);
+    if (valid_.item<bool>()) return loss;
+    undo();
+    throw_if_invalid();
+    throw SettleError("mep: the EP step failed a check that names no cause");  // not reached
+  }
+
+  /// Throws what `compute` would have thrown for the last `compute_deferred`'s batch (an
+  /// std::invalid_argument for a non-finite input, parameter or output, a TargetError for a
+  /// bad target, a SettleError for a diverged settling), or returns when `valid()` is true.
+  /// Reads the device: the failure path.
+  void throw_if_invalid() const {
+    if (!valid_.defined() || valid_.item<bool>()) return;
+    if (backprop_last_) {
+      throw_if_bad_target_values(last_target_, last_output_shape_);
+    } else {
+      throw_if_bad_target_values(last_target_, last_output_shape_);
+      detail::check_finite_output(last_output_, last_x_, *chain_);
+      for (const auto& phase : attempt_.phases) detail::throw_if_diverged(phase);
+    }
+    throw SettleError("mep: the EP step failed a check that names no cause");
+  }
+
+  /// `compute` without any host read of a tensor value: writes `.grad()` and BatchNorm's
+  /// statistics, sets `report()`, and returns L as a device tensor; the value checks that
+  /// `compute` throws for are folded into `valid()` instead. On `valid()` false the caller
+  /// calls `undo()` (and `throw_if_invalid()` to say why). Shape, dtype and device errors
+  /// (host metadata) still throw, with nothing changed. In backprop mode, `undo()` does not
+  /// restore `.grad()`.
+  torch::Tensor compute_deferred(const torch::nn::Sequential& model, const torch::Tensor& x,
+                                 const torch::Tensor& target) {
     Chain& chain = chain_for(model);
     if (mode_ == Mode::Backprop) {
       detail::check_input(x, chain);
       report_ = {};
-      return backprop_into_grads(model, chain.parameters(), x, target, nudging_.loss, nudging_.loss_smoothing());
+      std::vector<int64_t> shape;
+      auto loss = backprop_into_grads_deferred(model, chain.parameters(), x, target, nudging_.loss,
+                                               nudging_.loss_smoothing(), valid_, shape);
+      backprop_last_ = true, last_x_ = x, last_target_ = target, last_output_ = torch::Tensor();
+      last_output_shape_ = std::move(shape);
+      return loss;
     }
     torch::NoGradGuard no_grad;
     committed_ = false;
@@ -323,9 +385,9 @@ class BasicEPGradient {
       os << "): " << e.what_without_backtrace();
       throw std::invalid_argument(os.str());
     }
-    check_target(target, ws.output.sizes());
-    detail::check_finite_output(ws.output, x, chain);
-    energy::set_target(ws, target);
+    check_target_shape(target, ws.output.sizes());
+    const torch::Tensor safe = safe_target(target, ws.output.dim() == 2 ? ws.output.size(1) : 0);
+    energy::set_target(ws, safe, /*in_range=*/true);
 
     std::vector<std::pair<double, double>> phases;  // (β_p, coef_p): g = Σ_p coef_p·∂_θE(s^{β_p})
     if (symmetric_) phases = {{beta_, 0.5 / beta_}, {-beta_, -0.5 / beta_}};
@@ -338,9 +400,23 @@ class BasicEPGradient {
       report.phases.push_back(settling_.settle(states, phases[p].first));
       const double c = -phases[p].second / static_cast<double>(ws.batch());
       detail::ParameterGradients(ws, x, acc_, c, p == 0).all();
-      if (p == 0) post_gradients(ws, target);
+      if (p == 0) post_gradients(ws, safe);
     }
-    // Settling succeeded: the gradients, BatchNorm's statistics and the report are committed.
+    // The checks, on the device: 0·v is 0 for a finite v and NaN otherwise.
+    auto zero = ws.output.mul(0).sum();
+    if (target.scalar_type() != torch::kLong) zero.add_(target.mul(0).sum());
+    bool diverged = false;
+    for (const auto& phase : report.phases) {
+      zero.add_(phase.total.mul(0));
+      diverged = diverged || phase.diverged_step >= 0;
+    }
+    valid_ = zero.eq(0);
+    if (target.scalar_type() == torch::kLong) valid_.logical_and_(safe.eq(target).all());
+    if (diverged) valid_.fill_(false);  // seen on the host while settling
+    backprop_last_ = false, last_x_ = x, last_target_ = target, last_output_ = ws.output;
+    last_output_shape_ = ws.output.sizes().vec();
+    attempt_ = report;
+    // The gradients, BatchNorm's statistics and the report are committed (undo() takes them back).
     eval.restore();
     auto params = chain.parameters();
     for (size_t i = 0; i < params.size(); ++i) std::swap(params[i].mutable_grad(), acc_[i]);
@@ -348,7 +424,7 @@ class BasicEPGradient {
     previous_report_ = std::move(report_);
     report_ = std::move(report);
     committed_ = true;
-    return energy::loss(nudging_, ws.output, target);
+    return energy::feedforward_loss(ws, safe);
   }
 
  private:
@@ -404,6 +480,12 @@ class BasicEPGradient {
   std::vector<torch::Tensor> acc_;  // the gradients being accumulated, swapped into .grad() on success
   SettleReport report_, previous_report_;
   bool committed_ = false;  // the last compute committed (undo() can take it back)
+  // The checks of the last compute, and what throw_if_invalid needs to say which failed.
+  torch::Tensor valid_;
+  bool backprop_last_ = false;
+  torch::Tensor last_x_, last_target_, last_output_;
+  std::vector<int64_t> last_output_shape_;
+  SettleReport attempt_;  // the last compute's report, kept by undo()
 };
 
 /// The settling policy EP uses unless told otherwise: the cheapest that reaches cos ≥ 0.99 to

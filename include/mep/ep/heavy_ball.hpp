@@ -48,9 +48,10 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
     detail::StopRule rule(c, s[0]);
     if (c.adaptive && rule.every() > 1) return settle_on_device(e, beta, v, rule);
     double lr = c.lr, energy = 0;
+    PhaseReport r;
     if (rule.watching()) {
       energy = e.mean(beta);
-      detail::check_finite_energy(energy, 0, beta);
+      if (!detail::finite_energy(energy, 0, r)) return detail::finish(e, beta, 0, false, r);
     }
     int64_t k = 0;
     bool rejected = false, converged = false;
@@ -63,7 +64,7 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
       e.evaluate(beta);
       if (!rule.check_at(k, c.steps)) continue;
       const double next = e.mean(beta);
-      detail::check_finite_energy(next, k, beta);
+      if (!detail::finite_energy(next, k, r)) break;
       rejected = c.adaptive && next > energy;
       if (rejected) {
         restore(e, v);
@@ -79,9 +80,9 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
         break;
       }
     }
-    if (rejected) e.evaluate(beta);  // describe the accepted states
+    if (rejected && r.diverged_step < 0) e.evaluate(beta);  // describe the accepted states
     const int64_t taken = std::min(k, c.steps);
-    return detail::finish(e, beta, taken, converged, taken);
+    return detail::finish(e, beta, taken, converged, r);
   }
 
   // Adaptive mode with the decisions taken on the device: a step is undone and the step size
@@ -104,6 +105,7 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
     auto &s0 = e.scratch(&Scratch::saved_states), &v0 = e.scratch(&Scratch::saved_velocity);
     auto& g0 = e.scratch(&Scratch::saved_gradients);
     energy.copy_(e.total(beta));
+    PhaseReport r;
     int64_t k = 0;
     bool converged = false;
     for (k = 1; k <= c.steps; ++k) {
@@ -136,7 +138,7 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
       pair.select(0, 0).copy_(energy), pair.select(0, 1).copy_(calm);
       host.copy_(pair);
       const double* read = host.data_ptr<double>();
-      detail::check_finite_energy(read[0], k, beta);
+      if (!detail::finite_energy(read[0], k, r)) break;
       if (read[1] >= static_cast<double>(c.patience)) {
         converged = true;
         break;
@@ -144,7 +146,7 @@ struct HeavyBall : SettlingPolicy<HeavyBallDefaults> {
     }
     e.evaluate(beta);  // describe the accepted states
     const int64_t taken = std::min(k, c.steps);
-    return detail::finish(e, beta, taken, converged, taken);
+    return detail::finish(e, beta, taken, converged, r);
   }
 
  private:

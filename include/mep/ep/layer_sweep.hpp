@@ -56,11 +56,13 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
     std::vector<torch::Tensor> rho(e.size());
     for (size_t l = 0; l + 1 < e.size(); ++l) {
       const int64_t iters = e.autograd_jacobian(l + 1) ? kAutogradPowerIterations : kPowerIterations;
-      rho[l] = e.jacobian_norm(l + 1, iters).square().reciprocal().clamp_max(1.0);
+      auto sigma = e.jacobian_norm(l + 1, iters);
+      rho[l] = sigma.mul(sigma).reciprocal_().clamp_max_(1.0);  // square() is σ·σ, without its dtype checks
     }
     std::vector<torch::Tensor> none;
     auto& saved = c.adaptive ? e.scratch(&Scratch::saved_states) : none;  // the states before a sweep
     double lr = c.lr, energy = 0;
+    PhaseReport r;
     int64_t k = 0;
     bool converged = false;
     for (k = 1; k <= c.steps; ++k) {
@@ -69,11 +71,11 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
       if (k == 1 && rule.watching()) {
         e.errors(beta);
         energy = e.mean(beta);
-        detail::check_finite_energy(energy, 0, beta);
+        if (!detail::finite_energy(energy, 0, r)) break;
       } else if (k > 1 && (rule.check_at(k - 1, c.steps) || c.adaptive)) {
         e.errors(beta);
         const double next = e.mean(beta);
-        detail::check_finite_energy(next, k - 1, beta);
+        if (!detail::finite_energy(next, k - 1, r)) break;
         if (c.adaptive && next > energy) {
           undo(e, saved);
           lr *= kShrink;
@@ -91,11 +93,12 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
         for (size_t l = 0; l < e.size(); ++l) saved[l].copy_(e.s()[l]);
       sweep(e, beta, lr, rho);
     }
-    const int64_t taken = converged ? k - 1 : c.steps;
+    const bool diverged = r.diverged_step >= 0;
+    const int64_t taken = converged || diverged ? k - 1 : c.steps;
     e.evaluate(beta);
-    if (!converged && rule.watching()) {  // the last sweep, judged like the others
+    if (!converged && !diverged && rule.watching()) {  // the last sweep, judged like the others
       const double next = e.mean(beta);
-      detail::check_finite_energy(next, taken, beta);
+      if (!detail::finite_energy(next, taken, r)) return detail::finish(e, beta, taken, false, r);
       if (c.adaptive && next > energy) {
         undo(e, saved);
         e.evaluate(beta);
@@ -103,7 +106,7 @@ struct LayerSweep : SettlingPolicy<LayerSweepDefaults> {
         converged = rule.met(energy, next);
       }
     }
-    return detail::finish(e, beta, taken, converged, taken);
+    return detail::finish(e, beta, taken, converged, r);
   }
 
  private:

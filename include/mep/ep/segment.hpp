@@ -195,15 +195,16 @@ struct Segment {
     if (autograd_jacobian())
       return jacobian_norm_by_power_iteration([&](const torch::Tensor& x) { return apply(x, t.ops); }, s, iters);
     torch::NoGradGuard no_grad;
-    const auto w = weight.flatten(1);
+    const auto w = weight.flatten(1), wt = w.t();
     auto v = torch::ones({w.size(1)}, w.options());
     auto u = torch::empty({w.size(0)}, w.options());
+    // u = W·v as addmv with β = 0 (what mv_out runs, without its allocation).
     for (int64_t k = 0; k < iters; ++k) {
-      at::mv_out(u, w, v);
-      at::mv_out(v, w.t(), u);
+      at::addmv_out(u, u, w, v, 0, 1);
+      at::addmv_out(v, v, wt, u, 0, 1);
       if (k % 2 == 1 || k + 1 == iters) v.div_(v.norm().clamp_min(1e-30));  // (WᵀW)² scales by ≤ σ⁴
     }
-    auto bound = at::mv_out(u, w, v).norm();
+    auto bound = at::addmv_out(u, u, w, v, 0, 1).norm();
     double fixed = 1;
     for (size_t d = 0; d + 2 < static_cast<size_t>(weight.dim()); ++d) {
       const int64_t k = weight.size(static_cast<int64_t>(d) + 2);
@@ -215,7 +216,7 @@ struct Segment {
       auto g = pre[j].norm_gain(t.ops[j]);
       if (g.defined()) bound = bound * g;
     }
-    return bound * fixed;
+    return fixed == 1 ? bound : bound * fixed;
   }
 
   /// The input of op j (the output of op j−1; `s` for j = 0), as the last forward left it.

@@ -19,8 +19,11 @@
 /// devices, so that the loop does not wait on the device at each step; settling then stops
 /// at the first check after the rule was met). HeavyBall's adaptive mode takes its
 /// accept-or-undo decisions on the device when check_every > 1; LayerSweep's reads the
-/// energy after every sweep. A non-finite energy throws SettleError naming the step (or the
-/// check after it); nothing has been written then.
+/// energy after every sweep. These are the only host reads of settling: with tol = 0 and
+/// adaptive off (LayerSweep's defaults) it reads nothing, and its report (energy, residual)
+/// stays on the device until read. A non-finite energy seen at a check stops settling and
+/// is recorded in the report; the gradient then reports the step invalid, and its `compute`
+/// throws SettleError naming the step (or the check after it), with nothing written.
 
 #include <mep/ep/energy.hpp>
 #include <mep/options.hpp>
@@ -40,16 +43,37 @@ class SettleError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// What settling did in one phase (one value of β).
+/// What settling did in one phase (one value of β). The energy and the residual stay on the
+/// device until read: `energy()` and `residual()` read them on the host (one sync each on a
+/// GPU); reading nothing costs nothing.
 struct PhaseReport {
   double beta = 0;
   int64_t steps = 0;        ///< steps (or sweeps) taken
-  double energy = 0;        ///< batch-mean energy at the final states
-  double residual = 0;      ///< ‖∂E/∂s‖ / ‖s‖ over all states and samples at the final states
   bool converged = false;   ///< whether the stopping rule was met
+  /// Σ_b E_b at the final states (0-dim, on the states' device), over `batch` samples.
+  torch::Tensor total;
+  int64_t batch = 1;
+  /// [‖∂E/∂s‖², ‖s‖²] over all states and samples at the final states (float64, on the device).
+  torch::Tensor norms;
+  /// A non-finite energy seen on the host during settling (tol > 0 or adaptive checks): the
+  /// step it was seen after (−1: none) and its value; settling stopped there.
+  int64_t diverged_step = -1;
+  double diverged_energy = 0;
+
+  /// Batch-mean energy at the final states (reads the device).
+  double energy() const { return total.defined() ? total.item<double>() / static_cast<double>(batch) : 0.0; }
+  /// ‖∂E/∂s‖ / ‖s‖ over all states and samples at the final states (reads the device).
+  double residual() const {
+    if (!norms.defined()) return 0.0;
+    auto both = norms.cpu();
+    const double n = both[0].item<double>(), d = both[1].item<double>();
+    return d > 0 ? std::sqrt(n / d) : std::sqrt(n);
+  }
 };
 
 /// What settling did in one EP step: one report per nudged phase (two when symmetric).
+/// `steps()` and `converged()` are known on the host; `residual()` and `energy()` read the
+/// device.
 struct SettleReport {
   std::vector<PhaseReport> phases;
 
@@ -60,7 +84,7 @@ struct SettleReport {
   }
   double residual() const {
     double r = 0;
-    for (const auto& p : phases) r = std::max(r, p.residual);
+    for (const auto& p : phases) r = std::max(r, p.residual());
     return r;
   }
   bool converged() const {
@@ -68,7 +92,7 @@ struct SettleReport {
       if (!p.converged) return false;
     return !phases.empty();
   }
-  double energy() const { return phases.empty() ? 0.0 : phases.front().energy; }
+  double energy() const { return phases.empty() ? 0.0 : phases.front().energy(); }
 };
 
 /// The options every settling policy takes; `Defaults` gives the policy's values.
@@ -76,9 +100,17 @@ template <class Derived, class Defaults>
 struct SettleOptions {
   MEP_ARG(int64_t, settle_steps, Defaults::steps)
   MEP_ARG(double, settle_lr, Defaults::lr)
+  /// Early stopping: |ΔE| < tol·max(1, |E|) for `patience` checks (0: never). tol > 0 reads
+  /// the energy on the host once per check (every `check_every` steps): one device sync each
+  /// on a GPU. With tol = 0 and adaptive off, settling reads nothing on the host.
   MEP_ARG(double, tol, Defaults::tol)
   MEP_ARG(int64_t, patience, Defaults::patience)
+  /// Undo a step that raised the energy and shrink the step size. Reads the energy on the
+  /// host once per check (HeavyBall: every `check_every` steps, its decisions taken on the
+  /// device in between when check_every > 1; LayerSweep: after every sweep).
   MEP_ARG(bool, adaptive, Defaults::adaptive)
+  /// Steps between the host reads of tol > 0 / adaptive mode (0: every step on the CPU,
+  /// kGpuCheckEvery elsewhere).
   MEP_ARG(int64_t, check_every, 0)
 
   void validate() const {
@@ -152,7 +184,8 @@ class States {
   /// Σ_b E_b (after errors), on the device; its batch mean on the host; the residual.
   const torch::Tensor& total(double beta) { return energy::total(ws_, beta); }
   double mean(double beta) { return energy::mean(ws_, beta); }
-  double residual() const { return energy::residual(ws_); }
+  /// [‖∂E/∂s‖², ‖s‖²] on the device (after evaluate).
+  torch::Tensor residual_norms() const { return energy::residual_norms(ws_); }
 
   /// ∂E/∂s_l with the neighbours' latest states, for block-coordinate sweeps from the top:
   /// needs segment l+1's prediction at the current s_l (δ_L alone for the last layer).
@@ -228,17 +261,32 @@ inline void check_finite_energy(double energy, int64_t step, double beta) {
   throw SettleError(os.str());
 }
 
+/// Whether an energy read on the host during settling is finite; if not, records it in `r`
+/// (the policy then stops settling: the gradient reports the divergence, ep/gradient.hpp).
+inline bool finite_energy(double energy, int64_t step, PhaseReport& r) {
+  if (std::isfinite(energy)) return true;
+  r.diverged_step = step;
+  r.diverged_energy = energy;
+  return false;
+}
+
 /// The report of a settled phase: energy and residual at the final states (after
-/// evaluate(beta)).
-inline PhaseReport finish(States& e, double beta, int64_t steps, bool converged, int64_t last_step) {
-  PhaseReport r;
+/// evaluate(beta)), left on the device. `r` may hold a divergence seen during settling.
+inline PhaseReport finish(States& e, double beta, int64_t steps, bool converged, PhaseReport r = {}) {
   r.beta = beta;
   r.steps = steps;
   r.converged = converged;
-  r.energy = e.mean(beta);
-  check_finite_energy(r.energy, last_step, beta);
-  r.residual = e.residual();
+  r.total = e.total(beta).clone();
+  r.batch = e.batch();
+  r.norms = e.residual_norms();
   return r;
+}
+
+/// Throws the SettleError of a phase whose energy is not finite (reads the device; the
+/// failure path of the gradient).
+inline void throw_if_diverged(const PhaseReport& r) {
+  if (r.diverged_step >= 0) check_finite_energy(r.diverged_energy, r.diverged_step, r.beta);
+  if (r.total.defined()) check_finite_energy(r.energy(), r.steps, r.beta);
 }
 
 }  // namespace detail

@@ -37,6 +37,26 @@ inline torch::Tensor backprop_into_grads(const torch::nn::Sequential& model, con
   return value.detach();
 }
 
+/// backprop_into_grads without a host read: the target's values are checked on the device
+/// into `valid` (target_valid, loss.hpp) and class indices clamped into range first; only
+/// its shape is checked on the host (throws TargetError). `output_shape` gets the output's.
+inline torch::Tensor backprop_into_grads_deferred(const torch::nn::Sequential& model,
+                                                  const std::vector<torch::Tensor>& params, const torch::Tensor& x,
+                                                  const torch::Tensor& target, Loss loss, double label_smoothing,
+                                                  torch::Tensor& valid, std::vector<int64_t>& output_shape) {
+  torch::AutoGradMode enable(true);
+  torch::nn::Sequential net = model;  // a handle: forward() is not const
+  auto out = net->forward(x);
+  check_target_shape(target, out.sizes());
+  output_shape = out.sizes().vec();
+  const auto safe = safe_target(target, out.dim() == 2 ? out.size(1) : 0);
+  auto value = loss_value(loss, out, safe, label_smoothing);
+  write_grads(params, torch::autograd::grad({value}, params, /*grad_outputs=*/{}, /*retain_graph=*/false,
+                                            /*create_graph=*/false, /*allow_unused=*/true));
+  valid = target_valid(target, safe);
+  return value.detach();
+}
+
 struct BackpropGradient {
   template <class Derived>
   struct Options {
