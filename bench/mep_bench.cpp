@@ -6,7 +6,7 @@
 //             [--train 3000] [--test 500] [--batch 128] [--seed 0] [--threads N]
 //             [--device cpu|cuda] [--loss mse|ce] [--error-feedback off|reference|projected]
 //             [--settling default|reference] [--lr LR] [--data data/mnist] [--json FILE]
-//             [--checkpoint DIR [--resume]] [--csv FILE] [--svg FILE]
+//             [--checkpoint DIR [--resume]] [--csv FILE] [--svg FILE] [--cuda-graph]
 //   mep_bench --from-json FILE,... [--json FILE] [--csv FILE] [--svg FILE]
 //
 // The second form trains nothing: it gathers runs saved by --json (one protocol, any seeds)
@@ -112,6 +112,7 @@ struct Options {
   std::string settling = "default";
   double lr = 0;  // 0: each optimizer's own (the reference's) learning rate
   std::string lr_schedule = "constant";  // or "cosine": lr·½(1 + cos(π·(epoch − 1)/epochs)) per epoch
+  bool cuda_graph = false;  // EP family: steps as CUDA graphs (mep/cuda_graph.hpp)
   mep_bench::OptionTexts shared_options;  // --beta, --ns-steps, …: (option, text), where an optimizer has it
   std::vector<std::array<std::string, 3>> sets;  // --set NAME.OPTION=VALUE: {name, option, text}
   std::vector<double> normalize = {0.1307, 0.3081};  // pixel/255 → (x − mean)/std: MNIST's
@@ -363,6 +364,7 @@ nlohmann::ordered_json run_protocol(const Options& opt, int threads, const std::
   for (const auto& [option, text] : opt.shared_options) options.push_back(option + "=" + text);
   for (const auto& [name, option, text] : opt.sets) options.push_back(name + "." + option + "=" + text);
   if (opt.lr_schedule == "cosine") p["epochs"] = opt.epochs;
+  if (opt.cuda_graph) p["cuda_graph"] = true;
   return p;
 }
 
@@ -462,6 +464,7 @@ mep_bench::TrainerConfig trainer_config(const mep_bench::OptimizerEntry& entry, 
   config.reference_settling = opt.settling == "reference";
   config.shared = opt.shared_options;
   config.group = opt.group;
+  config.cuda_graph = opt.cuda_graph;
   for (const auto& [name, option, text] : opt.sets)
     if (name == entry.name) config.own.emplace_back(option, text);
   return config;
@@ -721,6 +724,7 @@ nlohmann::ordered_json to_json(const Options& opt, int threads, const std::vecto
                    {"threads", threads}, {"device", opt.device}, {"settling", opt.settling},
                    {"lr_schedule", opt.lr_schedule}, {"normalize", opt.normalize},
                    {"world_size", opt.dist.world_size}};
+  if (opt.cuda_graph) j["protocol"]["cuda_graph"] = true;
   auto& rs = j["results"] = nlohmann::ordered_json::array();
   for (const auto& r : results) {
     nlohmann::ordered_json o;
@@ -1050,6 +1054,10 @@ int run(int argc, char** argv) {
                  "/ epochs)) / 2, annealed over --epochs")
       ->check(CLI::IsMember({"constant", "cosine"}))
       ->capture_default_str();
+  app.add_flag("--cuda-graph", opt.cuda_graph,
+               "EP family: capture each training step into a CUDA graph and replay it (mep/cuda_graph.hpp; "
+               "captured again when the batch shape or the learning rate changes); only with --device cuda, in a "
+               "build against a CUDA LibTorch; the backprop optimizers run as usual");
   // Optimizer options, each applied to every selected optimizer that has it.
   struct SharedFlag {
     const char* flag;
@@ -1216,6 +1224,14 @@ int run(int argc, char** argv) {
                                     static_cast<long long>(opt.batch), opt.dist.world_size));
     if (!opt.checkpoint.empty()) throw std::runtime_error("--checkpoint: not supported with --world-size > 1");
     opt.dist.backend = opt.device == "cuda" ? "nccl" : "gloo";
+  }
+  if (opt.cuda_graph) {
+#ifndef MEP_WITH_CUDA
+    throw std::runtime_error("--cuda-graph: this mep_bench was built without CUDA (CMake found a LibTorch without CUDA)");
+#endif
+    if (opt.device != "cuda") throw std::runtime_error("--cuda-graph: only with --device cuda");
+    if (opt.dist.world_size > 1)
+      throw std::runtime_error("--cuda-graph: not with --world-size > 1 (collectives are not captured)");
   }
   if (opt.device == "cuda" && !torch::cuda::is_available())
     throw std::runtime_error("--device cuda: CUDA is not available (this LibTorch has no CUDA support or sees no GPU)");

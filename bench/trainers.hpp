@@ -39,6 +39,7 @@ struct TrainerConfig {
   OptionTexts shared;  ///< set where the optimizer has the option (--beta, --ns-steps, …)
   OptionTexts own;     ///< this optimizer's (--set NAME.OPTION=VALUE): each must exist
   mep::ProcessGroupPtr group;  ///< data parallelism over these ranks (--world-size > 1), or none
+  bool cuda_graph = false;     ///< EP family: steps through mep::CudaGraphStep (--cuda-graph; CUDA builds only)
 };
 
 /// One optimizer bound to one model.
@@ -128,14 +129,27 @@ struct has_settle_report<Opt, std::void_t<decltype(std::declval<const Opt&>().se
     : std::true_type {};
 }  // namespace detail
 
-/// Model-owning optimizers (the EP family): the whole `step(x, y)` call.
+/// Model-owning optimizers (the EP family): the whole `step(x, y)` call; with `cuda_graph`,
+/// captured into a CUDA graph and replayed (mep/cuda_graph.hpp, MEP_WITH_CUDA builds only).
 template <class Opt>
 class ModelStepTrainer final : public Trainer {
  public:
-  ModelStepTrainer(torch::nn::Sequential model, const typename Opt::Options& options)
-      : opt_(std::move(model), options) {}
+  ModelStepTrainer(torch::nn::Sequential model, const typename Opt::Options& options, bool cuda_graph = false)
+      : opt_(std::move(model), options) {
+    if (!cuda_graph) return;
+#ifdef MEP_WITH_CUDA
+    graph_ = std::make_unique<mep::CudaGraphStep<Opt>>(opt_);
+#else
+    throw std::invalid_argument("--cuda-graph: this build has no CUDA support (LibTorch without CUDA at configure time)");
+#endif
+  }
 
-  torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override { return opt_.step(x, y); }
+  torch::Tensor step(const torch::Tensor& x, const torch::Tensor& y) override {
+#ifdef MEP_WITH_CUDA
+    if (graph_) return graph_->step(x, y);  // the graph's static loss: read before the next step
+#endif
+    return opt_.step(x, y);
+  }
   torch::optim::Optimizer& optimizer() override { return opt_; }
   const mep::DataParallel* data_parallel() const override { return &opt_.data_parallel(); }
   void save(torch::serialize::OutputArchive& archive) const override { save_pair(archive, opt_.model(), opt_); }
@@ -153,6 +167,9 @@ class ModelStepTrainer final : public Trainer {
 
  private:
   Opt opt_;
+#ifdef MEP_WITH_CUDA
+  std::unique_ptr<mep::CudaGraphStep<Opt>> graph_;  // after opt_, which it refers to
+#endif
 };
 
 namespace detail {
@@ -223,9 +240,10 @@ OptimizerEntry model_step_entry(std::string name, std::string label, double lr, 
   e.name = name, e.label = std::move(label), e.lr = lr, e.reference_lr = reference_lr;
   e.make = [name](torch::nn::Sequential model, const TrainerConfig& c) -> std::unique_ptr<Trainer> {
     if (c.reference_settling)
-      return std::make_unique<ModelStepTrainer<Reference>>(std::move(model),
-                                                           detail::model_step_options<Reference>(c, name));
-    return std::make_unique<ModelStepTrainer<Opt>>(std::move(model), detail::model_step_options<Opt>(c, name));
+      return std::make_unique<ModelStepTrainer<Reference>>(
+          std::move(model), detail::model_step_options<Reference>(c, name), c.cuda_graph);
+    return std::make_unique<ModelStepTrainer<Opt>>(std::move(model), detail::model_step_options<Opt>(c, name),
+                                                   c.cuda_graph);
   };
   e.options = [name](const TrainerConfig& c) {
     auto texts = [](const auto& o) {

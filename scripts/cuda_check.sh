@@ -8,12 +8,20 @@
 #   bash scripts/cuda_check.sh --stage    (on a Debian 12 machine with mep's packages, see
 #                                         scripts/setup.sh) fills .device/ from the system
 #
-# Steps: info (GPU, compilers, CMake, PyTorch), deps (GoogleTest and Google Benchmark from
-# the sources in .device/, into /tmp), configure (build-cuda/, Ninja, Release; retried once
-# with fallback CUDA flags), build (all targets, -k 0: every compile error in one log), ctest
-# (timeout 240 s), bench (mep_bench --device cuda on data/mnist: mlp_small 2 epochs and cnn
-# 1 epoch, all optimizers; the same on the CPU for comparison), summary. Exit status: that
-# of the build (of the configure when the build step is not run).
+# Steps, each time-boxed (`timeout`) so that one hang cannot eat the budget: info (GPU,
+# compilers, CMake, PyTorch), deps (GoogleTest and Google Benchmark from the sources in
+# .device/, into /tmp), configure (build-cuda/, Ninja, Release, against the LibTorch of
+# `torch.utils.cmake_prefix_path`; retried once with fallback CUDA flags; CMake then finds
+# a CUDA LibTorch and builds the MEP_WITH_CUDA parts: tests/test_cuda_graph.cpp and
+# mep_bench --cuda-graph), build (all targets, -k 0: every compile error in one log; if
+# mep_bench fails to compile with MEP_WITH_CUDA, it is built again without, -DMEP_CUDA=OFF,
+# in build-cuda-nograph/, so that the eager timings still come), ctest (first the CUDA graph
+# tests, `ctest -R '^cuda\.'`, then the rest of the suite, -j$MEP_CTEST_JOBS), bench
+# (mep_bench --device cuda, ms/step: mlp_small and mlp at batch 128, the EP family eager
+# next to SGD, then each EP optimizer with --cuda-graph; if time remains, mlp_small at batch
+# 1024 and cnn at batch 128, eager and graphed; last the CPU for comparison), summary (the
+# step times side by side, the graphs' speed-ups). Exit status: that of the build (of the
+# configure when the build step is not run).
 #
 # The machine needs python3 with a CUDA build of torch, nvcc, CMake, a C++ compiler and
 # (preferably) Ninja. Everything else comes from .device/ (not in git; made by --stage):
@@ -21,6 +29,7 @@
 #   .device/benchmark/          Google Benchmark sources (v1.7.1: CMakeLists.txt cmake include src)
 #   .device/benchmark-debian/   Debian's prebuilt libbenchmark (shared), fallback prefix
 #   .device/prefix/             CLI11 and nlohmann_json headers + CMake configs (relocatable)
+#   .device/fmt/                Debian's libfmt (headers, shared library, CMake config): mep_ops
 #   .device/zlib/               zlib.h, zconf.h and a static libz.a
 # and the MNIST subset in data/mnist (data/make_datasets.sh).
 #
@@ -33,6 +42,7 @@
 #   MEP_BUILD_DIR       build directory (default: build-cuda)
 #   MEP_DEVICE_DIR      staged dependencies (default: .device)
 #   MEP_CHECK_JOBS      parallel jobs (default: the online cores; not nproc, which obeys OMP_NUM_THREADS)
+#   MEP_CTEST_JOBS      parallel tests of ctest (default: 12, one intra-op thread each)
 #   MEP_CHECK_BUDGET    wall-clock budget in seconds; later steps shrink or are skipped to
 #                       stay within it (default: 510)
 #   MEP_CHECK_STEPS     steps to run (default: "info deps configure build ctest bench")
@@ -58,6 +68,16 @@ if [[ "${1:-}" == "--stage" ]]; then
   cp -a /usr/include/CLI /usr/include/nlohmann "$dev/prefix/include/"
   cp -a /usr/share/cmake/CLI11 /usr/share/cmake/nlohmann_json "$dev/prefix/share/cmake/"
   cp /usr/include/zlib.h /usr/include/zconf.h "$dev/zlib/include/"
+  # fmt (mep_ops links fmt::fmt): headers, the shared library under its real name and soname,
+  # and its CMake package, which finds them relative to itself.
+  mkdir -p "$dev/fmt/include" "$dev/fmt/lib/$arch/cmake"
+  cp -a /usr/include/fmt "$dev/fmt/include/"
+  cp -a "$lib/cmake/fmt" "$dev/fmt/lib/$arch/cmake/"
+  real="$(readlink -f "$lib/libfmt.so")"
+  soname="$(objdump -p "$real" | awk '/SONAME/ {print $2}')"
+  cp "$real" "$dev/fmt/lib/$arch/"
+  cp "$real" "$dev/fmt/lib/$arch/$soname"
+  cp "$real" "$dev/fmt/lib/$arch/libfmt.so"
   cp "$lib/libz.a" "$dev/zlib/lib/"
   # Debian's benchmark is a shared library: copy it under its real name and its soname.
   cp -a /usr/include/benchmark "$dev/benchmark-debian/include/"
@@ -75,7 +95,7 @@ if [[ "${1:-}" == "--stage" ]]; then
     echo "stage: BENCHMARK_SRC not set: no .device/benchmark (the check uses benchmark-debian)"
   fi
   # The CMake package files must find their files relative to themselves, not under /usr.
-  if grep -rlE '"/usr/(include|lib)' "$dev/prefix/share/cmake" "$dev/benchmark-debian/lib" \
+  if grep -rlE '"/usr/(include|lib)' "$dev/prefix/share/cmake" "$dev/benchmark-debian/lib" "$dev/fmt/lib" \
       | xargs -r grep -LE '_IMPORT_PREFIX|PACKAGE_PREFIX_DIR' | grep .; then
     echo "stage: WARNING: the files above hard-code /usr"
   fi
@@ -244,9 +264,10 @@ fi
 
 # ---------------------------------------------------------------------------- configure
 configured=0
+CONF_ARGS=()  # the configure that succeeded (for the build without MEP_WITH_CUDA, if needed)
 if want configure; then
   begin configure "$BUILD ($GEN, Release)"
-  prefix_path="$GTEST_PREFIX;$BENCH_PREFIX;$DEV/prefix"
+  prefix_path="$GTEST_PREFIX;$BENCH_PREFIX;$DEV/prefix;$DEV/fmt"
   [[ -n "$TORCH_PREFIX" ]] && prefix_path="$TORCH_PREFIX;$prefix_path"
   common=(-S . -B "$BUILD" -G "$GEN" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=$prefix_path"
     "-DZLIB_INCLUDE_DIR=$DEV/zlib/include" "-DZLIB_LIBRARY=$DEV/zlib/lib/libz.a"
@@ -278,7 +299,7 @@ if want configure; then
     rc=$?
     cat "$WORK/configure$attempt.log" >>"$OUT/configure.log"
     grep -E 'Caffe2|PyTorch:|CUDA|Torch' "$WORK/configure$attempt.log" | grep -v '^--.*Looking for' | head -20
-    if ((rc == 0)); then configured=$attempt; break; fi
+    if ((rc == 0)); then configured=$attempt; CONF_ARGS=("${common[@]}" "${flags[@]+"${flags[@]}"}"); break; fi
     log "configure attempt $attempt FAILED (rc=$rc); errors:"
     grep -n -A12 -E 'CMake Error' "$WORK/configure$attempt.log" | head -60
     [[ -n "$NVCC" ]] || break
@@ -287,6 +308,7 @@ if want configure; then
     echo "-- what was found (CMakeCache.txt):"
     grep -E '^(Torch_DIR|Caffe2_DIR|CMAKE_CUDA_COMPILER|CUDAToolkit_ROOT|CUDA_TOOLKIT_ROOT_DIR|GTest_DIR|benchmark_DIR|CLI11_DIR|nlohmann_json_DIR|ZLIB_INCLUDE_DIR|ZLIB_LIBRARY[A-Z_]*|CMAKE_CXX_COMPILER|CMAKE_GENERATOR|nvtx3_dir):' \
       "$BUILD/CMakeCache.txt"
+    grep -E '^-- mep: CUDA LibTorch' "$WORK/configure$configured.log"
     echo "-- CMake warnings in the configure: $(grep -c 'CMake Warning' "$WORK/configure$configured.log")"
     grep -A4 'CMake Warning' "$WORK/configure$configured.log" | head -30
     end "OK (attempt $configured)"
@@ -331,6 +353,35 @@ if want build && { ((configured)) || { ! want configure && [[ -f "$BUILD/CMakeCa
   end "rc=$build_rc errors=$n_err failed=$n_failed ours_warn=$n_warn"
 fi
 
+# mep_bench with MEP_WITH_CUDA (mep/cuda_graph.hpp, never compiled before this machine) did not
+# build: build it without (-DMEP_CUDA=OFF) in a directory of its own, so that the eager CUDA
+# timings still come.
+BENCH_BIN="$BUILD/bench/mep_bench"
+HAS_GRAPH=0
+# (CMake defines MEP_WITH_CUDA for mep_bench when it found a CUDA LibTorch.)
+if grep -qs 'MEP_WITH_CUDA' "$BUILD/build.ninja" "$BUILD/bench/CMakeFiles/mep_bench.dir/flags.make"; then HAS_GRAPH=1; fi
+if want build && ((${#CONF_ARGS[@]})) && [[ ! -x "$BENCH_BIN" ]]; then
+  limit=$(min 240 $(($(remaining) - 200)))
+  if ((limit >= 60)); then
+    begin nograph "mep_bench without MEP_WITH_CUDA in $BUILD-nograph (limit ${limit}s)"
+    args=() prev=""
+    for a in "${CONF_ARGS[@]}"; do
+      if [[ "$prev" == "-B" ]]; then args+=("$BUILD-nograph"); else args+=("$a"); fi
+      prev="$a"
+    done
+    { cmake "${args[@]}" -DMEP_CUDA=OFF -DMEP_BUILD_TESTS=OFF -DMEP_BUILD_EXAMPLES=OFF &&
+        timeout -k 10 "$limit" cmake --build "$BUILD-nograph" -j "$JOBS" --target mep_bench; } \
+      >"$WORK/nograph.log" 2>&1
+    rc=$?
+    { echo "######## mep_bench without MEP_WITH_CUDA (rc=$rc)"; cat "$WORK/nograph.log"; } >>"$OUT/build.log"
+    tail -3 "$WORK/nograph.log" | cut -c1-300
+    if [[ -x "$BUILD-nograph/bench/mep_bench" ]]; then BENCH_BIN="$BUILD-nograph/bench/mep_bench"; HAS_GRAPH=0; fi
+    end "rc=$rc (bench: $BENCH_BIN, --cuda-graph runs: $HAS_GRAPH)"
+  else
+    SUMMARY+=("nograph    skipped: out of time budget")
+  fi
+fi
+
 # ---------------------------------------------------------------------------- ctest
 built_any() {  # any of the main executables built?
   local f
@@ -339,29 +390,48 @@ built_any() {  # any of the main executables built?
   done
   return 1
 }
+CTEST_JOBS="${MEP_CTEST_JOBS:-12}"
+run_ctest() {  # run_ctest <name> <limit s> <ctest args...>: into $OUT/ctest.log, summarised here
+  local name="$1" limit="$2"; shift 2
+  begin "$name" "ctest -j$CTEST_JOBS $* (1 thread per test, limit ${limit}s)"
+  (cd "$BUILD" && MEP_SOURCE_DIR="$ROOT" OMP_NUM_THREADS=1 timeout -k 10 "$limit" \
+    ctest -j"$CTEST_JOBS" --output-on-failure --timeout 200 "$@") >"$WORK/$name.log" 2>&1
+  local rc=$?
+  { echo "######## $name (rc=$rc): ctest $*"; cat "$WORK/$name.log"; } >>"$OUT/ctest.log"
+  ((rc == 124)) && log "$name TIMED OUT after ${limit}s"
+  grep -E 'tests passed|tests failed|Total Test time|No tests were found' "$WORK/$name.log"
+  local failed
+  failed="$(sed -n '/The following tests FAILED:/,/^$/p' "$WORK/$name.log" | grep -vE 'FAILED:|^$' | sed 's/^[[:space:]]*//')"
+  [[ -n "$failed" ]] && { echo "-- failing tests:"; echo "$failed"; }
+  grep -E 'Skipped|SKIPPED' "$WORK/$name.log" | head -10
+  ((rc == 124)) && tail -15 "$WORK/$name.log"
+  end "rc=$rc $(grep -oE '[0-9]+% tests passed, [0-9]+ tests failed out of [0-9]+' "$WORK/$name.log")"
+}
 if want ctest && [[ -f "$BUILD/CTestTestfile.cmake" ]] && built_any; then
-  limit=$(min 240 $(($(remaining) - 60)))
+  rm -f "$OUT/ctest.log"
+  if ((HAS_GRAPH)); then
+    limit=$(min 90 $(($(remaining) - 200)))
+    if ((limit >= 20)); then
+      run_ctest ctest_graph "$limit" -R '^cuda\.'
+      # The graph tests' own output (captures, differences, the first failure), for the summary.
+      grep -E '^\[ *(RUN|OK|FAILED|SKIPPED) *\]|Failure|Expected|Which is|mep: ' "$WORK/ctest_graph.log" | head -60
+    else
+      SUMMARY+=("ctest      cuda graph tests skipped: out of time budget")
+    fi
+  else
+    SUMMARY+=("ctest      no cuda graph tests (MEP_WITH_CUDA parts not configured)")
+  fi
+  limit=$(min 200 $(($(remaining) - 150)))
   if ((limit < 30)); then
     SUMMARY+=("ctest      skipped: out of time budget")
   else
-    begin ctest "ctest -j8 --timeout 300, 2 threads per test (limit ${limit}s)"
-    (cd "$BUILD" && MEP_SOURCE_DIR="$ROOT" OMP_NUM_THREADS=2 timeout -k 10 "$limit" ctest -j8 --output-on-failure --timeout 300) \
-      >"$OUT/ctest.log" 2>&1
-    rc=$?
-    ((rc == 124)) && log "ctest TIMED OUT after ${limit}s"
-    grep -E 'tests passed|tests failed|Total Test time' "$OUT/ctest.log"
-    failed="$(sed -n '/The following tests FAILED:/,/^$/p' "$OUT/ctest.log" | grep -vE 'FAILED:|^$' | sed 's/^[[:space:]]*//')"
-    [[ -n "$failed" ]] && { echo "-- failing tests:"; echo "$failed"; }
-    grep -E 'Skipped|SKIPPED' "$OUT/ctest.log" | head -10
-    ((rc == 124)) && tail -15 "$OUT/ctest.log"
-    end "rc=$rc $(grep -oE '[0-9]+% tests passed, [0-9]+ tests failed out of [0-9]+' "$OUT/ctest.log")"
+    run_ctest ctest "$limit" -E '^cuda\.'
   fi
 elif want ctest; then
   SUMMARY+=("ctest      skipped: no test binaries in $BUILD")
 fi
 
 # ---------------------------------------------------------------------------- bench
-BENCH_BIN="$BUILD/bench/mep_bench"
 merge_json() {
   python3 - "$WORK/json" "$OUT/bench.json" <<'EOF' || cp "$WORK"/json/*.json "$OUT/" 2>/dev/null
 import glob, json, os, sys
@@ -389,17 +459,35 @@ run_bench() {  # run_bench <name> <limit s> <mep_bench args...>
   merge_json
   end "$name rc=$rc"
 }
-if want bench && [[ -x "$BENCH_BIN" ]]; then
-  "$BENCH_BIN" --help | grep -E -- '^ *--(optimizers|device) ' | sed 's/^ *//'
-  train="${MEP_BENCH_TRAIN:-8000}" test="${MEP_BENCH_TEST:-2000}"
-  small=(--model mlp_small --epochs 2 --train "$train" --test "$test")
-  cnn=(--model cnn --epochs 1 --train 1024 --test 500)
-  if [[ "$NO_GPU" != 1 ]]; then
-    run_bench mlp_small_cuda 150 "${small[@]}" --device cuda
-    run_bench cnn_cuda 150 "${cnn[@]}" --device cuda
+# bench_pair <model> <batch> <train> <optimizers, eager> <optimizers, graphed> [epochs]: the eager run
+# (with SGD, the plain baseline) and one --cuda-graph run per EP optimizer, so that one that
+# fails to capture does not hide the others. Run names: <model>_b<batch>_eager and
+# <model>_b<batch>_graph_<optimizer>, which the summary pairs.
+bench_pair() {
+  local model="$1" batch="$2" train="$3" eager="$4" graphed="$5" epochs="${6:-1}" o
+  local args=(--model "$model" --batch "$batch" --epochs "$epochs" --train "$train" --test 2000 --device cuda)
+  run_bench "${model}_b${batch}_eager" 60 "${args[@]}" --optimizers "$eager"
+  if ((HAS_GRAPH)); then
+    for o in ${graphed//,/ }; do
+      run_bench "${model}_b${batch}_graph_$o" 30 "${args[@]}" --optimizers "$o" --cuda-graph
+    done
   fi
-  run_bench mlp_small_cpu 90 "${small[@]}" --device cpu --threads "$JOBS"
-  [[ "$NO_GPU" != 1 ]] && run_bench cnn_cpu 90 "${cnn[@]}" --device cpu --threads "$JOBS"
+}
+if want bench && [[ -x "$BENCH_BIN" ]]; then
+  "$BENCH_BIN" --help | grep -E -- '^ *--(optimizers|device|cuda-graph) ' | sed 's/^ *//'
+  if [[ "$NO_GPU" != 1 ]]; then
+    # Batch 128 on 7680 samples: 60 full batches (no smaller last batch to capture again for);
+    # with --cuda-graph, 3 eager warm-up steps, 1 capture and 56 replays, all timed.
+    ep=eqprop,smep,sdmep,local_ep,natural_ep
+    bench_pair mlp_small 128 7680 "sgd,$ep" "$ep"
+    bench_pair mlp 128 7680 "sgd,$ep" eqprop,smep
+    # If time remains: a larger batch, and the cnn.
+    bench_pair mlp_small 1024 7168 sgd,eqprop,smep eqprop,smep 2  # 14 steps: 10 replays
+    bench_pair cnn 128 3840 sgd,eqprop,smep eqprop,smep
+  fi
+  # The CPU, for comparison (what the check ran before the graphs), last.
+  run_bench mlp_small_cpu 60 --model mlp_small --epochs 1 --train "${MEP_BENCH_TRAIN:-7680}" \
+    --test "${MEP_BENCH_TEST:-2000}" --device cpu --threads "$JOBS"
 elif want bench; then
   SUMMARY+=("bench      skipped: no $BENCH_BIN")
 fi
@@ -410,25 +498,34 @@ printf '%s\n' "${SUMMARY[@]+"${SUMMARY[@]}"}"
 [[ -f "$WORK/torch.txt" ]] && grep -E '^torch_(version|cuda|device|cuda_available)=' "$WORK/torch.txt" | tr '\n' ' ' && echo
 if [[ -f "$OUT/bench.json" ]]; then
   python3 - "$OUT/bench.json" <<'EOF'
-import json, sys
+import json, re, sys
 runs = json.load(open(sys.argv[1]))
-names = [n for n in runs if "results" in runs[n]]
-if names:
-    opts = []
-    for n in names:
-        for r in runs[n]["results"]:
-            if r["optimizer"] not in opts:
-                opts.append(r["optimizer"])
-    print("mep_bench: step_ms / best_val_acc per run")
-    print("%-11s" % "optimizer" + "".join("%20s" % n for n in names))
-    for o in opts:
-        cells = []
-        for n in names:
-            r = next((r for r in runs[n]["results"] if r["optimizer"] == o), None)
-            cells.append("%20s" % ("-" if r is None else "%.2f ms / %.3f" % (r.get("step_ms", float("nan")), r.get("best_val_acc", float("nan")))))
-        print("%-11s" % o + "".join(cells))
+rows = {}  # (run, optimizer) -> {"eager": result, "graph": result}
+for name, run in runs.items():
+    m = re.match(r"(.+_b\d+)_(eager|graph)(?:_.+)?$", name)
+    for r in run.get("results", []):
+        key = (m.group(1) if m else name, r["optimizer"])
+        rows.setdefault(key, {})["graph" if m and m.group(2) == "graph" else "eager"] = r
+def cell(r):
+    return "-" if r is None else "%.2f (%.3f)" % (r.get("step_ms", float("nan")), r.get("best_val_acc", float("nan")))
+if rows:
+    print("mep_bench: ms/step (best test accuracy); graph = --cuda-graph, its warm-up steps and capture included")
+    print("%-16s %-11s %16s %16s %8s" % ("run", "optimizer", "eager", "graph", "speed-up"))
+    for (run, opt), v in rows.items():
+        e, g = v.get("eager"), v.get("graph")
+        up = "%.2fx" % (e["step_ms"] / g["step_ms"]) if e and g and g.get("step_ms") else "-"
+        print("%-16s %-11s %16s %16s %8s" % (run, opt, cell(e), cell(g), up))
+failed = [n for n, run in runs.items() if "results" not in run]
+if failed:
+    print("runs without results: " + " ".join(failed))
 EOF
 fi
+# Graphed runs that failed (mep_bench writes no JSON then): their one-line error.
+for f in "$WORK"/*_graph_*.txt; do
+  [[ -f "$f" ]] || continue
+  [[ -f "$WORK/json/$(basename "$f" .txt).json" ]] && continue
+  echo "$(basename "$f" .txt): $(grep -h '^mep_bench' "$f" | tail -1 | cut -c1-400)"
+done
 echo "outputs in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 log "total $(elapsed)s"
 if want build; then

@@ -10,3 +10,7 @@
 #include <mep/presets.hpp>
 #include <mep/version.hpp>
 #include <mep/data/idx.hpp>
+
+#ifdef MEP_WITH_CUDA
+#include <mep/cuda_graph.hpp>  // a CUDA build of LibTorch only
+#endif
