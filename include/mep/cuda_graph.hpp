@@ -79,15 +79,16 @@
 /// What else must hold, and is checked only when capturing: the step must not synchronise
 /// with the host (`.item()`, a host read of the energy or a failure flag): a capture fails
 /// at the first synchronisation, and the wrapper rethrows it as a std::runtime_error saying
-/// so. Today's `Optimizer::step` still reads the finiteness of the gradients and the
-/// settling report on the host; the device-side failure flag being built removes those
-/// reads, and until then every capture fails this way. Also refused at capture: a step
-/// that replaces (rather than writes in place) a parameter, an optimizer-state buffer or a
-/// model buffer, since a replay would keep reading the old tensor.
+/// so. On CUDA the optimizer's step reads nothing by default (`StepCheck::Deferred`, the
+/// transaction undoing a failed step on the device); `StepCheck::Immediate` is refused. Also
+/// refused at capture: a step that replaces (rather than writes in place) a parameter, an
+/// optimizer-state buffer or a model buffer, since a replay would keep reading the old tensor.
 ///
 /// What a replay does not do: nothing runs on the host, so host-side bookkeeping reflects
 /// the capture: `settle_report()` is the capturing step's, and a replay raises no
-/// exception (a non-finite step is whatever the step's device-side failure flag records).
+/// exception: a replayed step that fails is undone on the device (the transaction's select is
+/// part of the graph) but not reported; only the capturing step's flag reaches
+/// `check_failures()`.
 /// The per-parameter step counts (`ParamState::step`, saved in checkpoints) are advanced
 /// by the wrapper after each replay, by what the captured step added. Random ops (Dropout)
 /// draw fresh numbers at every replay (LibTorch's graph-safe Philox offsets), but not the
@@ -244,6 +245,8 @@ class CudaGraphStep {
     }
     if (o.process_group() || opt.data_parallel().active())
       reasons.push_back("a process group: collectives are not captured");
+    if (o.step_check() == StepCheck::Immediate)
+      reasons.push_back("step_check = immediate reads the step's check on the host; use StepCheck::Deferred (or Auto)");
     if (reads_step_count<Update>::value)
       reasons.push_back("the update computes host scalars from the step count (bias correction), which a graph "
                         "would freeze");

@@ -20,8 +20,8 @@
 /// Policies (see each header for its rule and source):
 ///  - Gradient: `compute(model, x, target)` writes `.grad()` and returns the loss/energy; an
 ///    EP gradient also has `bind(model)`, which reads the model when the optimizer is built,
-///    and `compute_deferred` / `valid()` / `throw_if_invalid()`, which leave its checks of the
-///    batch on the device for the step's one check.
+///    and `compute_deferred` / `checked()` / `throw_if_invalid()`, which leave its checks of
+///    the batch on the device for the step's one check.
 ///  - Update: `direction(g, state)`, with `coupled_weight_decay` and `owns_momentum`; optionally
 ///    `lr_scale(W)`, `check_parameter(W, which)` (refuses a parameter it cannot update, at
 ///    construction), `directions(gs, states)` (the group's directions at once: Newton–Schulz
@@ -38,8 +38,8 @@
 /// state (checkpoint.hpp). The per-parameter state is typed (state.hpp).
 ///
 /// A step updates every parameter or none (transaction.hpp): what it writes is saved first,
-/// and one check after the update — the gradients, the written values and the gradient
-/// policy's checks of the batch, summed into one device scalar — decides. With
+/// and one check after the update decides: Σ‖t‖₁ over the gradients, the written values
+/// and the gradient policy's checks of the batch, one device scalar, finite or not. With
 /// `StepCheck::Immediate` (the CPU's default) the host reads it once and a failure is undone
 /// and thrown at once, naming its cause; with `StepCheck::Deferred` (CUDA's) the device keeps
 /// or undoes the step itself and the failure is thrown by a later step (options.hpp,
@@ -81,7 +81,7 @@ struct has_undo<G, std::void_t<decltype(std::declval<G&>().undo())>> : std::true
 template <class G, class = void>
 struct has_deferred_checks : std::false_type {};
 template <class G>
-struct has_deferred_checks<G, std::void_t<decltype(std::declval<const G&>().valid()),
+struct has_deferred_checks<G, std::void_t<decltype(std::declval<const G&>().checked()),
                                           decltype(std::declval<const G&>().throw_if_invalid())>> : std::true_type {};
 template <class O, class = void>
 struct has_skip_nonfinite : std::false_type {};
@@ -223,7 +223,7 @@ class Optimizer : public torch::optim::Optimizer {
       torch::AutoGradMode enable(true);
       loss = closure();
     }
-    apply_update(&loss, torch::Tensor());
+    apply_update(&loss, {});
     return loss;
   }
 
@@ -242,11 +242,12 @@ class Optimizer : public torch::optim::Optimizer {
       model_transaction_.begin(buffers);
       model_saved_ = true;
     }
-    torch::Tensor loss, valid;
+    torch::Tensor loss;
+    std::vector<torch::Tensor> batch_checks;
     try {
       if constexpr (detail::has_deferred_checks<Gradient>::value) {
         loss = gradient_.compute_deferred(model_, input, target);
-        valid = gradient_.valid();
+        batch_checks = gradient_.checked();
       } else {
         loss = gradient_.compute(model_, input, target);
       }
@@ -255,7 +256,7 @@ class Optimizer : public torch::optim::Optimizer {
       throw;
     }
     try {
-      apply_update(&loss, valid);
+      apply_update(&loss, batch_checks);
     } catch (...) {
       if constexpr (detail::has_undo<Gradient>::value) gradient_.undo();  // .grad() and BatchNorm as they were
       throw;
@@ -449,8 +450,8 @@ class Optimizer : public torch::optim::Optimizer {
 
   // Averages the gradients over the ranks (with a process group), then updates every group,
   // all or nothing: the transaction saves what the step writes, and one check of the
-  // gradients, the written values and the gradient policy's `valid` flag decides.
-  void apply_update(torch::Tensor* loss, const torch::Tensor& valid) {
+  // gradients, the written values and the gradient policy's checks of the batch decides.
+  void apply_update(torch::Tensor* loss, const std::vector<torch::Tensor>& batch_checks) {
     torch::NoGradGuard no_grad;
     const bool deferred = deferred_checks();
     const bool model_saved = std::exchange(model_saved_, false);
@@ -501,8 +502,10 @@ class Optimizer : public torch::optim::Optimizer {
       throw;
     }
 
-    // The one check: Σ‖t‖₁ over gradients and written values, NaN where the batch was invalid.
+    // The one check: Σ‖t‖₁ over the gradients, the written values and the batch's checks.
     std::vector<torch::Tensor> checked = grads;
+    for (const auto& t : batch_checks)
+      if (t.is_floating_point()) checked.push_back(t);
     for (const auto& item : items) {
       checked.push_back(item.p);
       item.st->for_each_buffer([&](const char*, const torch::Tensor& t) {
@@ -510,12 +513,11 @@ class Optimizer : public torch::optim::Optimizer {
       });
     }
     if (local_sum.defined()) checked.push_back(local_sum);
-    torch::Tensor sum = finite_sum_.sum_of_norms(checked);
-    if (valid.defined()) sum = at::where(valid, sum, std::numeric_limits<double>::quiet_NaN());
+    const torch::Tensor sum = finite_sum_.sum_of_norms(checked);
 
     if (!deferred) {
       if (std::isfinite(sum.item<double>())) return transaction_.commit();
-      return fail_now(items, grads, valid, checked);
+      return fail_now(items, grads, checked, !batch_checks.empty());
     }
     const auto ok = torch::isfinite(sum);
     transaction_.select(ok);
@@ -536,14 +538,13 @@ class Optimizer : public torch::optim::Optimizer {
   // StepCheck::Immediate, after the check failed: tells an overflowing sum from a failure,
   // undoes the step and throws its cause (or skips it, with skip_nonfinite and non-finite
   // gradients). Reads on the host freely: this is the failure path.
-  void fail_now(const std::vector<Item>& items, const std::vector<torch::Tensor>& grads, const torch::Tensor& valid,
-                const std::vector<torch::Tensor>& checked) {
-    const bool valid_ok = !valid.defined() || valid.item<bool>();
-    if (valid_ok && host_finite(checked)) return transaction_.commit();  // only the sum overflowed
+  void fail_now(const std::vector<Item>& items, const std::vector<torch::Tensor>& grads,
+                const std::vector<torch::Tensor>& checked, bool batch_checked) {
+    if (host_finite(checked)) return transaction_.commit();  // only the sum overflowed
     transaction_.rollback();
     restore_host(items);
     if constexpr (detail::has_deferred_checks<Gradient>::value) {
-      if (!valid_ok) gradient_.throw_if_invalid();
+      if (batch_checked) gradient_.throw_if_invalid();  // the batch, if it was the cause
     }
     if (!host_finite(grads)) return non_finite_gradient(items);
     if constexpr (detail::has_diagnose<Update>::value) update_.diagnose();

@@ -50,6 +50,7 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <utility>
@@ -290,10 +291,22 @@ class BasicEPGradient {
   /// What settling did in the last successful `compute` (empty in backprop mode). Its
   /// energies and residuals stay on the device until read (ep/settling.hpp).
   const SettleReport& report() const noexcept { return report_; }
+  /// What the last `compute`/`compute_deferred` leaves for a check of the batch, without
+  /// reading it: tensors that are all finite exactly when every check passed — the output,
+  /// a float target, each phase's energy, and for class indices 1/[all in range] (1, or
+  /// inf). The optimizer sums them with its own into its one check of the step.
+  const std::vector<torch::Tensor>& checked() const noexcept { return checked_; }
   /// Whether every check of the last `compute`/`compute_deferred` passed (input, output and
-  /// target finite, class indices in range, settling finite): a 0-dim bool tensor on the
-  /// model's device, not read by the gradient (undefined before the first call).
-  const torch::Tensor& valid() const noexcept { return valid_; }
+  /// target finite, class indices in range, settling finite), from `checked()`: a 0-dim bool
+  /// tensor on the model's device, not read here (undefined before the first call).
+  torch::Tensor valid() const {
+    torch::Tensor zero;
+    for (const auto& t : checked_) {
+      auto z = t.mul(0).sum();  // 0·v is 0 for a finite v and NaN otherwise
+      zero = zero.defined() ? zero.add_(z) : z;
+    }
+    return zero.defined() ? zero.eq(0) : zero;
+  }
   /// The workspace of the last `compute` (states, errors, tapes).
   const Workspace& workspace() const noexcept { return workspaces_[last_]; }
 
@@ -323,12 +336,12 @@ class BasicEPGradient {
       detail::check_input(x, chain);
       report_ = {};
       auto loss = backprop_into_grads(model, chain.parameters(), x, target, nudging_.loss, nudging_.loss_smoothing());
-      valid_ = torch::ones({}, loss.options().dtype(torch::kBool));
+      checked_ = {loss};
       backprop_last_ = true, last_x_ = x, last_target_ = target, last_output_ = torch::Tensor();
       return loss;
     }
     auto loss = compute_deferred(model, x, target);
-    if (valid_.item<bool>()) return loss;
+    if (valid().template item<bool>()) return loss;
     undo();
     throw_if_invalid();
     throw SettleError("mep: the EP step failed a check that names no cause");  // not reached
@@ -339,7 +352,8 @@ class BasicEPGradient {
   /// bad target, a SettleError for a diverged settling), or returns when `valid()` is true.
   /// Reads the device: the failure path.
   void throw_if_invalid() const {
-    if (!valid_.defined() || valid_.item<bool>()) return;
+    const auto ok = valid();
+    if (!ok.defined() || ok.template item<bool>()) return;
     if (backprop_last_) {
       throw_if_bad_target_values(last_target_, last_output_shape_);
     } else {
@@ -363,8 +377,10 @@ class BasicEPGradient {
       detail::check_input(x, chain);
       report_ = {};
       std::vector<int64_t> shape;
+      torch::Tensor target_ok;
       auto loss = backprop_into_grads_deferred(model, chain.parameters(), x, target, nudging_.loss,
-                                               nudging_.loss_smoothing(), valid_, shape);
+                                               nudging_.loss_smoothing(), target_ok, shape);
+      checked_ = {target_ok.reciprocal()};  // 1, or inf for a bad target
       backprop_last_ = true, last_x_ = x, last_target_ = target, last_output_ = torch::Tensor();
       last_output_shape_ = std::move(shape);
       return loss;
@@ -402,17 +418,15 @@ class BasicEPGradient {
       detail::ParameterGradients(ws, x, acc_, c, p == 0).all();
       if (p == 0) post_gradients(ws, safe);
     }
-    // The checks, on the device: 0·v is 0 for a finite v and NaN otherwise.
-    auto zero = ws.output.mul(0).sum();
-    if (target.scalar_type() != torch::kLong) zero.add_(target.mul(0).sum());
-    bool diverged = false;
+    // The checks, left on the device (see checked()).
+    checked_ = {ws.output};
+    if (target.scalar_type() == torch::kLong) checked_.push_back(safe.eq(target).all().reciprocal());
+    else checked_.push_back(target);
     for (const auto& phase : report.phases) {
-      zero.add_(phase.total.mul(0));
-      diverged = diverged || phase.diverged_step >= 0;
+      checked_.push_back(phase.total);
+      if (phase.diverged_step >= 0)  // seen on the host while settling
+        checked_.push_back(torch::full({}, std::numeric_limits<double>::quiet_NaN(), ws.output.options()));
     }
-    valid_ = zero.eq(0);
-    if (target.scalar_type() == torch::kLong) valid_.logical_and_(safe.eq(target).all());
-    if (diverged) valid_.fill_(false);  // seen on the host while settling
     backprop_last_ = false, last_x_ = x, last_target_ = target, last_output_ = ws.output;
     last_output_shape_ = ws.output.sizes().vec();
     attempt_ = report;
@@ -481,7 +495,7 @@ class BasicEPGradient {
   SettleReport report_, previous_report_;
   bool committed_ = false;  // the last compute committed (undo() can take it back)
   // The checks of the last compute, and what throw_if_invalid needs to say which failed.
-  torch::Tensor valid_;
+  std::vector<torch::Tensor> checked_;
   bool backprop_last_ = false;
   torch::Tensor last_x_, last_target_, last_output_;
   std::vector<int64_t> last_output_shape_;

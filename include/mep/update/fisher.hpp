@@ -99,7 +99,10 @@ struct FisherNewtonSchulz {
       // optimizer's one check of the step then sees it, and `diagnose` says why.
       const auto factored = info.eq(0);
       factorisations_.push_back({factored, g.sizes().vec()});
-      w = torch::cholesky_solve(x.t(), l).t().div_(factored);  // g·(F + λI)⁻¹ = ((F + λI)⁻¹·gᵀ)ᵀ; x/0 where not
+      // g·(F + λI)⁻¹ = ((F + λI)⁻¹·gᵀ)ᵀ by the two triangular solves of L·Lᵀ (cholesky_solve's,
+      // which on the CPU also reads its status on the host); x/0 where the factorisation failed.
+      const auto y = torch::linalg_solve_triangular(l, x.t(), /*upper=*/false);
+      w = torch::linalg_solve_triangular(l.t(), y, /*upper=*/true).t().div_(factored);
     }
     w = w / w.norm().clamp_min(1.0);
     return ns.orthogonalise(w).to(g.scalar_type()).reshape(g.sizes());
