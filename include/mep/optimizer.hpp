@@ -38,8 +38,9 @@
 /// state (checkpoint.hpp). The per-parameter state is typed (state.hpp).
 ///
 /// A step updates every parameter or none (transaction.hpp): what it writes is saved first,
-/// and one check after the update decides: Σ‖t‖₁ over the gradients, the written values
-/// and the gradient policy's checks of the batch, one device scalar, finite or not. With
+/// and one check after the update decides: Σ‖t‖₂ over the parameters and the gradient
+/// policy's checks of the batch (one device scalar, finite or not), into which every
+/// non-finite gradient or state value is carried. With
 /// `StepCheck::Immediate` (the CPU's default) the host reads it once and a failure is undone
 /// and thrown at once, naming its cause; with `StepCheck::Deferred` (CUDA's) the device keeps
 /// or undoes the step itself and the failure is thrown by a later step (options.hpp,
@@ -502,15 +503,18 @@ class Optimizer : public torch::optim::Optimizer {
       throw;
     }
 
-    // The one check: Σ‖t‖₁ over the gradients, the written values and the batch's checks.
-    std::vector<torch::Tensor> checked = grads;
+    // The one check: Σ‖t‖₂ over the parameters, the batch's checks and what does not reach
+    // the parameters. Every update carries a non-finite gradient or state into W (a NaN
+    // stays NaN; an inf makes a moment, a norm or W itself inf, or inf/inf) except error
+    // feedback, whose clamp makes an inf finite and whose buffer W never reads this step:
+    // with it on, the gradients and its buffers are checked as well.
+    std::vector<torch::Tensor> checked;
+    if (feedback_.active()) checked = grads;
     for (const auto& t : batch_checks)
       if (t.is_floating_point()) checked.push_back(t);
     for (const auto& item : items) {
       checked.push_back(item.p);
-      item.st->for_each_buffer([&](const char*, const torch::Tensor& t) {
-        if (t.is_floating_point()) checked.push_back(t);
-      });
+      if (feedback_.active() && item.st->error_feedback.defined()) checked.push_back(item.st->error_feedback);
     }
     if (local_sum.defined()) checked.push_back(local_sum);
     const torch::Tensor sum = finite_sum_.sum_of_norms(checked);
