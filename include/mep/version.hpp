@@ -4,6 +4,6 @@
 /// CMake reads the project's version from these lines.
 
 #define MEP_VERSION_MAJOR 0
-#define MEP_VERSION_MINOR 3
+#define MEP_VERSION_MINOR 4
 #define MEP_VERSION_PATCH 0
-#define MEP_VERSION "0.3.0"
+#define MEP_VERSION "0.4.0"
