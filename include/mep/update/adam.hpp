@@ -88,12 +88,12 @@ struct AdamUpdate {
     at::_foreach_add_(m, g, 1 - beta1);
     at::_foreach_mul_(v, beta2);
     at::_foreach_addcmul_(v, g, g, 1 - beta2);
-    if (amsgrad) {
-      std::vector<torch::Tensor> vmax;
-      for (size_t i = 0; i < g.size(); ++i) vmax.push_back(ParamState::zeros_like(st[i]->max_exp_avg_sq, g[i]));
-      auto larger = at::_foreach_maximum(vmax, v);
-      for (size_t i = 0; i < g.size(); ++i) st[i]->max_exp_avg_sq = larger[i];
-      v = std::move(larger);
+    if (amsgrad) {  // tensor by tensor: LibTorch 1.13 has no in-place _foreach_maximum_
+      for (size_t i = 0; i < g.size(); ++i) {
+        auto& vmax = ParamState::zeros_like(st[i]->max_exp_avg_sq, g[i]);
+        at::maximum_out(vmax, vmax, v[i]);
+        v[i] = vmax;
+      }
     }
     denominator = at::_foreach_sqrt(v);
     at::_foreach_div_(denominator, root_bc2);
