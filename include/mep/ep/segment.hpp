@@ -195,16 +195,25 @@ struct Segment {
     if (autograd_jacobian())
       return jacobian_norm_by_power_iteration([&](const torch::Tensor& x) { return apply(x, t.ops); }, s, iters);
     torch::NoGradGuard no_grad;
-    const auto w = weight.flatten(1), wt = w.t();
-    auto v = torch::ones({w.size(1)}, w.options());
-    auto u = torch::empty({w.size(0)}, w.options());
-    // u = W·v as addmv with β = 0 (what mv_out runs, without its allocation).
+    WeightViews& p = views(t);
+    if (!p.w.defined()) {
+      p.w = weight.flatten(1), p.wt = p.w.t();
+      p.ones = torch::ones({p.w.size(1)}, p.w.options());
+      p.v = torch::empty_like(p.ones);
+      p.u = torch::empty({p.w.size(0)}, p.w.options());
+    }
+    const auto &w = p.w, &wt = p.wt;
+    auto &u = p.u, &v = p.v;
+    // u = W·v as addmv with β = 0 (what mv_out runs, without its allocation); the first
+    // product reads the start vector 1 itself, which no product writes.
+    const torch::Tensor* x = &p.ones;
     for (int64_t k = 0; k < iters; ++k) {
-      at::addmv_out(u, u, w, v, 0, 1);
+      at::addmv_out(u, u, w, *x, 0, 1);
       at::addmv_out(v, v, wt, u, 0, 1);
+      x = &v;
       if (k % 2 == 1 || k + 1 == iters) v.div_(v.norm().clamp_min(1e-30));  // (WᵀW)² scales by ≤ σ⁴
     }
-    auto bound = at::addmv_out(u, u, w, v, 0, 1).norm();
+    auto bound = at::addmv_out(u, u, w, *x, 0, 1).norm();
     double fixed = 1;
     for (size_t d = 0; d + 2 < static_cast<size_t>(weight.dim()); ++d) {
       const int64_t k = weight.size(static_cast<int64_t>(d) + 2);
@@ -217,6 +226,18 @@ struct Segment {
       if (g.defined()) bound = bound * g;
     }
     return fixed == 1 ? bound : bound * fixed;
+  }
+
+  /// The tape's views of the weight (WeightViews), emptied first when the weight's data has
+  /// moved, changed type or shape since they were made.
+  WeightViews& views(const SegmentTape& t) const {
+    WeightViews& v = t.views;
+    const void* data = weight.data_ptr();
+    if (v.data != data || v.sizes != weight.sizes().vec() || !v.options.type_equal(weight.options())) {
+      v = WeightViews();
+      v.data = data, v.sizes = weight.sizes().vec(), v.options = weight.options();
+    }
+    return v;
   }
 
   /// The input of op j (the output of op j−1; `s` for j = 0), as the last forward left it.

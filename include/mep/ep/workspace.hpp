@@ -35,6 +35,19 @@ struct OpTape {
   torch::Tensor ff_in;           // a module run through its forward, with buffers: its feedforward input
 };
 
+/// Views of a segment's weight made once and kept while the weight's data stays where it
+/// was (ep/segment.hpp: `WeightViews::fits`), so that a step does not make them again: W as
+/// a matrix and its transpose for the power iterations of ‖W‖₂, with their vectors (the
+/// fixed start 1, and u, v), and Wᵀ for a Linear layer's forward.
+struct WeightViews {
+  const void* data = nullptr;  // the weight's data when they were made
+  std::vector<int64_t> sizes;
+  torch::TensorOptions options;
+  torch::Tensor w, wt;          // W as out × rest, and Wᵀ (power iterations)
+  torch::Tensor ones, u, v;     // the start vector (never written), W·v, Wᵀ·u
+  torch::Tensor linear_t;       // a Linear weight's Wᵀ (forward)
+};
+
 /// Per-step buffers of one segment s_{l−1} ─a→ in_l ─f→ f_l(in_l) (ep/segment.hpp).
 struct SegmentTape {
   std::vector<OpTape> ops;
@@ -46,6 +59,7 @@ struct SegmentTape {
   torch::Tensor leaf, graph;   // autograd: s_{l−1} as a leaf, and f_l built from it
   torch::Tensor ff_in;         // a module layer with buffers: its input at the feedforward states
   std::vector<torch::Tensor> saved_buffers;  // that module's buffers before the last commit
+  mutable WeightViews views;   // made on first use (a cache: const readers fill it)
 };
 
 /// How the output is nudged towards the target (ep/energy.hpp).
