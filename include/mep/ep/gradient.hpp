@@ -136,6 +136,15 @@ inline torch::Tensor& fitted(torch::Tensor& t, const torch::Tensor& p) {
   return t;
 }
 
+/// xᵀ for a 2-D x, from `cache` when it holds that view already (made again otherwise).
+inline const torch::Tensor& transposed(torch::Tensor& cache, const torch::Tensor& x) {
+  if (!cache.defined() || cache.data_ptr() != x.data_ptr() || cache.dim() != 2 || cache.size(0) != x.size(1) ||
+      cache.size(1) != x.size(0) || cache.stride(0) != x.stride(1) || cache.stride(1) != x.stride(0) ||
+      !cache.options().type_equal(x.options()))
+    cache = x.t();
+  return cache;
+}
+
 /// acc = c·v (first phase) or acc += c·v.
 inline void accumulate(torch::Tensor& acc, const torch::Tensor& p, const torch::Tensor& v, double c, bool first) {
   if (first) at::mul_out(fitted(acc, p), v.reshape(p.sizes()), c);
@@ -174,7 +183,7 @@ class ParameterGradients {
       // Hebbian: −ε_lᵀ·in_l (written into the reused buffers: a fresh result per step
       // costs page faults that rival the product itself).
       auto& gw = fitted(acc_[i_++], seg.weight);
-      at::addmm_out(gw, gw, t.eps.t(), t.in, /*beta=*/first_ ? 0.0 : 1.0, /*alpha=*/c_);
+      at::addmm_out(gw, gw, transposed(t.eps_t, t.eps), t.in, /*beta=*/first_ ? 0.0 : 1.0, /*alpha=*/c_);
       if (seg.bias.defined()) {
         auto& gb = fitted(acc_[i_++], seg.bias);
         if (first_) at::sum_out(gb, t.eps, {0}), gb.mul_(c_);

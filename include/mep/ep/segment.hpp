@@ -79,18 +79,11 @@ struct Segment {
     return params.empty() ? torch::Tensor() : params.front();
   }
 
-  /// f(in) for the layer alone (into `out` for a 2-D Linear when it is given).
-  torch::Tensor layer_forward(const torch::Tensor& in, torch::Tensor* out = nullptr) const {
+  /// f(in) for the layer alone (allocates; autograd-capable).
+  torch::Tensor layer_forward(const torch::Tensor& in) const {
     switch (kind) {
       case LayerKind::Linear:
-        if (in.dim() == 2) {
-          if (out != nullptr && out->defined()) {
-            if (bias.defined()) at::addmm_out(*out, bias, in, weight.t());
-            else at::mm_out(*out, in, weight.t());
-            return *out;
-          }
-          return bias.defined() ? torch::addmm(bias, in, weight.t()) : torch::mm(in, weight.t());
-        }
+        if (in.dim() == 2) return bias.defined() ? torch::addmm(bias, in, weight.t()) : torch::mm(in, weight.t());
         return torch::linear(in, weight, bias);
       case LayerKind::Conv1d:
         if (zero_padding) return torch::conv1d(in, weight, bias, stride, padding, dilation, groups);
@@ -162,10 +155,17 @@ struct Segment {
     layer_into(h, t);
   }
 
-  /// pred = f(in) into the tape (ATen's convolution returns a new tensor).
+  /// pred = f(in) into the tape (ATen's convolution returns a new tensor); a 2-D Linear
+  /// layer with its Wᵀ view kept in the tape (WeightViews).
   void layer_into(const torch::Tensor& in, SegmentTape& t) const {
-    if (kind == LayerKind::Linear && in.dim() == 2) layer_forward(in, &t.pred);
-    else t.pred = layer_forward(in);
+    if (kind == LayerKind::Linear && in.dim() == 2 && t.pred.defined()) {
+      WeightViews& v = views(t);
+      if (!v.linear_t.defined()) v.linear_t = weight.t();
+      if (bias.defined()) at::addmm_out(t.pred, bias, in, v.linear_t);
+      else at::mm_out(t.pred, in, v.linear_t);
+      return;
+    }
+    t.pred = layer_forward(in);
   }
 
   /// J_lᵀ·e with respect to s_{l−1}, after forward(s, t): into t.back.

@@ -60,6 +60,7 @@ struct SegmentTape {
   torch::Tensor ff_in;         // a module layer with buffers: its input at the feedforward states
   std::vector<torch::Tensor> saved_buffers;  // that module's buffers before the last commit
   mutable WeightViews views;   // made on first use (a cache: const readers fill it)
+  mutable torch::Tensor eps_t; // ε_lᵀ of a Linear layer (the Hebbian product), kept while ε_l stays put
 };
 
 /// How the output is nudged towards the target (ep/energy.hpp).
