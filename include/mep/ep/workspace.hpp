@@ -104,6 +104,13 @@ struct Workspace {
   struct Sums {
     torch::Tensor out, diff, dcost, nudged_delta, kl, rows, row, total, sq_out;
     std::vector<torch::Tensor> sq;
+    // Made with the buffers above: the squares viewed as [B, rest] (sq_rows, sq_out_rows),
+    // zeros [B] (the first term of rows is added to them), and the residual's per-state
+    // sums [2, L] (Σ(∂E/∂s_l)², Σs_l²) in the states' dtype with their 0-dim views, and in
+    // float64 with its columns.
+    std::vector<torch::Tensor> sq_rows;
+    torch::Tensor sq_out_rows, zeros, partial, partial_d;
+    std::vector<torch::Tensor> partial_slots, partial_cols;
   } sums;
 
   Scratch scratch;
