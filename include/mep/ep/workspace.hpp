@@ -13,6 +13,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace mep {
@@ -81,6 +82,11 @@ struct Scratch {
   std::vector<torch::Tensor> velocity, saved_states, saved_velocity, saved_gradients, step;
 };
 
+/// Numbers kept as 0-dim tensors, by value (ep/gradient.hpp: `scale_tensor`).
+struct ScaleCache {
+  std::vector<std::pair<double, torch::Tensor>> scales;
+};
+
 /// The values of one EP step on one chain and batch shape.
 struct Workspace {
   // What the step runs on.
@@ -114,6 +120,7 @@ struct Workspace {
   } sums;
 
   Scratch scratch;
+  ScaleCache scales;  // the parameter gradients' factors
 
   size_t size() const { return s.size(); }
   int64_t batch() const { return shape.empty() ? 0 : shape[0]; }
