@@ -417,6 +417,32 @@ TEST(Gradient, WorkspacesAreKeptAcrossStepsAndBatchShapes) {
   EXPECT_EQ(step(32), full);
 }
 
+// The workspace keeps views of the weights (Wᵀ, W as a matrix for ‖W‖₂) and the gradient's
+// factors between steps: they follow a weight whose data moves (set_data, as loading a
+// checkpoint into new tensors does), so that a kept workspace gives the gradient a fresh one
+// gives, bit for bit.
+TEST(Gradient, ViewsKeptInTheWorkspaceFollowWeightsWhoseDataMoves) {
+  torch::manual_seed(61);
+  auto m = nn::Sequential(nn::Conv2d(nn::Conv2dOptions(1, 3, 3).padding(1)), nn::ReLU(), nn::Flatten(),
+                          nn::Linear(48, 8), nn::ReLU(), nn::Linear(8, 4));
+  const auto x = torch::randn({5, 1, 4, 4});
+  const auto y = torch::randint(0, 4, {5}, torch::kLong);
+  mep::EPGradient kept{mep::EPGradientOptions()};
+  kept.compute(m, x, y);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : m->parameters()) p.set_data(p.detach() * 1.5 + 0.01);  // new storage, new values
+  }
+  kept.compute(m, x, y);
+  std::vector<torch::Tensor> got;
+  for (const auto& p : m->parameters()) got.push_back(p.grad().clone());
+  mep::EPGradient fresh{mep::EPGradientOptions()};
+  fresh.compute(m, x, y);
+  const auto params = m->parameters();
+  for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(torch::equal(got[i], params[i].grad())) << "parameter " << i;
+  EXPECT_TRUE(torch::equal(kept.report().phases[0].norms, fresh.report().phases[0].norms));
+}
+
 // Settling reports what it did, and says so when it stops short of its stopping rule.
 TEST(Gradient, SettleReportTellsConvergedFromNot) {
   torch::manual_seed(56);

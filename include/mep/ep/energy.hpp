@@ -145,7 +145,7 @@ inline void nudge(Workspace& ws, double beta) {
       for (size_t j = 0; j < chain.post.size(); ++j) out = chain.post[j].apply(out, ws.post_tape[j]);
     }
   }
-  e.out = out.detach();
+  e.out = out.requires_grad() ? out.detach() : out;
   torch::Tensor grad;
   double scale = beta;
   if (ws.nudging.loss == Loss::MSE) {
@@ -220,32 +220,51 @@ inline void evaluate(Workspace& ws, double beta) {
   for (size_t l = 0; l < ws.size(); ++l) state_gradient(ws, l);
 }
 
-/// Σ_b E_b at the current errors (after errors), as a 0-dim tensor on the device.
-inline const torch::Tensor& total(Workspace& ws, double beta) {
-  torch::NoGradGuard no_grad;
+namespace detail {
+// E_b per sample into ws.sums.rows (after errors): Σ_l ½‖ε_l‖² (or the KL term) + β·C, added
+// in that order, the first term to zeros.
+inline void rows(Workspace& ws, double beta) {
   auto& e = ws.sums;
   const size_t L = ws.size();
-  e.rows.zero_();
+  bool first = true;
+  const auto add = [&](const torch::Tensor& row, double c) {
+    if (first) at::add_out(e.rows, e.zeros, row, c);
+    else e.rows.add_(row, c);
+    first = false;
+  };
   for (size_t l = 0; l < L; ++l) {
     if (l + 1 == L && ws.nudging.kl_last()) {
-      e.rows.add_(e.kl);
+      add(e.kl, 1);
       continue;
     }
     at::mul_out(e.sq[l], ws.tape[l].eps, ws.tape[l].eps);
-    at::sum_out(e.row, e.sq[l].view({ws.batch(), -1}), {1});
-    e.rows.add_(e.row, 0.5);
+    at::sum_out(e.row, e.sq_rows[l], {1});
+    add(e.row, 0.5);
   }
   if (beta != 0) {
     if (ws.nudging.loss == Loss::MSE) {
       at::mul_out(e.sq_out, e.diff, e.diff);
-      at::sum_out(e.row, e.sq_out.view({ws.batch(), -1}), {1});
-      e.rows.add_(e.row, beta);
+      at::sum_out(e.row, e.sq_out_rows, {1});
+      add(e.row, beta);
     } else {
-      e.rows.add_(cost(ws.nudging, e.out, ws.target), beta);
+      add(cost(ws.nudging, e.out, ws.target), beta);
     }
   }
-  at::sum_out(e.total, e.rows, {0});
-  return e.total;
+}
+}  // namespace detail
+
+/// Σ_b E_b at the current errors (after errors), as a 0-dim tensor on the device.
+inline const torch::Tensor& total(Workspace& ws, double beta) {
+  torch::NoGradGuard no_grad;
+  detail::rows(ws, beta);
+  at::sum_out(ws.sums.total, ws.sums.rows, {0});
+  return ws.sums.total;
+}
+/// The same, as a new tensor (what a report keeps).
+inline torch::Tensor total_value(Workspace& ws, double beta) {
+  torch::NoGradGuard no_grad;
+  detail::rows(ws, beta);
+  return at::sum(ws.sums.rows, {0});
 }
 
 /// The batch-mean energy on the host (reads the device once).
@@ -255,14 +274,22 @@ inline double mean(Workspace& ws, double beta) {
 
 /// [‖∂E/∂s‖², ‖s‖²] over all states and samples (after evaluate), float64 on the device:
 /// the relative residual ‖∂E/∂s‖ / ‖s‖ without a host read (PhaseReport::residual reads it).
-inline torch::Tensor residual_norms(const Workspace& ws) {
-  // Each Σx² in the states' dtype (x·x is what pow(2) computes), added in float64.
-  auto norms = torch::zeros({2}, ws.options.dtype(torch::kDouble));
-  auto num = norms.select(0, 0), den = norms.select(0, 1);
-  for (size_t l = 0; l < ws.size(); ++l) {
-    num.add_(at::mul(ws.dE_ds[l], ws.dE_ds[l]).sum());
-    den.add_(at::mul(ws.s[l], ws.s[l]).sum());
-  }
+inline torch::Tensor residual_norms(Workspace& ws) {
+  // Each Σx² in the states' dtype (x·x is what pow(2) computes, all squares in one multi-tensor
+  // op), into ws.sums.partial; then taken to float64 and added there from l = 0 up, both
+  // sums at once.
+  torch::NoGradGuard no_grad;
+  auto& e = ws.sums;
+  const size_t L = ws.size();
+  std::vector<torch::Tensor> x;
+  x.reserve(2 * L);
+  for (size_t l = 0; l < L; ++l) x.push_back(ws.dE_ds[l]);
+  for (size_t l = 0; l < L; ++l) x.push_back(ws.s[l]);
+  const auto sq = at::_foreach_mul(x, x);
+  for (size_t i = 0; i < sq.size(); ++i) at::sum_out(e.partial_slots[i], sq[i], at::OptionalIntArrayRef());
+  e.partial_d.copy_(e.partial);
+  auto norms = e.partial_cols[0].clone(at::MemoryFormat::Contiguous);
+  for (size_t l = 1; l < L; ++l) norms.add_(e.partial_cols[l]);
   return norms;
 }
 

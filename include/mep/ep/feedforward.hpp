@@ -87,9 +87,21 @@ inline void run_feedforward(Workspace& ws, const Chain& chain, const Nudging& nu
     e.total = torch::empty({}, states);
     e.diff = torch::empty_like(ws.output);
     e.dcost = torch::empty_like(ws.output);
-    e.sq.clear();
-    for (size_t l = 0; l < L; ++l) e.sq.push_back(torch::empty_like(ws.ff[l]));
-    e.sq_out = torch::empty_like(ws.output);
+    e.sq.clear(), e.sq_rows.clear();
+    for (size_t l = 0; l < L; ++l) {
+      e.sq.push_back(torch::empty_like(ws.ff[l]));
+      e.sq_rows.push_back(e.sq.back().view({x.size(0), -1}));
+    }
+    e.sq_out = torch::empty_like(ws.output, torch::MemoryFormat::Contiguous);
+    e.sq_out_rows = e.sq_out.view({x.size(0), -1});
+    e.zeros = torch::zeros({x.size(0)}, states);
+    const auto L64 = static_cast<int64_t>(L);
+    e.partial = torch::empty({2, L64}, states);
+    e.partial_d = torch::empty({2, L64}, states.dtype(torch::kDouble));
+    e.partial_slots.clear(), e.partial_cols.clear();
+    for (int64_t q = 0; q < 2; ++q)
+      for (int64_t l = 0; l < L64; ++l) e.partial_slots.push_back(e.partial.select(0, q).select(0, l));
+    for (int64_t l = 0; l < L64; ++l) e.partial_cols.push_back(e.partial_d.select(1, l));
   }
   ws.target = torch::Tensor();
   ws.at_feedforward = true;

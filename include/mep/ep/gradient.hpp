@@ -136,10 +136,45 @@ inline torch::Tensor& fitted(torch::Tensor& t, const torch::Tensor& p) {
   return t;
 }
 
+/// xᵀ for a 2-D x, from `cache` when it holds that view already (made again otherwise).
+inline const torch::Tensor& transposed(torch::Tensor& cache, const torch::Tensor& x) {
+  if (!cache.defined() || cache.data_ptr() != x.data_ptr() || cache.dim() != 2 || cache.size(0) != x.size(1) ||
+      cache.size(1) != x.size(0) || cache.stride(0) != x.stride(1) || cache.stride(1) != x.stride(0) ||
+      !cache.options().type_equal(x.options()))
+    cache = x.t();
+  return cache;
+}
+
+/// c as a 0-dim tensor of p's dtype on p's device, kept in `cache` while c, the dtype and
+/// the device stay the same, for float32 and float64 parameters: a product with it is the
+/// product with the number c (which ATen rounds to p's dtype first, in a cast of its own).
+/// Undefined for other dtypes, whose products take c unrounded in float32: take c itself.
+inline const torch::Tensor& scale_tensor(ScaleCache& cache, double c, const torch::Tensor& p) {
+  static const torch::Tensor none;
+  if (p.scalar_type() != torch::kFloat && p.scalar_type() != torch::kDouble) return none;
+  for (auto& [value, t] : cache.scales)
+    if (value == c && t.options().type_equal(p.options()) && t.device() == p.device()) return t;
+  if (cache.scales.size() >= 4) cache.scales.clear();
+  cache.scales.emplace_back(c, torch::full({}, c, p.options()));
+  return cache.scales.back().second;
+}
+
+/// out = c·v, with c from `scale_tensor` where it gives one.
+inline void scaled(torch::Tensor& out, const torch::Tensor& v, double c, const torch::Tensor& s) {
+  if (s.defined()) at::mul_out(out, v, s);
+  else at::mul_out(out, v, c);
+}
+
+/// v in p's shape (v itself when it has it).
+inline torch::Tensor shaped(const torch::Tensor& v, const torch::Tensor& p) {
+  return v.sizes() == p.sizes() ? v : v.reshape(p.sizes());
+}
+
 /// acc = c·v (first phase) or acc += c·v.
-inline void accumulate(torch::Tensor& acc, const torch::Tensor& p, const torch::Tensor& v, double c, bool first) {
-  if (first) at::mul_out(fitted(acc, p), v.reshape(p.sizes()), c);
-  else acc.add_(v.reshape(p.sizes()), c);
+inline void accumulate(torch::Tensor& acc, const torch::Tensor& p, const torch::Tensor& v, double c, bool first,
+                       ScaleCache& cache) {
+  if (first) scaled(fitted(acc, p), shaped(v, p), c, scale_tensor(cache, c, p));
+  else acc.add_(shaped(v, p), c);
 }
 
 /// The parameter gradients −c·(∂f_l/∂θ)ᵀ·ε_l of every segment at the settled states in
@@ -167,17 +202,17 @@ class ParameterGradients {
 
  private:
   const torch::Tensor& input_state(size_t l) const { return l == 0 ? x_ : ws_.s[l - 1]; }
-  void add(const torch::Tensor& p, const torch::Tensor& v) { accumulate(acc_[i_++], p, v, c_, first_); }
+  void add(const torch::Tensor& p, const torch::Tensor& v) { accumulate(acc_[i_++], p, v, c_, first_, ws_.scales); }
 
   void layer(const Segment& seg, const SegmentTape& t) {
     if (seg.kind == LayerKind::Linear && t.in.dim() == 2) {
       // Hebbian: −ε_lᵀ·in_l (written into the reused buffers: a fresh result per step
       // costs page faults that rival the product itself).
       auto& gw = fitted(acc_[i_++], seg.weight);
-      at::addmm_out(gw, gw, t.eps.t(), t.in, /*beta=*/first_ ? 0.0 : 1.0, /*alpha=*/c_);
+      at::addmm_out(gw, gw, transposed(t.eps_t, t.eps), t.in, /*beta=*/first_ ? 0.0 : 1.0, /*alpha=*/c_);
       if (seg.bias.defined()) {
         auto& gb = fitted(acc_[i_++], seg.bias);
-        if (first_) at::sum_out(gb, t.eps, {0}), gb.mul_(c_);
+        if (first_) at::sum_out(gb, t.eps, {0}), scaled(gb, gb, c_, scale_tensor(ws_.scales, c_, seg.bias));
         else gb.add_(t.eps.sum(0), c_);
       }
       return;
@@ -243,7 +278,7 @@ class ParameterGradients {
       }
       auto g = k < grads.size() && grads[k].defined() ? grads[k] : torch::zeros_like(p);
       ++k;
-      accumulate(acc, p, g, c_, first_ || !acc.defined());
+      accumulate(acc, p, g, c_, first_ || !acc.defined(), ws_.scales);
     }
   }
 

@@ -79,18 +79,11 @@ struct Segment {
     return params.empty() ? torch::Tensor() : params.front();
   }
 
-  /// f(in) for the layer alone (into `out` for a 2-D Linear when it is given).
-  torch::Tensor layer_forward(const torch::Tensor& in, torch::Tensor* out = nullptr) const {
+  /// f(in) for the layer alone (allocates; autograd-capable).
+  torch::Tensor layer_forward(const torch::Tensor& in) const {
     switch (kind) {
       case LayerKind::Linear:
-        if (in.dim() == 2) {
-          if (out != nullptr && out->defined()) {
-            if (bias.defined()) at::addmm_out(*out, bias, in, weight.t());
-            else at::mm_out(*out, in, weight.t());
-            return *out;
-          }
-          return bias.defined() ? torch::addmm(bias, in, weight.t()) : torch::mm(in, weight.t());
-        }
+        if (in.dim() == 2) return bias.defined() ? torch::addmm(bias, in, weight.t()) : torch::mm(in, weight.t());
         return torch::linear(in, weight, bias);
       case LayerKind::Conv1d:
         if (zero_padding) return torch::conv1d(in, weight, bias, stride, padding, dilation, groups);
@@ -162,10 +155,17 @@ struct Segment {
     layer_into(h, t);
   }
 
-  /// pred = f(in) into the tape (ATen's convolution returns a new tensor).
+  /// pred = f(in) into the tape (ATen's convolution returns a new tensor); a 2-D Linear
+  /// layer with its Wᵀ view kept in the tape (WeightViews).
   void layer_into(const torch::Tensor& in, SegmentTape& t) const {
-    if (kind == LayerKind::Linear && in.dim() == 2) layer_forward(in, &t.pred);
-    else t.pred = layer_forward(in);
+    if (kind == LayerKind::Linear && in.dim() == 2 && t.pred.defined()) {
+      WeightViews& v = views(t);
+      if (!v.linear_t.defined()) v.linear_t = weight.t();
+      if (bias.defined()) at::addmm_out(t.pred, bias, in, v.linear_t);
+      else at::mm_out(t.pred, in, v.linear_t);
+      return;
+    }
+    t.pred = layer_forward(in);
   }
 
   /// J_lᵀ·e with respect to s_{l−1}, after forward(s, t): into t.back.
@@ -195,16 +195,25 @@ struct Segment {
     if (autograd_jacobian())
       return jacobian_norm_by_power_iteration([&](const torch::Tensor& x) { return apply(x, t.ops); }, s, iters);
     torch::NoGradGuard no_grad;
-    const auto w = weight.flatten(1), wt = w.t();
-    auto v = torch::ones({w.size(1)}, w.options());
-    auto u = torch::empty({w.size(0)}, w.options());
-    // u = W·v as addmv with β = 0 (what mv_out runs, without its allocation).
+    WeightViews& p = views(t);
+    if (!p.w.defined()) {
+      p.w = weight.flatten(1), p.wt = p.w.t();
+      p.ones = torch::ones({p.w.size(1)}, p.w.options());
+      p.v = torch::empty_like(p.ones);
+      p.u = torch::empty({p.w.size(0)}, p.w.options());
+    }
+    const auto &w = p.w, &wt = p.wt;
+    auto &u = p.u, &v = p.v;
+    // u = W·v as addmv with β = 0 (what mv_out runs, without its allocation); the first
+    // product reads the start vector 1 itself, which no product writes.
+    const torch::Tensor* x = &p.ones;
     for (int64_t k = 0; k < iters; ++k) {
-      at::addmv_out(u, u, w, v, 0, 1);
+      at::addmv_out(u, u, w, *x, 0, 1);
       at::addmv_out(v, v, wt, u, 0, 1);
+      x = &v;
       if (k % 2 == 1 || k + 1 == iters) v.div_(v.norm().clamp_min(1e-30));  // (WᵀW)² scales by ≤ σ⁴
     }
-    auto bound = at::addmv_out(u, u, w, v, 0, 1).norm();
+    auto bound = at::addmv_out(u, u, w, *x, 0, 1).norm();
     double fixed = 1;
     for (size_t d = 0; d + 2 < static_cast<size_t>(weight.dim()); ++d) {
       const int64_t k = weight.size(static_cast<int64_t>(d) + 2);
@@ -217,6 +226,18 @@ struct Segment {
       if (g.defined()) bound = bound * g;
     }
     return fixed == 1 ? bound : bound * fixed;
+  }
+
+  /// The tape's views of the weight (WeightViews), emptied first when the weight's data has
+  /// moved, changed type or shape since they were made.
+  WeightViews& views(const SegmentTape& t) const {
+    WeightViews& v = t.views;
+    const void* data = weight.data_ptr();
+    if (v.data != data || v.sizes != weight.sizes().vec() || !v.options.type_equal(weight.options())) {
+      v = WeightViews();
+      v.data = data, v.sizes = weight.sizes().vec(), v.options = weight.options();
+    }
+    return v;
   }
 
   /// The input of op j (the output of op j−1; `s` for j = 0), as the last forward left it.

@@ -185,7 +185,9 @@ class States {
   const torch::Tensor& total(double beta) { return energy::total(ws_, beta); }
   double mean(double beta) { return energy::mean(ws_, beta); }
   /// [‖∂E/∂s‖², ‖s‖²] on the device (after evaluate).
-  torch::Tensor residual_norms() const { return energy::residual_norms(ws_); }
+  torch::Tensor residual_norms() { return energy::residual_norms(ws_); }
+  /// total(beta) as a new tensor (what a report keeps).
+  torch::Tensor total_value(double beta) { return energy::total_value(ws_, beta); }
 
   /// ∂E/∂s_l with the neighbours' latest states, for block-coordinate sweeps from the top:
   /// needs segment l+1's prediction at the current s_l (δ_L alone for the last layer).
@@ -276,7 +278,7 @@ inline PhaseReport finish(States& e, double beta, int64_t steps, bool converged,
   r.beta = beta;
   r.steps = steps;
   r.converged = converged;
-  r.total = e.total(beta).clone();
+  r.total = e.total_value(beta);
   r.batch = e.batch();
   r.norms = e.residual_norms();
   return r;

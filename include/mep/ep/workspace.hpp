@@ -13,6 +13,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace mep {
@@ -35,6 +36,19 @@ struct OpTape {
   torch::Tensor ff_in;           // a module run through its forward, with buffers: its feedforward input
 };
 
+/// Views of a segment's weight made once and kept while the weight's data stays where it
+/// was (ep/segment.hpp: `WeightViews::fits`), so that a step does not make them again: W as
+/// a matrix and its transpose for the power iterations of ‖W‖₂, with their vectors (the
+/// fixed start 1, and u, v), and Wᵀ for a Linear layer's forward.
+struct WeightViews {
+  const void* data = nullptr;  // the weight's data when they were made
+  std::vector<int64_t> sizes;
+  torch::TensorOptions options;
+  torch::Tensor w, wt;          // W as out × rest, and Wᵀ (power iterations)
+  torch::Tensor ones, u, v;     // the start vector (never written), W·v, Wᵀ·u
+  torch::Tensor linear_t;       // a Linear weight's Wᵀ (forward)
+};
+
 /// Per-step buffers of one segment s_{l−1} ─a→ in_l ─f→ f_l(in_l) (ep/segment.hpp).
 struct SegmentTape {
   std::vector<OpTape> ops;
@@ -46,6 +60,8 @@ struct SegmentTape {
   torch::Tensor leaf, graph;   // autograd: s_{l−1} as a leaf, and f_l built from it
   torch::Tensor ff_in;         // a module layer with buffers: its input at the feedforward states
   std::vector<torch::Tensor> saved_buffers;  // that module's buffers before the last commit
+  mutable WeightViews views;   // made on first use (a cache: const readers fill it)
+  mutable torch::Tensor eps_t; // ε_lᵀ of a Linear layer (the Hebbian product), kept while ε_l stays put
 };
 
 /// How the output is nudged towards the target (ep/energy.hpp).
@@ -64,6 +80,11 @@ struct Nudging {
 /// allocated on first use (ep/settling.hpp: `States::scratch`).
 struct Scratch {
   std::vector<torch::Tensor> velocity, saved_states, saved_velocity, saved_gradients, step;
+};
+
+/// Numbers kept as 0-dim tensors, by value (ep/gradient.hpp: `scale_tensor`).
+struct ScaleCache {
+  std::vector<std::pair<double, torch::Tensor>> scales;
 };
 
 /// The values of one EP step on one chain and batch shape.
@@ -89,9 +110,17 @@ struct Workspace {
   struct Sums {
     torch::Tensor out, diff, dcost, nudged_delta, kl, rows, row, total, sq_out;
     std::vector<torch::Tensor> sq;
+    // Made with the buffers above: the squares viewed as [B, rest] (sq_rows, sq_out_rows),
+    // zeros [B] (the first term of rows is added to them), and the residual's per-state
+    // sums [2, L] (Σ(∂E/∂s_l)², Σs_l²) in the states' dtype with their 0-dim views, and in
+    // float64 with its columns.
+    std::vector<torch::Tensor> sq_rows;
+    torch::Tensor sq_out_rows, zeros, partial, partial_d;
+    std::vector<torch::Tensor> partial_slots, partial_cols;
   } sums;
 
   Scratch scratch;
+  ScaleCache scales;  // the parameter gradients' factors
 
   size_t size() const { return s.size(); }
   int64_t batch() const { return shape.empty() ? 0 : shape[0]; }
