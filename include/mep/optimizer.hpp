@@ -473,10 +473,7 @@ class Optimizer : public torch::optim::Optimizer {
       local_sum = parallel_.average_gradients(grads, buffers, loss,
                                               [this](const torch::Tensor& g) { return averages_own_factors(g); });
     }
-    if (items.empty()) {
-      restore_host(items);
-      return;
-    }
+    if (items.empty()) return;
 
     std::vector<torch::Tensor> written;
     for (auto& item : items) {
@@ -497,7 +494,7 @@ class Optimizer : public torch::optim::Optimizer {
       restore_host(items);
       if (model_saved) model_transaction_.rollback();
       if (!host_finite(grads)) {  // the cause, rather than what it broke
-        non_finite_gradient(items);
+        non_finite_gradient();
         return;
       }
       throw;
@@ -528,7 +525,7 @@ class Optimizer : public torch::optim::Optimizer {
     if (model_saved) model_transaction_.select(ok);
     Pending pending{torch::Tensor(), nullptr, std::move(items)};
     const bool skip = skip_nonfinite();
-    const auto flags = skip ? torch::stack({ok, torch::isfinite(finite_sum_.sum_of_norms(grads))}) : ok.reshape({1});
+    const auto flags = skip ? torch::stack({ok, torch::isfinite(grads_sum_.sum_of_norms(grads))}) : ok.reshape({1});
     const bool cuda = flags.is_cuda();
     pending.flags = torch::empty({flags.numel()}, torch::TensorOptions().dtype(torch::kBool).pinned_memory(cuda));
     pending.flags.copy_(flags, /*non_blocking=*/cuda);
@@ -550,7 +547,7 @@ class Optimizer : public torch::optim::Optimizer {
     if constexpr (detail::has_deferred_checks<Gradient>::value) {
       if (batch_checked) gradient_.throw_if_invalid();  // the batch, if it was the cause
     }
-    if (!host_finite(grads)) return non_finite_gradient(items);
+    if (!host_finite(grads)) return non_finite_gradient();
     if constexpr (detail::has_diagnose<Update>::value) update_.diagnose();
     throw std::runtime_error("mep: the update produced a non-finite parameter; no parameter was updated");
   }
@@ -568,7 +565,7 @@ class Optimizer : public torch::optim::Optimizer {
 
   // A step with a non-finite gradient: skipped with skip_nonfinite, otherwise thrown, naming
   // the parameter. The step has been undone.
-  void non_finite_gradient(const std::vector<Item>&) {
+  void non_finite_gradient() {
     if (skip_nonfinite()) {
       ++skipped_steps_;
       return;
@@ -735,6 +732,7 @@ class Optimizer : public torch::optim::Optimizer {
   Transaction model_transaction_;  // a model's buffers (Deferred: saved before the gradient's forward)
   bool model_saved_ = false;
   FiniteSum finite_sum_;
+  FiniteSum grads_sum_;  // Deferred with skip_nonfinite: whether the gradients were the cause
   std::deque<Pending> pending_;
   Gradient gradient_;
   Update update_;
