@@ -36,6 +36,13 @@
                                                                 \
  public:
 
+// Every options mixin documents its options next to them: a static
+//   template <class V> static void visit_option_docs(V&& v)
+// calls v(name, meaning) once for each option its `visit_options` visits, the meaning one
+// line of text (a formula where the option enters one). OptimizerOptions collects them
+// (`visit_option_docs`, `option_meaning`); tools/options_reference.cpp prints them as
+// docs/options.md, and its check fails for an option without a meaning.
+
 namespace mep {
 
 /// Thrown for an invalid option value; the message names the option and the value.
@@ -145,6 +152,12 @@ struct CommonOptions {
     MEP_CHECK_OPTION(weight_decay_ >= 0 && std::isfinite(weight_decay_), "weight_decay", weight_decay_,
                      "a finite value >= 0");
   }
+  template <class V>
+  static void visit_option_docs(V&& v) {
+    v("lr", "learning rate: W ← W − lr·s·m, for the step m and the update's scale s (1 unless it has one)");
+    v("weight_decay",
+      "λ: coupled, g ← g + λ·W before the update, or decoupled, W ← W·(1 − lr·λ), as the update policy says");
+  }
 };
 
 /// Heavy-ball momentum as in `torch::optim::SGD`: m ← μ·m + (1 − dampening)·u, and with
@@ -165,6 +178,12 @@ struct MomentumOptions {
   template <class V>
   void visit_options(V&& v) const {
     v("momentum", momentum_), v("dampening", dampening_), v("nesterov", nesterov_);
+  }
+  template <class V>
+  static void visit_option_docs(V&& v) {
+    v("momentum", "μ of the heavy-ball momentum m ← μ·m + (1 − dampening)·u (0: none)");
+    v("dampening", "dampening of the momentum: m ← μ·m + (1 − dampening)·u");
+    v("nesterov", "Nesterov momentum: the step is u + μ·m instead of m (needs momentum > 0 and dampening 0)");
   }
 };
 
@@ -328,6 +347,10 @@ struct NoOptions {
   void visit_options(V&& v) const {
     (void)v;
   }
+  template <class V>
+  static void visit_option_docs(V&& v) {
+    (void)v;
+  }
 };
 
 namespace detail {
@@ -379,6 +402,20 @@ constexpr bool uses_heavy_ball() {
   return !Update::owns_momentum || has_owns_momentum_for<Update>::value;
 }
 struct NoMomentum;
+
+/// Whether options mixin M documents its options (`visit_option_docs`, see the top of this
+/// file); a user's policy may not, and then its options have no meaning to show.
+struct IgnoreOptionDoc {
+  void operator()(const char*, const char*) const {}
+};
+template <class M, class = void>
+struct has_option_docs : std::false_type {};
+template <class M>
+struct has_option_docs<M, std::void_t<decltype(M::visit_option_docs(IgnoreOptionDoc{}))>> : std::true_type {};
+template <class M, class V>
+void visit_option_docs_of(V& v) {
+  if constexpr (has_option_docs<M>::value) M::visit_option_docs(v);
+}
 
 /// Reads every visited option back from an archive, in its own type.
 struct OptionReader {
@@ -505,6 +542,40 @@ class OptimizerOptions
       found = true;
     });
     return found;
+  }
+
+  /// The meaning of every option that visit_all_options visits, as v(name, meaning), from the
+  /// options mixins (each documents its own next to them). A user's policy whose options have
+  /// no `visit_option_docs` contributes nothing.
+  template <class V>
+  static void visit_option_docs(V&& v) {
+    detail::visit_option_docs_of<CommonOptions<Self>>(v);
+    detail::visit_option_docs_of<Momentum>(v);
+    detail::visit_option_docs_of<typename Gradient::template Options<Self>>(v);
+    detail::visit_option_docs_of<typename Update::template Options<Self>>(v);
+    detail::visit_option_docs_of<typename Constraint::template Options<Self>>(v);
+    detail::visit_option_docs_of<typename Feedback::template Options<Self>>(v);
+  }
+
+  /// The one-line meaning of option `name`; nullptr when it has none.
+  static const char* option_meaning(const std::string& name) {
+    const char* meaning = nullptr;
+    visit_option_docs([&](const char* option, const char* text) {
+      if (meaning == nullptr && name == option) meaning = text;
+    });
+    return meaning;
+  }
+
+  /// The options that visit_all_options does not visit (not saved, not set by name), as
+  /// v(name, text of the current value, meaning).
+  template <class V>
+  void visit_unsaved_options(V&& v) const {
+    v("step_check", detail::option_text(step_check_),
+      "how a failed step reaches the host (StepCheck): immediate, one host read per step and the step throws; "
+      "deferred, no read, a later step or check_failures() throws; auto, immediate on the CPU, deferred on CUDA");
+    v("process_group", process_group_ ? "set" : "none",
+      "average the gradients over this process group's ranks before every update (data_parallel.hpp); "
+      "set on the optimizer's options, not a parameter group's");
   }
 
   /// Every option as (name, text), in visit_all_options' order: what `set` reads back.

@@ -65,6 +65,15 @@ struct SpectralConstraint {
       v("gamma", gamma_), v("spectral_mode", spectral_mode_), v("power_iter", power_iter_),
           v("bound_input_layer", bound_input_layer_);
     }
+    template <class V>
+    static void visit_option_docs(V&& v) {
+      v("gamma", "bound γ: after every update each parameter W of two or more dims is brought back to σ(W) ≤ γ");
+      v("spectral_mode", "scale: W ← W·γ/σ when σ > γ, σ by power iteration; clip: W ← U·min(Σ, γ)·Vᵀ, exact");
+      v("power_iter", "scale mode: power iterations per step for σ, from u, v kept in the optimizer state "
+                      "(clip: stays 3)");
+      v("bound_input_layer", "constrain the input layer's weight too (false: leave W_1, which settling never "
+                             "sees, free)");
+    }
   };
 
   double gamma = 0.95;

@@ -95,6 +95,21 @@ struct EPOptionsBase {
     v("beta", beta_), v("symmetric", symmetric_), v("free_phase", free_phase_), v("analytic", analytic_);
     v("loss", loss_), v("label_smoothing", label_smoothing_), v("temperature", temperature_), v("mode", mode_);
   }
+  template <class V>
+  static void visit_option_docs(V&& v) {
+    v("beta", "nudging strength β of E = Σ_i ½‖s_i − f_i‖² + β·C(s_L, y); one-sided g = [∂_θE(s^β) − ∂_θE(s^0)] / β");
+    v("symmetric", "settle at +β and −β: g = [∂_θE(s^{+β}) − ∂_θE(s^{−β})] / (2β), bias O(β²) instead of O(β), "
+                   "twice the settling");
+    v("free_phase", "settle the free phase (β = 0) too, instead of taking the feedforward states, where it is "
+                    "already at equilibrium (same gradient, more work; one-sided only)");
+    v("analytic", "analytic VJPs and layer gradients where a segment has them; false: autograd everywhere");
+    v("loss", "the cost C of the nudging and the loss EP approximates: mse, C = ‖s_L − y‖² (one-hot y); ce, "
+              "cross-entropy, the last layer's term a KL divergence; nll, for log-probabilities");
+    v("label_smoothing", "ce only: the target y·(1 − ε) + ε/K for K classes, ε = label_smoothing");
+    v("temperature", "ce only: T of the last layer's term KL(softmax(f_L/T) ‖ softmax(s_L/T))");
+    v("mode", "ep: the EP gradient; backprop: autograd's gradient of the same loss, for comparisons on the same "
+              "optimizer");
+  }
 };
 
 /// Checks the input against the model's parameters before any work (a first layer run
@@ -308,6 +323,11 @@ class BasicEPGradient {
     void visit_options(V&& v) const {
       detail::EPOptionsBase<Derived>::visit_options(v);
       Settling::template Options<Derived>::visit_options(v);
+    }
+    template <class V>
+    static void visit_option_docs(V&& v) {
+      detail::EPOptionsBase<Derived>::visit_option_docs(v);
+      detail::visit_option_docs_of<typename Settling::template Options<Derived>>(v);
     }
   };
 

@@ -125,6 +125,19 @@ struct SettleOptions {
     v("settle_steps", settle_steps_), v("settle_lr", settle_lr_), v("tol", tol_), v("patience", patience_);
     v("adaptive", adaptive_), v("check_every", check_every_);
   }
+  template <class V>
+  static void visit_option_docs(V&& v) {
+    v("settle_steps", "at most this many settling steps per phase (LayerSweep: sweeps over the layers)");
+    v("settle_lr", "settling step size η: HeavyBall s ← s − η·v; LayerSweep s_l ← s_l − η·ρ_l·∂E/∂s_l "
+                   "(η = 1: each layer's fixed point)");
+    v("tol", "stop when |ΔE| < tol·max(1, |E|) for `patience` consecutive checks (0: never; > 0 reads the energy "
+             "on the host at every check)");
+    v("patience", "consecutive checks the tol rule must hold before settling stops");
+    v("adaptive", "undo a step that raised the energy and halve η (HeavyBall also grows η by 1.1 after an "
+                  "accepted step, up to 10 times its start); reads the energy on the host at every check");
+    v("check_every", "steps between the host reads of tol > 0 and adaptive mode (0: every step on the CPU, every "
+                     "kGpuCheckEvery = 8 on other devices)");
+  }
 };
 
 /// The settling options as a value, read from any options type that has them.

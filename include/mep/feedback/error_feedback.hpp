@@ -61,6 +61,14 @@ struct ErrorFeedback {
       v("error_feedback", error_feedback_), v("error_beta", error_beta_), v("max_grad_norm", max_grad_norm_);
       v("error_rule", error_rule_);
     }
+    template <class V>
+    static void visit_option_docs(V&& v) {
+      v("error_feedback", "carry what the update leaves out of the gradient into the next step: g_aug = g + β_ef·e, "
+                          "u = update(g_aug)");
+      v("error_beta", "β_ef of g_aug = g + β_ef·e");
+      v("max_grad_norm", "the error buffer e is clamped to ±2·max_grad_norm");
+      v("error_rule", "projected: e ← g_aug − (⟨g_aug, u⟩ / ‖u‖²)·u; reference: e ← β_ef·e + (g_aug − u)");
+    }
   };
 
   bool enabled = false;

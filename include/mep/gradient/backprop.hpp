@@ -71,6 +71,13 @@ struct BackpropGradient {
     void visit_options(V&& v) const {
       v("loss", loss_), v("skip_nonfinite", skip_nonfinite_);
     }
+    template <class V>
+    static void visit_option_docs(V&& v) {
+      v("loss", "the loss L of step(x, target) on a model (loss.hpp): ce, cross-entropy on the logits; mse, "
+                "mean_b Σ(ŷ − y)² with one-hot y for class targets; nll, −log-probability of the class");
+      v("skip_nonfinite", "a step whose gradients hold NaN or inf is skipped (counted by skipped_steps()) instead of "
+                          "throwing; either way no parameter or state changes");
+    }
   };
 
   Loss loss = Loss::CrossEntropy;

@@ -34,6 +34,12 @@ struct AdamUpdate {
     void visit_options(V&& v) const {
       v("betas", betas_), v("eps", eps_), v("amsgrad", amsgrad_);
     }
+    template <class V>
+    static void visit_option_docs(V&& v) {
+      v("betas", "(β₁, β₂) of the moments m ← β₁·m + (1 − β₁)·g and v ← β₂·v + (1 − β₂)·g²");
+      v("eps", "ε of u = (m / (1 − β₁ᵗ)) / (√v / √(1 − β₂ᵗ) + ε)");
+      v("amsgrad", "use max(v_max, v) for v, as torch::optim::Adam's amsgrad");
+    }
   };
 
   static constexpr bool coupled_weight_decay = true;

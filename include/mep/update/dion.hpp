@@ -77,6 +77,18 @@ struct Dion {
       NewtonSchulz::Options<Derived>::visit_options(v);
       v("rank_frac", this->rank_frac_), v("dion_thresh", this->dion_thresh_), v("dion_mu", this->dion_mu_);
     }
+    template <class V>
+    static void visit_option_docs(V&& v) {
+      v("ns_steps", "Newton–Schulz iterations for the matrices of at most dion_thresh elements (0: the "
+                    "Frobenius-normalised gradient)");
+      v("ns_coefficients", "Newton–Schulz's coefficients for the matrices of at most dion_thresh elements: cubic, "
+                           "quintic or polar_express");
+      v("ns_scale", "stays none: Dion scales its own update by √max(1, m/n)");
+      v("rank_frac", "rank r = max(1, ⌊min(m, n)·rank_frac⌋) of the update of an m × n matrix");
+      v("dion_thresh", "matrices with more than this many elements take Dion's rank-r update, the others "
+                       "Newton–Schulz's");
+      v("dion_mu", "μ of Dion's error feedback M ← B − (1 − μ)·P·Rᵀ");
+    }
   };
 
   static constexpr bool coupled_weight_decay = false;  // decoupled: W ← W(1 − lr·λ) − lr·u

@@ -57,6 +57,16 @@ struct FisherNewtonSchulz {
       NewtonSchulz::Options<Derived>::visit_options(v);
       v("fisher_damping", this->fisher_damping_), v("fisher_ema", this->fisher_ema_), v("fisher_diagonal", this->fisher_diagonal_);
     }
+    template <class V>
+    static void visit_option_docs(V&& v) {
+      v("ns_steps", "Newton–Schulz iterations on the whitened gradient w, u = s·NS(w) (0: w / ‖w‖_F)");
+      v("ns_coefficients", "Newton–Schulz's coefficients: cubic, quintic or polar_express (update/newton_schulz.hpp)");
+      v("ns_scale", "output scale s of u = s·NS(w) for an m × n matrix: none 1, muon √max(1, m/n), "
+                    "adamw 0.2·√max(m, n)");
+      v("fisher_damping", "λ of the whitening w = g·(F + λI)⁻¹ before Newton–Schulz (raise it if Cholesky fails)");
+      v("fisher_ema", "ρ of the Fisher proxy F ← ρ·F + (1 − ρ)·gᵀ·g");
+      v("fisher_diagonal", "keep only the diagonal of F: w = g / (diag F + λ)");
+    }
   };
 
   static constexpr bool coupled_weight_decay = false;  // decoupled: W ← W(1 − lr·λ) − lr·m

@@ -104,6 +104,18 @@ struct MuonUpdate {
       v("ns_coefficients", ns_coefficients_), v("ns_scale", ns_scale_), v("eps", eps_);
       v("ns_bfloat16", ns_bfloat16_), v("conv_as_matrix", conv_as_matrix_);
     }
+    template <class V>
+    static void visit_option_docs(V&& v) {
+      v("momentum", "μ of Muon's momentum buffer M ← M + (1 − μ)·(g − M)");
+      v("nesterov", "orthogonalise g + μ·(M − g) rather than M");
+      v("ns_steps", "Newton–Schulz iterations (0: the Frobenius-normalised update)");
+      v("ns_coefficients", "quintic, (a,b,c) = (3.4445, −4.7750, 2.0315) as torch; cubic, (1.5, −0.5, 0); "
+                           "polar_express, a per-iteration schedule");
+      v("ns_scale", "the learning-rate scale s of an A × B matrix: muon √max(1, A/B), adamw 0.2·√max(A, B), none 1");
+      v("eps", "ε of the normalisation X / max(‖X‖_F, ε)");
+      v("ns_bfloat16", "Newton–Schulz in bfloat16, as torch; false: in the parameter's dtype");
+      v("conv_as_matrix", "conv kernels (3 or more dims) as out × in·kh·kw matrices; torch refuses them");
+    }
   };
 
   static constexpr bool coupled_weight_decay = false;  // θ ← θ(1 − γλ), with the unadjusted γ

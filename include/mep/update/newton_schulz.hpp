@@ -137,6 +137,15 @@ struct NewtonSchulz {
     void visit_options(V&& v) const {
       v("ns_steps", ns_steps_), v("ns_coefficients", ns_coefficients_), v("ns_scale", ns_scale_);
     }
+    template <class V>
+    static void visit_option_docs(V&& v) {
+      v("ns_steps", "Newton–Schulz iterations from X₀ = G / ‖G‖_F towards the polar factor U·Vᵀ of G = U·Σ·Vᵀ "
+                    "(0: u = X₀)");
+      v("ns_coefficients", "cubic, X ← 1.5·X − 0.5·(X·Xᵀ)·X; quintic, X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ, "
+                           "(a,b,c) = (3.4445, −4.7750, 2.0315); polar_express, a per-iteration (a,b,c)");
+      v("ns_scale", "output scale s of u = s·NS(G) for an m × n matrix: none 1, muon √max(1, m/n), "
+                    "adamw 0.2·√max(m, n)");
+    }
   };
 
   static constexpr bool coupled_weight_decay = false;  // decoupled: W ← W(1 − lr·λ) − lr·m
