@@ -193,9 +193,10 @@ class Optimizer : public torch::optim::Optimizer {
     const size_t gi = param_groups_.size();
     const auto where = "mep: parameter group " + std::to_string(gi);
     if (group.has_options()) {
-      const auto* o = dynamic_cast<const Options*>(&group.options());
+      const auto& given = group.options();
+      const auto* o = dynamic_cast<const Options*>(&given);
       if (o == nullptr)
-        throw OptionError(where + " has options of type " + c10::demangle(typeid(group.options()).name()) + "; " +
+        throw OptionError(where + " has options of type " + c10::demangle(typeid(given).name()) + "; " +
                           Defaults::name + " takes its own options type");
       try {
         o->validate();
@@ -714,7 +715,7 @@ class Optimizer : public torch::optim::Optimizer {
     size_t index = 0;
     for (size_t gi = 0; gi < param_groups_.size(); ++gi)
       for (const auto& p : param_groups_[gi].params()) {
-        if (p.grad().defined() && !torch::isfinite(p.grad()).all().item<bool>()) {
+        if (p.grad().defined() && !torch::isfinite(p.grad()).all().template item<bool>()) {
           std::ostringstream os;
           os << "mep: non-finite gradient (NaN or inf) in parameter " << index << " (group " << gi << ", shape "
              << p.sizes() << "); no parameter was updated";
