@@ -94,7 +94,7 @@ if(NOT rc EQUAL 0)
   message(FATAL_ERROR "the SVG is not what was expected: ${err}")
 endif()
 
-# scripts/seeds_table.py: one row per optimizer over both seeds; runs of one optimizer with
+# scripts/maintainer/seeds_table.py: one row per optimizer over both seeds; runs of one optimizer with
 # other options are another row, labelled by the options that differ.
 execute_process(COMMAND ${BENCH} --model mlp_small --epochs 1 --train 256 --test 128 --threads 1 --data ${DATA}
                         --optimizers smep --seeds 3,5 --json ${WORK}/defaults.json

@@ -22,6 +22,7 @@
 #              MEP_RESULTS_PAGES   directory holding README.md and docs/ to copy for --quick
 #                                  (default: the repository)
 set -euo pipefail
+CALLER="$(pwd)"  # --quick DIR is relative to where the script was called from
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 build_dir="${MEP_BUILD_DIR:-build}"
@@ -318,7 +319,9 @@ while (($#)); do
     --no-build) BUILD=0 ;;
     --quick)
       Q=1
-      if [[ $# -gt 1 && $2 != -* ]]; then quick_dir="$2"; shift; fi ;;
+      if [[ $# -gt 1 && $2 != -* ]]; then
+        quick_dir="$2"; [[ $quick_dir == /* ]] || quick_dir="$CALLER/$quick_dir"; shift
+      fi ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) [[ -z "$table" ]] || die "one TABLE at a time ($table, $1)"; table="$1" ;;
   esac
