@@ -94,7 +94,7 @@ if(NOT rc EQUAL 0)
   message(FATAL_ERROR "the SVG is not what was expected: ${err}")
 endif()
 
-# scripts/seeds_table.py: one row per optimizer over both seeds; runs of one optimizer with
+# scripts/maintainer/seeds_table.py: one row per optimizer over both seeds; runs of one optimizer with
 # other options are another row, labelled by the options that differ.
 execute_process(COMMAND ${BENCH} --model mlp_small --epochs 1 --train 256 --test 128 --threads 1 --data ${DATA}
                         --optimizers smep --seeds 3,5 --json ${WORK}/defaults.json
@@ -109,7 +109,7 @@ execute_process(COMMAND ${BENCH} --model mlp_small --epochs 1 --train 256 --test
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "mep_bench (adam, seed 5) failed (${rc}): ${err}")
 endif()
-execute_process(COMMAND ${PYTHON} ${CMAKE_CURRENT_LIST_DIR}/../scripts/seeds_table.py ${WORK}/options.json
+execute_process(COMMAND ${PYTHON} ${CMAKE_CURRENT_LIST_DIR}/../scripts/maintainer/seeds_table.py ${WORK}/options.json
                         ${WORK}/defaults.json ${WORK}/adam5.json
                 RESULT_VARIABLE rc OUTPUT_VARIABLE table ERROR_VARIABLE err)
 string(REGEX MATCHALL "\n[|] [a-z_]+[^|]*[|]" rows "${table}")
@@ -197,7 +197,7 @@ function(expect_from_json_fails expect)
 endfunction()
 expect_from_json_fails(" [^ ]*full.json: of another protocol than [^ ]*options.json: test [0-9]+ here, 128 there$"
                        ${WORK}/options.json,${WORK}/full.json)
-execute_process(COMMAND ${PYTHON} ${CMAKE_CURRENT_LIST_DIR}/../scripts/seeds_table.py ${WORK}/options.json
+execute_process(COMMAND ${PYTHON} ${CMAKE_CURRENT_LIST_DIR}/../scripts/maintainer/seeds_table.py ${WORK}/options.json
                         ${WORK}/full.json RESULT_VARIABLE rc OUTPUT_QUIET ERROR_VARIABLE err)
 if(rc EQUAL 0 OR NOT err MATCHES "full.json is of another protocol than [^ ]*options.json: train ")
   message(FATAL_ERROR "seeds_table.py gathered runs of two protocols (${rc}): ${err}")

@@ -1,10 +1,10 @@
 // mep_profile: where one optimizer's training step spends its time, by LibTorch operator.
 // Runs --warmup steps, then --steps steps under LibTorch's autograd profiler (which records
 // every ATen operator, with or without autograd) on a fixed batch, and writes the Chrome
-// trace; scripts/profile_table.py turns it into a table of self times per operator.
+// trace; scripts/maintainer/profile_table.py turns it into a table of self times per operator.
 //
 //   build/bench/mep_profile --model cnn --optimizer eqprop --trace results/eqprop_cnn.trace.json
-//   python3 scripts/profile_table.py results/eqprop_cnn.trace.json
+//   python3 scripts/maintainer/profile_table.py results/eqprop_cnn.trace.json
 #include "trainers.hpp"
 
 #include <CLI/CLI.hpp>

@@ -25,7 +25,7 @@
 //                          constraint:           2·power_iter + 1 matrix–vector products
 //
 // Run: build/bench/mep_speed (MEP_THREADS for another intra-op thread count than 2), or
-// python3 scripts/speed_table.py for the table of medians and ratios.
+// python3 scripts/maintainer/speed_table.py for the table of medians and ratios.
 #include <benchmark/benchmark.h>
 #include <mep/mep.hpp>
 

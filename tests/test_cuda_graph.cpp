@@ -2,7 +2,7 @@
 // every optimizer's step on CUDA: no host synchronisation (LibTorch's sync-debug mode), and
 // the CPU's results.
 // Built only against a CUDA LibTorch (tests/CMakeLists.txt); the tests that need a GPU skip
-// without one. Written without a GPU to run them on: scripts/cuda_check.sh runs them.
+// without one. Written without a GPU to run them on: scripts/maintainer/cuda_check.sh runs them.
 //
 // The equality contract: from the same initial parameters and batches, graphed steps leave
 // the parameters within 1e-5 relative (max |Δ| / max |W| per tensor) of eager steps.

@@ -7,7 +7,7 @@
 /// STATUS: written against LibTorch 2.x's `ATen/cuda/CUDAGraph.h` and NOT YET RUN: the
 /// machine it was written on has no GPU and a CPU-only LibTorch, so this file has never
 /// been compiled against CUDA headers nor executed. tests/test_cuda_graph.cpp holds the
-/// checks a GPU machine runs (scripts/cuda_check.sh). Until they pass, treat it as a draft.
+/// checks a GPU machine runs (scripts/maintainer/cuda_check.sh). Until they pass, treat it as a draft.
 ///
 ///   mep::SMEP opt(model, mep::SMEPOptions(0.01));        // model on a CUDA device
 ///   mep::CudaGraphStep<mep::SMEP> graphed(opt);          // refuses what cannot be captured
@@ -96,7 +96,7 @@
 /// other thread may use CUDA in ways a capture forbids while it runs.
 ///
 /// The equality contract — a TEST, not a claim (tests/test_cuda_graph.cpp, run on a GPU by
-/// scripts/cuda_check.sh): for EqProp and SMEP on mlp_small in float32, 10 graphed steps
+/// scripts/maintainer/cuda_check.sh): for EqProp and SMEP on mlp_small in float32, 10 graphed steps
 /// from the same initial parameters and batches as 10 eager steps leave every parameter
 /// within 1e-5 relative (max |Δ| / max |W| per tensor) of the eager run's.
 

@@ -4,8 +4,12 @@ the seeds aside), one file per seed or files written with --seeds, into the READ
 best test accuracy per seed, mean ± standard deviation, final train accuracy (mean), the
 median of the seeds' ms/step, and the EP family's mean settling steps and residual per step.
 
-    python3 scripts/seeds_table.py results/mlp_seed0.json results/mlp_seed1.json results/mlp_seed2.json
-    python3 scripts/seeds_table.py results/mlp_seeds.json      (mep_bench --seeds 0,1,2 --json ...)
+    python3 scripts/maintainer/seeds_table.py results/mlp_seed0.json results/mlp_seed1.json results/mlp_seed2.json
+    python3 scripts/maintainer/seeds_table.py results/mlp_seeds.json      (mep_bench --seeds 0,1,2 --json ...)
+    python3 scripts/maintainer/seeds_table.py --short results/mlp_seeds.json   the README's short table
+
+--short prints three columns only: the optimizer, its best test accuracy as mean ± sd over
+the seeds, and the median ms/step, in the same order as the full table.
 
 Runs of one optimizer with different options are separate rows, labelled by the options
 that differ. A row that lacks a seed shows — for it, and its mean is over the seeds it has.
@@ -16,9 +20,11 @@ import statistics as st
 import sys
 
 
-def main(paths):
-    if not paths:
-        sys.exit("usage: seeds_table.py RESULTS.json...")
+def main(argv):
+    short = "--short" in argv
+    paths = [a for a in argv if a != "--short"]
+    if not paths or any(p.startswith("-") for p in paths):
+        sys.exit("usage: seeds_table.py [--short] RESULTS.json...")
     # Runs of one optimizer with different options (or learning-rate schedules) are separate
     # rows, labelled by what differs; an option a file does not record shows as "default".
     configs = {}  # optimizer -> {config key: config}
@@ -71,6 +77,13 @@ def main(paths):
         rows.append((st.mean(acc), name, cells, acc, [100 * x["final_train_acc"] for x in res],
                      [x["step_ms"] for x in res], steps, resid, res[0]["lr"]))
     rows.sort(key=lambda r: -r[0])
+    if short:
+        print(f"| Optimizer | Best test acc (mean ± sd, seeds {', '.join(map(str, seeds))}) | ms/step (median) |")
+        print("|---|---|---|")
+        for mean, name, cells, acc, train, ms, steps, resid, lr in rows:
+            spread = f"{mean:.2f} ± {st.stdev(acc):.2f} %" if len(acc) > 1 else f"{mean:.2f} %"
+            print(f"| {name} | {spread} | {st.median(ms):.2f} |")
+        return
     print(f"| Optimizer | Best test acc (seeds {', '.join(map(str, seeds))}) | mean ± sd | Final train acc (mean) "
           "| ms/step (median) | settling: steps, residual | lr |")
     print("|---|---|---|---|---|---|---|")

@@ -1,58 +1,81 @@
 #!/usr/bin/env bash
-# CUDA check: builds mep against the CUDA LibTorch of an installed PyTorch (pip wheel) on a
-# GPU machine without network access, runs the test suite and a few mep_bench runs on the
-# GPU, and collects everything needed to diagnose the result in one go. A failing step is
-# logged and the script goes on, so that one call gathers all the information.
+# CUDA check: builds mep against a CUDA LibTorch on a Linux machine with an NVIDIA GPU, runs
+# the test suite and a few mep_bench runs on the GPU, and collects everything needed to
+# diagnose the result in one go. A failing step is logged and the script goes on, so that one
+# call gathers all the information.
 #
-#   bash scripts/cuda_check.sh            the check (steps below), outputs into $OUT
-#   bash scripts/cuda_check.sh --stage    (on a Debian 12 machine with mep's packages, see
-#                                         scripts/setup.sh) fills .device/ from the system
+#   bash scripts/maintainer/cuda_check.sh           the check (steps below); outputs into $OUT,
+#                                                   by default build-cuda/report/
+#   bash scripts/maintainer/cuda_check.sh --help    this text
+#   bash scripts/maintainer/cuda_check.sh --stage   (on a Debian 12 machine with mep's packages,
+#                                                   see scripts/setup.sh) fills .device/ from the
+#                                                   system, for a GPU machine without network
 #
-# Steps, each time-boxed (`timeout`) so that one hang cannot eat the budget: info (GPU,
-# compilers, CMake, PyTorch), deps (GoogleTest and Google Benchmark from the sources in
-# .device/, into /tmp), configure (build-cuda/, Ninja, Release, against the LibTorch of
-# `torch.utils.cmake_prefix_path`; retried once with fallback CUDA flags; CMake then finds
-# a CUDA LibTorch and builds the MEP_WITH_CUDA parts: tests/test_cuda_graph.cpp and
-# mep_bench --cuda-graph), build (all targets, -k 0: every compile error in one log; if
-# mep_bench fails to compile with MEP_WITH_CUDA, it is built again without, -DMEP_CUDA=OFF,
-# in build-cuda-nograph/, so that the eager timings still come), ctest (first the CUDA graph
-# tests, `ctest -R '^cuda\.'`, then the rest of the suite, -j$MEP_CTEST_JOBS), bench
-# (mep_bench --device cuda, ms/step: mlp_small and mlp at batch 128, the EP family eager
-# next to SGD, then each EP optimizer with --cuda-graph; if time remains, mlp_small at batch
-# 1024 and cnn at batch 128, eager and graphed; last the CPU for comparison), summary (the
-# step times side by side, the graphs' speed-ups). Exit status: that of the build (of the
-# configure when the build step is not run).
+# What the machine needs:
+#   - an NVIDIA GPU and driver (nvidia-smi), the CUDA toolkit (nvcc: PATH, CUDACXX, CUDA_HOME or
+#     /usr/local/cuda*), CMake, a C++17 compiler, preferably Ninja, and python3;
+#   - a CUDA LibTorch: by default that of the installed PyTorch (python3 -c 'import torch;
+#     print(torch.utils.cmake_prefix_path)'), else Torch_DIR (the directory of TorchConfig.cmake)
+#     or CMAKE_PREFIX_PATH (e.g. an unpacked libtorch/ from pytorch.org) in the environment;
+#   - GoogleTest, Google Benchmark, fmt, CLI11, nlohmann-json and zlib where CMake finds them
+#     (system packages: scripts/setup.sh names Debian's; or prefixes in CMAKE_PREFIX_PATH);
+#   - the MNIST subset in data/mnist (data/make_datasets.sh).
 #
-# The machine needs python3 with a CUDA build of torch, nvcc, CMake, a C++ compiler and
-# (preferably) Ninja. Everything else comes from .device/ (not in git; made by --stage):
-#   .device/googletest/         GoogleTest sources (Debian's /usr/src/googletest, 1.12)
-#   .device/benchmark/          Google Benchmark sources (v1.7.1: CMakeLists.txt cmake include src)
+# Without network (the form the maintainers' GPU runs use): when .device/ (MEP_DEVICE_DIR)
+# exists, the dependencies come from it instead, made by --stage on a machine that has them:
+#   .device/googletest/         GoogleTest sources (Debian's /usr/src/googletest, 1.12), built into /tmp
+#   .device/benchmark/          Google Benchmark sources (v1.7.1: CMakeLists.txt cmake include src),
+#                               built into /tmp (BENCHMARK_SRC=<checkout> when staging)
 #   .device/benchmark-debian/   Debian's prebuilt libbenchmark (shared), fallback prefix
 #   .device/prefix/             CLI11 and nlohmann_json headers + CMake configs (relocatable)
-#   .device/fmt/                Debian's libfmt (headers, shared library, CMake config): mep_ops
+#   .device/fmt/                Debian's libfmt (headers, shared library, CMake config)
 #   .device/zlib/               zlib.h, zconf.h and a static libz.a
-# and the MNIST subset in data/mnist (data/make_datasets.sh).
+# and the check keeps within a budget of 510 s (MEP_CHECK_BUDGET).
+#
+# Steps, each time-boxed (`timeout`) so that one hang cannot eat the budget: info (GPU,
+# compilers, CMake, PyTorch), deps (only with .device/: GoogleTest and Google Benchmark from its
+# sources), configure (build-cuda/, Ninja, Release, against the CUDA LibTorch; retried once
+# with fallback CUDA flags; CMake then finds a CUDA LibTorch and builds the MEP_WITH_CUDA parts:
+# tests/test_cuda_graph.cpp and mep_bench --cuda-graph), build (all targets, -k 0: every
+# compile error in one log; if mep_bench fails to compile with MEP_WITH_CUDA, it is built again
+# without, -DMEP_CUDA=OFF, in build-cuda-nograph/, so that the eager timings still come), ctest
+# (first the CUDA graph tests, `ctest -R '^cuda\.'`, then the rest of the suite,
+# -j$MEP_CTEST_JOBS), bench (mep_bench --device cuda, ms/step: mlp_small and mlp at batch 128,
+# the EP family eager next to SGD, then each EP optimizer with --cuda-graph; if time remains,
+# mlp_small at batch 1024 and cnn at batch 128, eager and graphed; last the CPU for comparison),
+# summary (the step times side by side, the graphs' speed-ups). Exit status: that of the build
+# (of the configure when the build step is not run).
 #
 # Outputs in $OUT (at most 6 files): check.log (everything printed), configure.log
 # (dependency builds and the CMake configure runs), build.log, ctest.log, bench.log,
 # bench.json (all mep_bench JSON results, keyed by run).
 #
 # Environment:
-#   OUT                 output directory (default: ./cuda-out)
+#   OUT                 output directory (default: $MEP_BUILD_DIR/report)
 #   MEP_BUILD_DIR       build directory (default: build-cuda)
-#   MEP_DEVICE_DIR      staged dependencies (default: .device)
+#   MEP_DEVICE_DIR      staged dependencies (default: .device; used only when it exists)
+#   MEP_CUDA_ARCH       CUDA architecture, e.g. 90 (default: the GPU's compute capability,
+#                       from nvidia-smi; 90 if it cannot tell)
 #   MEP_CHECK_JOBS      parallel jobs (default: the online cores; not nproc, which obeys OMP_NUM_THREADS)
-#   MEP_CTEST_JOBS      parallel tests of ctest (default: 12, one intra-op thread each)
+#   MEP_CTEST_JOBS      parallel tests of ctest (default: the cores, at most 12; one intra-op thread each)
 #   MEP_CHECK_BUDGET    wall-clock budget in seconds; later steps shrink or are skipped to
-#                       stay within it (default: 510)
+#                       stay within it (default: 510 with .device/, else 3600)
 #   MEP_CHECK_STEPS     steps to run (default: "info deps configure build ctest bench")
 #   MEP_CHECK_NO_GPU=1  dry run on a machine without GPU: no nvidia-smi, no torch query,
 #                       no CUDA flags (CMake finds whatever LibTorch it finds), CPU bench only
 #   MEP_BENCH_TRAIN / MEP_BENCH_TEST   samples of the mlp_small runs (default: 8000 / 2000)
 set -uo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
 ROOT="$(pwd)"
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,/^set -uo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+elif [[ -n "${1:-}" && "$1" != "--stage" ]]; then
+  echo "cuda_check.sh: unknown argument '$1' (see --help)" >&2
+  exit 2
+fi
 
 # ---------------------------------------------------------------------------- --stage
 if [[ "${1:-}" == "--stage" ]]; then
@@ -105,12 +128,14 @@ if [[ "${1:-}" == "--stage" ]]; then
 fi
 
 # ---------------------------------------------------------------------------- setup
-OUT="${OUT:-./cuda-out}"
-mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 DEV="${MEP_DEVICE_DIR:-$ROOT/.device}"
 BUILD="${MEP_BUILD_DIR:-build-cuda}"
+OUT="${OUT:-$BUILD/report}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+STAGED=0  # the offline form: dependencies from .device/
+[[ -d "$DEV" ]] && STAGED=1
 JOBS="${MEP_CHECK_JOBS:-$(getconf _NPROCESSORS_ONLN)}"
-BUDGET="${MEP_CHECK_BUDGET:-510}"
+if ((STAGED)); then BUDGET="${MEP_CHECK_BUDGET:-510}"; else BUDGET="${MEP_CHECK_BUDGET:-3600}"; fi
 STEPS=" ${MEP_CHECK_STEPS:-info deps configure build ctest bench} "
 NO_GPU="${MEP_CHECK_NO_GPU:-0}"
 WORK="/tmp/mep-cuda-check"
@@ -144,7 +169,7 @@ end() {  # end <status text>
 }
 
 # ---------------------------------------------------------------------------- info
-TORCH_PREFIX="" TORCH_ABI="" NVCC="" CUDA_ROOT="" NVTX_DIR=""
+TORCH_PREFIX="" TORCH_ABI="" NVCC="" CUDA_ROOT="" NVTX_DIR="" ARCH=90
 GEN="Ninja"
 command -v ninja >/dev/null || GEN="Unix Makefiles"
 
@@ -166,8 +191,10 @@ if want info; then
   echo "ctest: $(ctest --version | head -1)"
   echo "generator: $GEN $(command -v ninja >/dev/null && ninja --version)"
   echo "python3: $(command -v python3) $(python3 --version 2>&1)"
-  echo "staged dependencies: $(du -sh "$DEV" 2>/dev/null | cut -f1) in $DEV ($(ls "$DEV" 2>/dev/null | tr '\n' ' '))"
+  ((STAGED)) && echo "staged dependencies: $(du -sh "$DEV" 2>/dev/null | cut -f1) in $DEV ($(ls "$DEV" 2>/dev/null | tr '\n' ' '))"
   echo "data/mnist: $(ls data/mnist 2>/dev/null | tr '\n' ' ')"
+  [[ -d data/mnist ]] || log "WARNING: no data/mnist (data/make_datasets.sh): the data tests and mep_bench runs will fail"
+  ((STAGED)) || echo "no $DEV: dependencies from the system (and CMAKE_PREFIX_PATH), budget ${BUDGET}s"
   end "done"
 fi
 
@@ -188,11 +215,25 @@ EOF
   cat "$WORK/torch.txt"
   TORCH_PREFIX="$(sed -n 's/^torch_prefix=//p' "$WORK/torch.txt")"
   TORCH_ABI="$(sed -n 's/^torch_cxx11_abi=//p' "$WORK/torch.txt")"
-  [[ -n "$TORCH_PREFIX" && -d "$TORCH_PREFIX/Torch" ]] || log "WARNING: no Torch CMake package under '$TORCH_PREFIX'"
+  if [[ -n "${Torch_DIR:-}" ]]; then
+    echo "Torch_DIR (environment): $Torch_DIR"
+    [[ -f "$Torch_DIR/TorchConfig.cmake" ]] || log "WARNING: no TorchConfig.cmake in Torch_DIR=$Torch_DIR"
+  elif [[ -z "$TORCH_PREFIX" || ! -d "$TORCH_PREFIX/Torch" ]]; then
+    if [[ -n "${CMAKE_PREFIX_PATH:-}" ]]; then
+      echo "no PyTorch LibTorch; CMake looks in CMAKE_PREFIX_PATH=$CMAKE_PREFIX_PATH"
+    else
+      log "WARNING: no LibTorch: no Torch CMake package under '$TORCH_PREFIX' (python3 torch), and neither Torch_DIR nor CMAKE_PREFIX_PATH is set"
+    fi
+  fi
 
+  # The GPU's architecture (compute capability 9.0 -> 90), for nvcc and LibTorch's CMake.
+  ARCH="${MEP_CUDA_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')}"
+  [[ "$ARCH" =~ ^[0-9]+$ ]] || { log "WARNING: compute capability unknown: architecture 90"; ARCH=90; }
+  ARCH_DOT="${ARCH%?}.${ARCH: -1}"  # 90 -> 9.0, TORCH_CUDA_ARCH_LIST's spelling
+  echo "CUDA architecture: $ARCH ($ARCH_DOT)"
   # nvcc and the toolkit around it.
   for c in "${CUDACXX:-}" "$(command -v nvcc 2>/dev/null)" "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" \
-           /usr/local/cuda/bin/nvcc /usr/local/cuda-13*/bin/nvcc /opt/cuda/bin/nvcc; do
+           /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc /opt/cuda/bin/nvcc; do
     if [[ -n "$c" && -x "$c" ]]; then NVCC="$c"; break; fi
   done
   if [[ -n "$NVCC" ]]; then
@@ -207,19 +248,22 @@ EOF
     # of the install.consumer test, which gets no -D flags for them.
     export CUDACXX="$NVCC" CUDA_HOME="$CUDA_ROOT" CUDA_PATH="$CUDA_ROOT" CUDAToolkit_ROOT="$CUDA_ROOT" \
       CUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT"
-    export CUDAARCHS=90 TORCH_CUDA_ARCH_LIST=9.0 PATH="$CUDA_ROOT/bin:$PATH"
+    export CUDAARCHS="$ARCH" TORCH_CUDA_ARCH_LIST="$ARCH_DOT" PATH="$CUDA_ROOT/bin:$PATH"
   else
     log "WARNING: no nvcc found (PATH, CUDACXX, CUDA_HOME, /usr/local/cuda*)"
   fi
-  end "LibTorch: $([[ -d "$TORCH_PREFIX/Torch" ]] && echo found || echo MISSING), nvcc: $([[ -n "$NVCC" ]] && echo found || echo MISSING)"
+  end "LibTorch: $([[ -d "$TORCH_PREFIX/Torch" || -n "${Torch_DIR:-}" ]] && echo found || echo "from CMAKE_PREFIX_PATH?"), nvcc: $([[ -n "$NVCC" ]] && echo found || echo MISSING)"
 fi
-export ZLIB_ROOT="$DEV/zlib"               # find_package(ZLIB) of install.consumer
+ARCH_DOT="${ARCH%?}.${ARCH: -1}"  # 90 -> 9.0, TORCH_CUDA_ARCH_LIST's spelling
+((STAGED)) && export ZLIB_ROOT="$DEV/zlib"  # find_package(ZLIB) of install.consumer
 export CMAKE_POLICY_VERSION_MINIMUM=3.5    # CMake 4 and old cmake_minimum_required()s
 ABI_FLAG=""
 [[ -n "$TORCH_ABI" ]] && ABI_FLAG="-D_GLIBCXX_USE_CXX11_ABI=$TORCH_ABI"
 
 # ---------------------------------------------------------------------------- deps
-if want deps; then
+if want deps && ((!STAGED)); then
+  SUMMARY+=("deps       no $DEV: the system's packages (CMAKE_PREFIX_PATH)")
+elif want deps; then
   begin deps "GoogleTest -> $GTEST_PREFIX, Google Benchmark -> $BENCH_PREFIX (Release, -j$JOBS)"
   build_dep() {  # build_dep <name> <source> <prefix> <cmake args...>
     local name="$1" src="$2" prefix="$3"; shift 3
@@ -260,22 +304,28 @@ if want deps; then
   fi
   end "gtest rc=$gtest_rc benchmark rc=$bench_rc"
 fi
-[[ -d "$BENCH_PREFIX" ]] || BENCH_PREFIX="$DEV/benchmark-debian"
+((STAGED)) && { [[ -d "$BENCH_PREFIX" ]] || BENCH_PREFIX="$DEV/benchmark-debian"; }
 
 # ---------------------------------------------------------------------------- configure
 configured=0
 CONF_ARGS=()  # the configure that succeeded (for the build without MEP_WITH_CUDA, if needed)
 if want configure; then
   begin configure "$BUILD ($GEN, Release)"
-  prefix_path="$GTEST_PREFIX;$BENCH_PREFIX;$DEV/prefix;$DEV/fmt"
-  [[ -n "$TORCH_PREFIX" ]] && prefix_path="$TORCH_PREFIX;$prefix_path"
-  common=(-S . -B "$BUILD" -G "$GEN" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=$prefix_path"
-    "-DZLIB_INCLUDE_DIR=$DEV/zlib/include" "-DZLIB_LIBRARY=$DEV/zlib/lib/libz.a"
-    -DMEP_BUILD_TESTS=ON -DMEP_BUILD_BENCH=ON -DMEP_BUILD_EXAMPLES=ON)
+  # LibTorch (PyTorch's, or Torch_DIR), then the staged dependencies (offline form) or the
+  # caller's CMAKE_PREFIX_PATH; CMake searches the system's prefixes after these.
+  prefix_path=""
+  [[ -n "$TORCH_PREFIX" && -d "$TORCH_PREFIX/Torch" ]] && prefix_path="$TORCH_PREFIX"
+  ((STAGED)) && prefix_path="${prefix_path:+$prefix_path;}$GTEST_PREFIX;$BENCH_PREFIX;$DEV/prefix;$DEV/fmt"
+  [[ -n "${CMAKE_PREFIX_PATH:-}" ]] && prefix_path="${prefix_path:+$prefix_path;}${CMAKE_PREFIX_PATH//:/;}"
+  common=(-S . -B "$BUILD" -G "$GEN" -DCMAKE_BUILD_TYPE=Release -DMEP_BUILD_TESTS=ON -DMEP_BUILD_BENCH=ON
+    -DMEP_BUILD_EXAMPLES=ON)
+  [[ -n "$prefix_path" ]] && common+=("-DCMAKE_PREFIX_PATH=$prefix_path")
+  [[ -n "${Torch_DIR:-}" ]] && common+=("-DTorch_DIR=$Torch_DIR")
+  ((STAGED)) && common+=("-DZLIB_INCLUDE_DIR=$DEV/zlib/include" "-DZLIB_LIBRARY=$DEV/zlib/lib/libz.a")
   cuda1=() cuda2=()
   if [[ -n "$NVCC" ]]; then
     cuda1=("-DCMAKE_CUDA_COMPILER=$NVCC" "-DCUDAToolkit_ROOT=$CUDA_ROOT" "-DCUDA_TOOLKIT_ROOT_DIR=$CUDA_ROOT"
-      -DCMAKE_CUDA_ARCHITECTURES=90 -DTORCH_CUDA_ARCH_LIST=9.0)
+      "-DCMAKE_CUDA_ARCHITECTURES=$ARCH" "-DTORCH_CUDA_ARCH_LIST=$ARCH_DOT")
     [[ -n "$NVTX_DIR" ]] && cuda1+=("-Dnvtx3_dir=$NVTX_DIR")
     # Fallback: the toolkit behind any symlink, nvcc told to accept the host compiler, an
     # explicit host compiler, NVTX3 from the toolkit.
@@ -283,7 +333,7 @@ if want configure; then
     root_real="$(dirname "$(dirname "$nvcc_real")")"
     cuda2=("-DCMAKE_CUDA_COMPILER=$nvcc_real" "-DCUDA_NVCC_EXECUTABLE=$nvcc_real" "-DCUDAToolkit_ROOT=$root_real"
       "-DCUDA_TOOLKIT_ROOT_DIR=$root_real" "-DCMAKE_CUDA_HOST_COMPILER=$(command -v g++ || command -v c++)"
-      -DCMAKE_CUDA_FLAGS=-allow-unsupported-compiler -DCMAKE_CUDA_ARCHITECTURES=90 -DTORCH_CUDA_ARCH_LIST=9.0
+      -DCMAKE_CUDA_FLAGS=-allow-unsupported-compiler "-DCMAKE_CUDA_ARCHITECTURES=$ARCH" "-DTORCH_CUDA_ARCH_LIST=$ARCH_DOT"
       -DUSE_SYSTEM_NVTX=ON)
     [[ -n "$NVTX_DIR" ]] && cuda2+=("-Dnvtx3_dir=$NVTX_DIR")
   fi
@@ -390,7 +440,7 @@ built_any() {  # any of the main executables built?
   done
   return 1
 }
-CTEST_JOBS="${MEP_CTEST_JOBS:-12}"
+CTEST_JOBS="${MEP_CTEST_JOBS:-$(min "$JOBS" 12)}"
 run_ctest() {  # run_ctest <name> <limit s> <ctest args...>: into $OUT/ctest.log, summarised here
   local name="$1" limit="$2"; shift 2
   begin "$name" "ctest -j$CTEST_JOBS $* (1 thread per test, limit ${limit}s)"

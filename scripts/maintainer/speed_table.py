@@ -7,10 +7,10 @@ torch::optim's steps share mep's floors); and the Muon
 family's directions at every weight shape (Newton–Schulz's three schedules, Dion) against the
 bare matrix products each performs, and the spectral constraint's two rules at those shapes.
 
-    python3 scripts/speed_table.py                       runs build/bench/mep_speed
-    python3 scripts/speed_table.py --benchmark_filter=mlp   the same, arguments passed on
-    python3 scripts/speed_table.py --out speed.json      also saves the medians it measured
-    python3 scripts/speed_table.py speed.json            a saved JSON (its own, or mep_speed's
+    python3 scripts/maintainer/speed_table.py                       runs build/bench/mep_speed
+    python3 scripts/maintainer/speed_table.py --benchmark_filter=mlp   the same, arguments passed on
+    python3 scripts/maintainer/speed_table.py --out speed.json      also saves the medians it measured
+    python3 scripts/maintainer/speed_table.py speed.json            a saved JSON (its own, or mep_speed's
                                                           --benchmark_format=json output)
 
 Each step and floor benchmark runs alone in its own process, 3 rounds in a shuffled order
@@ -19,7 +19,8 @@ the median over the rounds (and, for a ratio, the median of the rounds' ratios):
 process a step's time depended on the benchmarks run before it, and on this shared 2-core VM
 the same process varies up to 2x from minute to minute, so the steps compared with each other
 run close together. The directions run in one process, 3 repetitions. MEP_THREADS sets
-mep_speed's intra-op thread count (default 2).
+mep_speed's intra-op thread count (default 2); MEP_SPEED the binary (default
+$MEP_BUILD_DIR/bench/mep_speed, MEP_BUILD_DIR defaulting to build).
 """
 import json
 import os
@@ -29,7 +30,8 @@ import statistics
 import subprocess
 import sys
 
-BINARY = "build/bench/mep_speed"
+# MEP_SPEED names the binary; else MEP_BUILD_DIR (default build) as the other scripts.
+BINARY = os.environ.get("MEP_SPEED") or os.path.join(os.environ.get("MEP_BUILD_DIR", "build"), "bench", "mep_speed")
 
 MODELS = ["mlp_small", "mlp", "cnn"]
 ORDER = ["torch_sgd", "sgd", "torch_adam", "adam", "muon", "eqprop", "smep", "sdmep", "local_ep", "natural_ep"]

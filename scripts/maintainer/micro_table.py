@@ -4,7 +4,7 @@ variant and model, the cosine to the converged EP gradient, the steps taken, the
 one EP gradient and its ratio to the median backprop forward + backward of the same run.
 
     build/bench/mep_micro --benchmark_repetitions=5 --benchmark_report_aggregates_only=true > micro.txt
-    python3 scripts/micro_table.py micro.txt
+    python3 scripts/maintainer/micro_table.py micro.txt
 """
 import re
 import sys
@@ -32,11 +32,16 @@ def main(path):
             rows[variant] = {}
             order.append(variant)
         rows[variant][model] = (float(counters.get("cos", "nan")), counters.get("steps", "?"), real)
-    print("| settling | " + " | ".join(f"{m}: cos · time · ×BP" for m in MODELS) + " |")
-    print("|---|" + "---|" * len(MODELS))
+    # The models the output has (a filtered run may hold one or two of them).
+    models = [m for m in MODELS if m in backprop or any(m in r for r in rows.values())]
+    if not models:
+        sys.exit(f"micro_table.py: no EP or backprop medians in {path} (run mep_micro with "
+                 "--benchmark_repetitions=N --benchmark_report_aggregates_only=true)")
+    print("| settling | " + " | ".join(f"{m}: cos · time · ×BP" for m in models) + " |")
+    print("|---|" + "---|" * len(models))
     for v in order:
         cells = []
-        for m in MODELS:
+        for m in models:
             if m not in rows[v]:
                 cells.append("")
                 continue
@@ -44,7 +49,8 @@ def main(path):
             ratio = real / backprop[m] if m in backprop else float("nan")
             cells.append(f"{cos:.4f} · {real / 1000:.2f} ms · {ratio:.2f}×")
         print(f"| {v} | " + " | ".join(cells) + " |")
-    print("| backprop forward + backward | " + " | ".join(f"{backprop.get(m, 0) / 1000:.2f} ms" for m in MODELS) + " |")
+    print("| backprop forward + backward | "
+          + " | ".join(f"{backprop[m] / 1000:.2f} ms" if m in backprop else "" for m in models) + " |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 any torch::autograd::profiler::RecordProfile): each event's duration minus that of the
 events nested in it on the same thread, summed by operator name, per profiled step.
 
-    python3 scripts/profile_table.py TRACE.json [--steps N] [--top K]
+    python3 scripts/maintainer/profile_table.py TRACE.json [--steps N] [--top K]
 """
 import argparse
 import collections

@@ -4,9 +4,9 @@
 # which builds an outside project without the sanitizers, is left out). Needs what
 # scripts/test.sh installs; arguments go to ctest.
 #
-#   scripts/sanitize.sh [ctest arguments...]
+#   scripts/maintainer/sanitize.sh [ctest arguments...]
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 trap 'echo "sanitize.sh: FAILED (exit $?)" >&2' ERR
 
 build_dir="${MEP_ASAN_BUILD_DIR:-build-asan}"
