@@ -91,7 +91,9 @@ inline std::string accuracy_speed_svg(const std::string& title, const std::vecto
   const double step = detail::tick_step(hi - lo + 1, 8);
   lo = std::max(0.0, std::floor(lo / step) * step), hi = std::min(100.0, std::ceil(hi / step) * step);
   if (hi <= lo) hi = lo + step;
-  const auto px = [&](size_t e) { return epochs > 1 ? x0 + (x1 - x0) * static_cast<double>(e) / (epochs - 1) : (x0 + x1) / 2; };
+  const auto px = [&](size_t e) {
+    return epochs > 1 ? x0 + (x1 - x0) * static_cast<double>(e) / (epochs - 1) : (x0 + x1) / 2;
+  };
   const auto py = [&](double acc) { return y1 - (y1 - y0) * (100 * acc - lo) / (hi - lo); };
   fmt::format_to(o,
                  "<g id=\"accuracy\">\n<text x=\"{:g}\" y=\"{:g}\" text-anchor=\"middle\">test accuracy per epoch "
@@ -138,7 +140,8 @@ inline std::string accuracy_speed_svg(const std::string& title, const std::vecto
   for (size_t i = 0; i < bars.size(); ++i) {
     const auto& b = bars[i];
     const double y = by + bh * static_cast<double>(i), w = most > 0 ? bw * b.ms / most : 0;
-    const std::string value = ref > 0 ? fmt::format("{:.1f} ms ({:.1f}×)", b.ms, b.ms / ref) : fmt::format("{:.1f} ms", b.ms);
+    const std::string value =
+        ref > 0 ? fmt::format("{:.1f} ms ({:.1f}×)", b.ms, b.ms / ref) : fmt::format("{:.1f} ms", b.ms);
     fmt::format_to(o,
                    "<text x=\"{:g}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text><rect x=\"{:g}\" y=\"{:.1f}\" "
                    "width=\"{:.1f}\" height=\"{:.1f}\" fill=\"{}\"/><text x=\"{:.1f}\" y=\"{:.1f}\">{}</text>\n",

@@ -63,7 +63,8 @@ std::vector<const OptimizerEntry*> check_training_flags(Flags& flags) {
     throw std::runtime_error(fmt::format("--normalize {:g},{:g}: MEAN must be finite and STD positive and finite",
                                          opt.normalize[0], opt.normalize[1]));
   if (opt.protocol == "full") {
-    if (flags.samples_given) throw std::runtime_error("--protocol full uses every sample: it takes no --train or --test");
+    if (flags.samples_given)
+      throw std::runtime_error("--protocol full uses every sample: it takes no --train or --test");
     opt.train = opt.test = -1;
   }
   if (opt.seeds.empty()) opt.seeds = {opt.seed};
@@ -104,7 +105,8 @@ void check_ranks(Options& opt) {
 torch::Device training_device(const Options& opt) {
   if (opt.cuda_graph) {
 #ifndef MEP_WITH_CUDA
-    throw std::runtime_error("--cuda-graph: this mep_bench was built without CUDA (CMake found a LibTorch without CUDA)");
+    throw std::runtime_error(
+        "--cuda-graph: this mep_bench was built without CUDA (CMake found a LibTorch without CUDA)");
 #endif
     if (opt.device != "cuda") throw std::runtime_error("--cuda-graph: only with --device cuda");
     if (opt.dist.world_size > 1)

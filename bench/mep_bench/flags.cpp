@@ -180,7 +180,8 @@ void add_distribution_flags(CLI::App& app, Options& opt, double& timeout_s) {
       ->envname("WORLD_SIZE")
       ->check(integer_at_least(1))
       ->capture_default_str();
-  app.add_option("--rank", opt.dist.rank, "this process's rank, 0 .. world size - 1; only rank 0 prints and writes files")
+  app.add_option("--rank", opt.dist.rank,
+                 "this process's rank, 0 .. world size - 1; only rank 0 prints and writes files")
       ->envname("RANK")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
