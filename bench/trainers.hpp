@@ -3,7 +3,7 @@
 /// The optimizers the benchmarks can run, behind one interface.
 ///
 /// A `Trainer` owns a model and an optimizer and runs one training step on a batch.
-/// `registry()` lists every optimizer of this build (`backprop_entry`, `model_step_entry`):
+/// `registry()` lists every optimizer the benchmark runs (`backprop_entry`, `model_step_entry`):
 /// adding an optimizer is adding one line there. Each entry builds its trainer and lists the
 /// options it would run with, the command line's (`TrainerConfig::shared`, `::own`) applied
 /// by name (`mep::OptimizerOptions::set`). Two trainer kinds cover the library:
@@ -84,12 +84,12 @@ using OptionLister = std::function<OptionTexts(const TrainerConfig&)>;
 
 /// One row of the registry.
 struct OptimizerEntry {
-  std::string name;     ///< as given to --optimizers
-  std::string label;    ///< as printed in the tables
-  double lr;            ///< the learning rate the benchmark uses (the library's default)
-  TrainerFactory make;  ///< builds the trainer for a freshly initialised model
-  OptionLister options;  ///< what `make` would configure, without building anything
-  double reference_lr = 0;  ///< with --settling reference, where it differs: the reference's
+  std::string name;         ///< as given to --optimizers
+  std::string label;        ///< as printed in the tables
+  double lr = 0;            ///< the learning rate the benchmark uses: its preset's default
+  double reference_lr = 0;  ///< with --settling reference: the reference preset's default
+  TrainerFactory make;      ///< builds the trainer for a freshly initialised model
+  OptionLister options;     ///< what `make` would configure, without building anything
 };
 
 /// Backprop family: zero_grad, cross-entropy on the logits, backward, step().
@@ -208,15 +208,15 @@ typename Opt::Options model_step_options(const TrainerConfig& config, const std:
 }  // namespace detail
 
 /// A backprop-family entry: zero_grad, cross-entropy, backward, step() with `Opt`, whose
-/// options are `defaults(lr)` with the command line's on top.
+/// options are its preset's (at its default learning rate, unless the command line sets one)
+/// with the command line's on top.
 template <class Opt>
-OptimizerEntry backprop_entry(std::string name, std::string label, double lr,
-                              std::function<typename Opt::Options(double)> defaults) {
-  auto options = [name, defaults](const TrainerConfig& c) {
-    return detail::with_command_line(defaults(c.lr), c, name);
-  };
+OptimizerEntry backprop_entry(std::string name, std::string label) {
+  using Options = typename Opt::Options;
+  auto options = [name](const TrainerConfig& c) { return detail::with_command_line(Options(c.lr), c, name); };
   OptimizerEntry e;
-  e.name = name, e.label = std::move(label), e.lr = lr;
+  e.name = name, e.label = std::move(label);
+  e.lr = e.reference_lr = Options().lr();
   e.make = [options](torch::nn::Sequential model, const TrainerConfig& c) -> std::unique_ptr<Trainer> {
     auto o = options(c);
     o.process_group(c.group);
@@ -232,12 +232,15 @@ OptimizerEntry backprop_entry(std::string name, std::string label, double lr,
 
 /// A model-owning (EP family) entry: `Opt` with its library defaults, or with
 /// `config.reference_settling` the same optimizer with the reference's settling
-/// (`mep::with_settling_t<Opt, mep::HeavyBall>`, then at `reference_lr` where it is set).
-template <class Opt>
-OptimizerEntry model_step_entry(std::string name, std::string label, double lr, double reference_lr = 0) {
+/// (`mep::with_settling_t<Opt, mep::HeavyBall>`). Its learning rates are the defaults of `Opt`'s
+/// preset and of the reference's preset `ReferenceOpt` (`mep::reference::`).
+template <class Opt, class ReferenceOpt>
+OptimizerEntry model_step_entry(std::string name, std::string label) {
   using Reference = mep::with_settling_t<Opt, mep::HeavyBall>;
   OptimizerEntry e;
-  e.name = name, e.label = std::move(label), e.lr = lr, e.reference_lr = reference_lr;
+  e.name = name, e.label = std::move(label);
+  e.lr = typename Opt::Options().lr();
+  e.reference_lr = typename ReferenceOpt::Options().lr();
   e.make = [name](torch::nn::Sequential model, const TrainerConfig& c) -> std::unique_ptr<Trainer> {
     if (c.reference_settling)
       return std::make_unique<ModelStepTrainer<Reference>>(
@@ -256,32 +259,30 @@ OptimizerEntry model_step_entry(std::string name, std::string label, double lr, 
   return e;
 }
 
-/// Every optimizer name the benchmark knows of, whether or not this build has it.
-inline const std::vector<std::string>& known_names() {
-  static const std::vector<std::string> names = {"sgd",   "adam",     "muon",      "eqprop",
-                                                 "smep",  "sdmep",    "local_ep",  "natural_ep"};
-  return names;
-}
-
-/// The optimizers of this build, in the order the benchmark runs them by default.
+/// The optimizers the benchmark runs, in the order it runs them by default.
 inline const std::vector<OptimizerEntry>& registry() {
   static const std::vector<OptimizerEntry> entries = {
       // The backprop family with the reference's defaults (momentum 0.9, weight decay 5e-4; Muon
       // cubic with the spectral constraint), as in the reference's tables.
-      backprop_entry<mep::reference::SGD>("sgd", "SGD", 0.1, [](double lr) { return mep::reference::SGDOptions(lr); }),
-      backprop_entry<mep::reference::Adam>("adam", "Adam", 1e-3,
-                                           [](double lr) { return mep::reference::AdamOptions(lr); }),
-      backprop_entry<mep::reference::Muon>("muon", "Muon", 0.02,
-                                           [](double lr) { return mep::reference::MuonOptions(lr); }),
-      // The EP family, one line each, at the presets' learning rates (and with --settling
-      // reference, where it differs, the reference's).
-      model_step_entry<mep::EqProp>("eqprop", "EqProp", 0.05, 0.01),
-      model_step_entry<mep::SMEP>("smep", "SMEP", 0.01),
-      model_step_entry<mep::SDMEP>("sdmep", "SDMEP", 0.01),
-      model_step_entry<mep::LocalEPMuon>("local_ep", "LocalEP", 0.01),
-      model_step_entry<mep::NaturalEPMuon>("natural_ep", "NaturalEP", 0.01),
+      backprop_entry<mep::reference::SGD>("sgd", "SGD"),
+      backprop_entry<mep::reference::Adam>("adam", "Adam"),
+      backprop_entry<mep::reference::Muon>("muon", "Muon"),
+      // The EP family, one line each, at the presets' learning rates (with --settling reference,
+      // the reference presets').
+      model_step_entry<mep::EqProp, mep::reference::EqProp>("eqprop", "EqProp"),
+      model_step_entry<mep::SMEP, mep::reference::SMEP>("smep", "SMEP"),
+      model_step_entry<mep::SDMEP, mep::reference::SDMEP>("sdmep", "SDMEP"),
+      model_step_entry<mep::LocalEPMuon, mep::reference::LocalEPMuon>("local_ep", "LocalEP"),
+      model_step_entry<mep::NaturalEPMuon, mep::reference::NaturalEPMuon>("natural_ep", "NaturalEP"),
   };
   return entries;
+}
+
+/// The names of the registry's optimizers, in its order.
+inline std::vector<std::string> registry_names() {
+  std::vector<std::string> names;
+  for (const auto& e : registry()) names.push_back(e.name);
+  return names;
 }
 
 /// The registry entry named `name`, or nullptr.
