@@ -13,9 +13,16 @@ TIMINGS = {"epoch_s", "step_ms"}
 
 
 def runs(path):
-    with open(path) as f:
-        data = json.load(f)
-    return data["protocol"], {(r["optimizer"], r["seed"]): r for r in data["results"]}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data["protocol"], {(r["optimizer"], r["seed"]): r for r in data["results"]}
+    except OSError as e:
+        sys.exit(f"bench_diff.py: {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        sys.exit(f"bench_diff.py: {path}: not JSON ({e.msg}, line {e.lineno})")
+    except (KeyError, TypeError) as e:
+        sys.exit(f"bench_diff.py: {path}: not a mep_bench --json file (no {e})")
 
 
 def results(run):
