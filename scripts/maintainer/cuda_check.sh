@@ -28,7 +28,7 @@
 #                               built into /tmp (BENCHMARK_SRC=<checkout> when staging)
 #   .device/benchmark-debian/   Debian's prebuilt libbenchmark (shared), fallback prefix
 #   .device/prefix/             CLI11 and nlohmann_json headers + CMake configs (relocatable)
-#   .device/fmt/                Debian's libfmt (headers, shared library, CMake config)
+#   .device/fmt/                Debian's libfmt (headers, CMake config; used header-only)
 #   .device/zlib/               zlib.h, zconf.h and a static libz.a
 # and the check keeps within a budget of 510 s (MEP_CHECK_BUDGET).
 #
@@ -91,8 +91,9 @@ if [[ "${1:-}" == "--stage" ]]; then
   cp -a /usr/include/CLI /usr/include/nlohmann "$dev/prefix/include/"
   cp -a /usr/share/cmake/CLI11 /usr/share/cmake/nlohmann_json "$dev/prefix/share/cmake/"
   cp /usr/include/zlib.h /usr/include/zconf.h "$dev/zlib/include/"
-  # fmt (mep_ops links fmt::fmt): headers, the shared library under its real name and soname,
-  # and its CMake package, which finds them relative to itself.
+  # fmt (the bench and tools link fmt::fmt-header-only): headers and its CMake package, which
+  # finds them relative to itself and checks that the shared library it also declares exists,
+  # so that is copied too, under its real name and soname.
   mkdir -p "$dev/fmt/include" "$dev/fmt/lib/$arch/cmake"
   cp -a /usr/include/fmt "$dev/fmt/include/"
   cp -a "$lib/cmake/fmt" "$dev/fmt/lib/$arch/cmake/"
