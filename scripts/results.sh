@@ -34,14 +34,14 @@ JOBS="${MEP_RESULTS_JOBS:-2}"
 # docs/, or -) | time on the 2-core machine of the results | what it is. Each NAME has a
 # pipeline function, table_NAME, below.
 TABLES=(
-  "mlp_small|mep_bench|docs/results.md:mlp_small README.md:mlp_small-short|mlp_small.svg|~1.5 min (estimated from the ms/step of its table: 720 steps per optimizer)|MNIST subset, mlp_small: 8 optimizers x seeds 0,1,2, 10 epochs"
-  "mlp|mep_bench|docs/results.md:mlp README.md:mlp-short|mlp.svg|~3 min (estimated from the ms/step of its table)|MNIST subset, mlp (dropout 0.2): 8 optimizers x seeds 0,1,2, 10 epochs"
+  "mlp_small|mep_bench|docs/results.md:mlp_small README.md:mlp_small-short|mlp_small.svg|45 s (measured)|MNIST subset, mlp_small: 8 optimizers x seeds 0,1,2, 10 epochs"
+  "mlp|mep_bench|docs/results.md:mlp README.md:mlp-short|mlp.svg|2.5 min (measured)|MNIST subset, mlp (dropout 0.2): 8 optimizers x seeds 0,1,2, 10 epochs"
   "cnn|mep_bench|docs/results.md:cnn README.md:cnn-short|cnn.svg|~30 min (estimated from the ms/step of its table, 1 thread)|MNIST subset, cnn: 8 optimizers x seeds 0,1,2, 10 epochs, 1 thread"
   "fashion_mlp|mep_bench|docs/results.md:fashion_mlp|fashion_mlp.svg|~1 h (about 25 min per seed for the 8 optimizers, 10 for the clip runs; 2 runs at a time)|full Fashion-MNIST, mlp: 8 optimizers x 3 seeds, and SMEP/SDMEP with the clip rule"
   "fashion_cnn|mep_bench|docs/results.md:fashion_cnn|fashion_cnn.svg|~7 h (33 runs: EP 20-40 min each, NaturalEP 50, Adam and SGD 12; 2 at a time)|full Fashion-MNIST, cnn: one optimizer and seed per run, clip and scale rules"
   "ce_nudging|mep_bench|docs/results.md:ce_nudging|-|20 s (measured; 4 min while two compilers shared the cores)|MNIST subset, mlp_small: the EP family with cross-entropy nudging, reference settling"
   "gradients|mep_gradient_tests|docs/results.md:gradients|-|6 s (measured)|EP gradients against backprop: relative errors of the equivalence suite"
-  "speed|mep_speed|docs/speed.md:speed|-|~10 min (estimated: 3 rounds of 54 one-benchmark processes of ~3 s, then the directions)|one training step of every optimizer, its floor, the directions (Google Benchmark)"
+  "speed|mep_speed|docs/speed.md:speed|-|9-10 min (measured)|one training step of every optimizer, its floor, the directions (Google Benchmark)"
   "ops|mep_ops|docs/speed.md:ops|-|10-20 s (measured)|ATen operators (launches) and host reads per step (mep_ops)"
   "settling|mep_micro|docs/settling.md:settling|-|~5 min (estimated: the fixtures settle to convergence, then 30 benchmarks x 3 repetitions)|settling variants: cosine to the converged EP gradient, time against backprop (mep_micro)"
   "cuda|mep_bench|docs/cuda.md:cuda|-|a few minutes; needs an NVIDIA GPU and a CUDA LibTorch build|mep_bench --device cuda against the CPU, mlp_small, 2 epochs of 8,000 digits"
